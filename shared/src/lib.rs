@@ -1,0 +1,21 @@
+//! What the coordinator and every site agent must agree on.
+//!
+//! # Layout
+//! - [`organs`]: the organ label map (label value -> organ name) that a dataset and a model share.
+//! - [`data`]: volumes, NIfTI-1 reading and writing, site manifests, validation, axial slicing,
+//!   and the phantom centers generator.
+//! - [`model`]: the 2D residual encoder-decoder as an explicit ordered list of named layers,
+//!   the loss, and the frozen-prefix split.
+//! - [`weights`]: safetensors files whose `__metadata__` carries the model manifest.
+//! - [`metrics`]: Dice, HD95 and the paired statistics used by every report.
+//!
+//! # Invariants
+//! This crate has no async runtime, no network and no database: it never depends on tokio,
+//! tonic or sled.
+//! Nothing in here sends anything anywhere; it only computes.
+
+pub mod data;
+pub mod metrics;
+pub mod model;
+pub mod organs;
+pub mod weights;

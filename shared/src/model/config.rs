@@ -1,0 +1,164 @@
+//! Architecture configuration and the layer list it defines.
+
+use serde::{Deserialize, Serialize};
+
+use super::{ModelError, ModelResult};
+use crate::data::{SliceSpec, Window};
+
+/// The architecture; stored in every weights file's manifest so weights are self-describing.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Preset name or a free label.
+    pub name: String,
+    /// Adjacent axial slices fed as channels (1 or an odd number).
+    pub in_channels: usize,
+    /// Square in-plane input size.
+    pub image_size: usize,
+    /// Channels per encoder level (level 0 at full resolution).
+    pub widths: Vec<usize>,
+    /// Residual blocks per encoder level.
+    pub encoder_blocks: Vec<usize>,
+    /// Residual blocks per decoder level, deepest first (one fewer level than the encoder).
+    pub decoder_blocks: Vec<usize>,
+    /// The HU window that maps CT to the network's input range.
+    pub window: Window,
+}
+
+/// What one layer computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LayerKind {
+    /// 3x3 conv, BN, ReLU.
+    Stem { cin: usize, cout: usize },
+    /// First conv of a residual block (stride 2 when it opens a level); keeps the block input
+    /// for the shortcut, and pushes it as a skip when `push_skip`.
+    BlockIn { cin: usize, cout: usize, stride: usize, push_skip: bool },
+    /// Second conv of a residual block, BN, add the shortcut (projected by a 1x1 conv + BN from
+    /// `cin` at `stride` when shapes change), ReLU.
+    BlockOut { cin: usize, cout: usize, stride: usize },
+    /// Nearest 2x upsampling, concatenation with the popped skip, 3x3 conv, BN, ReLU.
+    Fuse { cin: usize, cskip: usize, cout: usize },
+    /// 1x1 conv with bias to the class logits.
+    Head { cin: usize, classes: usize },
+}
+
+/// A named layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerSpec {
+    pub name: String,
+    pub kind: LayerKind,
+}
+
+const HEAD_NECK_WINDOW: Window = Window { lo: -160.0, hi: 240.0 };
+
+impl ModelConfig {
+    /// A named preset: `tiny` (tests, seconds on CPU), `small` (CPU demo), `resnet103`
+    /// (the paper's depth, for GPUs).
+    pub fn preset(name: &str) -> ModelResult<Self> {
+        let c = |in_channels, image_size, widths: &[usize], enc: &[usize], dec: &[usize]| Self {
+            name: name.to_owned(),
+            in_channels,
+            image_size,
+            widths: widths.to_vec(),
+            encoder_blocks: enc.to_vec(),
+            decoder_blocks: dec.to_vec(),
+            window: HEAD_NECK_WINDOW,
+        };
+        let cfg = match name {
+            "tiny" => c(1, 32, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
+            "small" => c(3, 64, &[16, 32, 64], &[1, 1, 2], &[1, 1]),
+            "resnet103" => c(3, 256, &[32, 64, 128, 256], &[3, 8, 24, 8], &[2, 2, 2]),
+            other => return Err(ModelError::UnknownPreset(other.to_owned())),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> ModelResult<()> {
+        let fail = |reason: String| Err(ModelError::Config { name: self.name.clone(), reason });
+        let levels = self.widths.len();
+        if levels == 0 || self.widths.contains(&0) {
+            return fail("widths must list at least one non-zero channel count".into());
+        }
+        if self.encoder_blocks.len() != levels || self.encoder_blocks.contains(&0) {
+            return fail(format!("encoder_blocks needs {levels} non-zero entries, one per width"));
+        }
+        if self.decoder_blocks.len() + 1 != levels {
+            return fail(format!(
+                "decoder_blocks needs {} entries, one per decoder level",
+                levels - 1
+            ));
+        }
+        if self.in_channels.is_multiple_of(2) {
+            return fail(format!("in_channels = {} must be odd (1, 3, ...)", self.in_channels));
+        }
+        let factor = 1usize << (levels - 1);
+        if self.image_size == 0 || !self.image_size.is_multiple_of(factor) {
+            return fail(format!(
+                "image_size = {} must be a multiple of {factor} for {levels} levels",
+                self.image_size
+            ));
+        }
+        if self.window.hi.partial_cmp(&self.window.lo) != Some(std::cmp::Ordering::Greater) {
+            return fail("window.hi must be above window.lo".into());
+        }
+        Ok(())
+    }
+
+    /// The ordered layer list for `classes` output classes.
+    pub fn layers(&self, classes: usize) -> Vec<LayerSpec> {
+        let mut out = Vec::new();
+        let mut push = |name: String, kind| out.push(LayerSpec { name, kind });
+        let w = &self.widths;
+        push("stem".into(), LayerKind::Stem { cin: self.in_channels, cout: w[0] });
+        let mut c = w[0];
+        for (level, (&width, &blocks)) in w.iter().zip(&self.encoder_blocks).enumerate() {
+            for b in 0..blocks {
+                let opens = level > 0 && b == 0;
+                let stride = if opens { 2 } else { 1 };
+                push(
+                    format!("enc{level}.b{b}.conv1"),
+                    LayerKind::BlockIn { cin: c, cout: width, stride, push_skip: opens },
+                );
+                push(
+                    format!("enc{level}.b{b}.conv2"),
+                    LayerKind::BlockOut { cin: c, cout: width, stride },
+                );
+                c = width;
+            }
+        }
+        for (i, &blocks) in self.decoder_blocks.iter().enumerate() {
+            let level = w.len() - 2 - i;
+            let width = w[level];
+            push(format!("dec{level}.fuse"), LayerKind::Fuse { cin: c, cskip: width, cout: width });
+            c = width;
+            for b in 0..blocks {
+                push(
+                    format!("dec{level}.b{b}.conv1"),
+                    LayerKind::BlockIn { cin: c, cout: c, stride: 1, push_skip: false },
+                );
+                push(
+                    format!("dec{level}.b{b}.conv2"),
+                    LayerKind::BlockOut { cin: c, cout: c, stride: 1 },
+                );
+            }
+        }
+        push("head".into(), LayerKind::Head { cin: c, classes });
+        out
+    }
+
+    /// Number of layers (independent of the class count).
+    pub fn num_layers(&self) -> usize {
+        self.layers(2).len()
+    }
+
+    /// The paper's share of retrained layers (10 of 103), rounded up, at least 1.
+    pub fn default_trainable_layers(&self) -> usize {
+        (self.num_layers() * 10).div_ceil(103).max(1)
+    }
+
+    /// How volumes are sliced for this model.
+    pub fn slice_spec(&self) -> SliceSpec {
+        SliceSpec { size: self.image_size, in_channels: self.in_channels, window: self.window }
+    }
+}

@@ -1,0 +1,126 @@
+//! The model: layer counts, the frozen prefix, and weights files.
+
+use std::collections::BTreeMap;
+
+use candle_core::{Device, Tensor};
+use shared::data::phantom;
+use shared::model::{ModelConfig, Net};
+use shared::organs::OrganMap;
+use shared::weights::{self, Provenance, WeightsError};
+
+#[test]
+fn layer_counts_follow_the_documented_rule() {
+    let count = |name: &str| ModelConfig::preset(name).expect("preset").num_layers();
+    assert_eq!(count("resnet103"), 103);
+    assert_eq!(count("tiny"), 14);
+    assert_eq!(count("small"), 16);
+    let r = ModelConfig::preset("resnet103").expect("preset");
+    assert_eq!(r.default_trainable_layers(), 10);
+    assert_eq!(ModelConfig::preset("tiny").expect("preset").default_trainable_layers(), 2);
+    let names: Vec<String> = r.layers(10).into_iter().map(|l| l.name).collect();
+    assert_eq!(names.first().map(String::as_str), Some("stem"));
+    assert_eq!(names.last().map(String::as_str), Some("head"));
+    assert!(ModelConfig::preset("huge").is_err());
+}
+
+fn tiny_net(seed: u64) -> Net {
+    let cfg = ModelConfig::preset("tiny").expect("preset");
+    Net::new(&cfg, &phantom::organ_map(), seed, &Device::Cpu).expect("net")
+}
+
+fn input(n: usize) -> Tensor {
+    let data: Vec<f32> =
+        (0..n * 32 * 32).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    Tensor::from_vec(data, (n, 1, 32, 32), &Device::Cpu).expect("tensor")
+}
+
+#[test]
+fn same_seed_same_weights() {
+    let (a, b, c) = (tiny_net(3), tiny_net(3), tiny_net(4));
+    let bytes = |n: &Net| weights::to_bytes(n, &Provenance::default()).expect("bytes");
+    assert_eq!(bytes(&a), bytes(&b));
+    assert_ne!(bytes(&a), bytes(&c));
+}
+
+#[test]
+fn weights_round_trip_with_identical_outputs_and_manifest() {
+    let net = tiny_net(1);
+    let prov = Provenance {
+        parent_sha256: Some("ab".repeat(32)),
+        trainable_layers: Some(2),
+        epochs: 3,
+        seed: 9,
+        site: Some("target".into()),
+        train_slices: 12,
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("w.safetensors");
+    let sha = weights::save(&net, &prov, &path).expect("save");
+    let (back, manifest, sha2) = weights::load(&path, &Device::Cpu).expect("load");
+    assert_eq!(sha, sha2);
+    assert_eq!(manifest.provenance, prov);
+    assert_eq!(manifest.layers, net.layer_names());
+    let x = input(3);
+    let (y1, y2) = (net.infer(&x).expect("infer"), back.infer(&x).expect("infer"));
+    let diff = (y1 - y2).expect("sub").abs().expect("abs").max_all().expect("max");
+    assert_eq!(diff.to_scalar::<f32>().expect("scalar"), 0.0);
+}
+
+#[test]
+fn mismatched_weights_are_refused_by_name() {
+    let net = tiny_net(1);
+    let bytes = weights::to_bytes(&net, &Provenance::default()).expect("bytes");
+    let (_, manifest, _) = weights::from_bytes(&bytes, &Device::Cpu).expect("loads");
+    // Another organ map.
+    let other = OrganMap::new(BTreeMap::from([(1, "brainstem".to_owned())])).expect("map");
+    let e = weights::check_compatible(&manifest, &other, None).expect_err("organ map differs");
+    assert!(matches!(e, WeightsError::Incompatible { what: "organ map", .. }), "{e}");
+    // Another config.
+    let small = ModelConfig::preset("small").expect("preset");
+    let e = weights::check_compatible(&manifest, &phantom::organ_map(), Some(&small))
+        .expect_err("config differs");
+    assert!(e.to_string().contains("model config"), "{e}");
+    // Tensors that do not fit the architecture.
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).expect("tensors");
+    let e = Net::from_tensors(&small, &phantom::organ_map(), tensors, &Device::Cpu)
+        .expect_err("shapes differ")
+        .to_string();
+    assert!(e.contains("shape") || e.contains("missing"), "{e}");
+    // A plain safetensors file without a manifest.
+    let plain = safetensors::serialize(
+        [("x", Tensor::zeros(2, candle_core::DType::F32, &Device::Cpu).expect("t"))],
+        None,
+    )
+    .expect("bytes");
+    let e = weights::from_bytes(&plain, &Device::Cpu).expect_err("no manifest").to_string();
+    assert!(e.contains("__metadata__"), "{e}");
+}
+
+#[test]
+fn the_frozen_prefix_has_no_graph_and_the_tail_has_only_k_layers_of_parameters() {
+    let net = tiny_net(2);
+    let k = 3;
+    let vars = net.trainable_vars(k).expect("vars");
+    let tail_names: Vec<String> =
+        (net.num_layers() - k..net.num_layers()).flat_map(|i| net.layer_tensor_names(i)).collect();
+    let trainable: usize = tail_names.iter().filter(|n| !n.contains("running")).count();
+    assert_eq!(vars.len(), trainable);
+    let x = input(4);
+    let state = net.prefix(&x, k).expect("prefix");
+    let logits = net.tail(state, k, true).expect("tail");
+    let grads = logits.sum_all().expect("sum").backward().expect("backward");
+    let named = net.named_vars();
+    for (i, (name, var)) in named.iter().enumerate() {
+        let in_tail = tail_names.contains(name);
+        let has_grad = grads.get(var.as_tensor()).is_some();
+        if name.contains("running") {
+            assert!(!has_grad, "{name} is a statistic, never a gradient target");
+        } else {
+            assert_eq!(
+                has_grad, in_tail,
+                "tensor {i} {name}: gradient only inside the last {k} layers"
+            );
+        }
+    }
+    assert!(net.trainable_vars(net.num_layers() + 1).is_err());
+}

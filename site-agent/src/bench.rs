@@ -1,0 +1,108 @@
+//! Training and inference throughput of a model config on this machine.
+//!
+//! Inputs are random slices and random labels: speed does not depend on the data. Figures are
+//! images per second over timed steps after warm-up steps, and the process' peak resident memory.
+
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+use shared::data::phantom;
+use shared::model::{ModelConfig, Net};
+
+use crate::train::{SliceSet, TrainOptions, TrainResult, train};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub config: ModelConfig,
+    pub batch: usize,
+    /// Timed optimizer steps per measurement (after one warm-up epoch of the same length).
+    pub steps: usize,
+    pub trainable_layers: Option<usize>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchResult {
+    pub config: String,
+    pub size: usize,
+    pub batch: usize,
+    pub layers: usize,
+    pub trainable_layers: usize,
+    pub parameters: usize,
+    pub threads: usize,
+    pub full_train_images_per_s: f64,
+    pub tail_recompute_images_per_s: f64,
+    pub tail_cached_images_per_s: f64,
+    pub eval_slices_per_s: f64,
+    pub peak_rss_mib: Option<f64>,
+}
+
+fn random_slices(net: &Net, n: usize, seed: u64) -> TrainResult<SliceSet> {
+    let c = net.config();
+    let s = c.image_size;
+    let classes = net.organs().num_classes() as u32;
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let images: Vec<f32> =
+        (0..n * c.in_channels * s * s).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let labels: Vec<u32> = (0..n * s * s).map(|_| rng.random_range(0..classes)).collect();
+    Ok(SliceSet {
+        images: Tensor::from_vec(images, (n, c.in_channels, s, s), net.device())?,
+        labels: Tensor::from_vec(labels, (n, s, s), net.device())?,
+    })
+}
+
+/// Images per second of `steps` timed steps, after a warm-up run of the same length.
+fn train_rate(net: &Net, k: usize, data: &SliceSet, batch: usize, cache: bool) -> TrainResult<f64> {
+    let opts = TrainOptions { epochs: 1, batch_size: batch, cache, ..Default::default() };
+    train(net, k, data, &opts, &mut |_| {})?;
+    let report = train(net, k, data, &opts, &mut |_| {})?;
+    // The cache build is a one-off cost per fine-tune, reported with the cache figure.
+    Ok(data.len() as f64 / (report.seconds - report.cache_seconds))
+}
+
+/// Peak resident set size of this process, from /proc (Linux only).
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
+    let device = Device::Cpu;
+    let organs = phantom::organ_map();
+    let net = Net::new(&opts.config, &organs, 1, &device)?;
+    let layers = net.num_layers();
+    let k = opts.trainable_layers.unwrap_or_else(|| opts.config.default_trainable_layers());
+    let n = opts.batch * opts.steps.max(1);
+    let data = random_slices(&net, n, 7)?;
+    let full = train_rate(&net, layers, &data, opts.batch, false)?;
+    let tail = train_rate(&net, k, &data, opts.batch, false)?;
+    let cached = train_rate(&net, k, &data, opts.batch, true)?;
+    let _ = net.infer(&data.images.narrow(0, 0, opts.batch)?)?;
+    let t = Instant::now();
+    let mut start = 0;
+    while start < n {
+        let len = opts.batch.min(n - start);
+        let _ = net.infer(&data.images.narrow(0, start, len)?)?;
+        start += len;
+    }
+    let eval = n as f64 / t.elapsed().as_secs_f64();
+    let parameters = net.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    Ok(BenchResult {
+        config: opts.config.name.clone(),
+        size: opts.config.image_size,
+        batch: opts.batch,
+        layers,
+        trainable_layers: k,
+        parameters,
+        threads: rayon::current_num_threads(),
+        full_train_images_per_s: full,
+        tail_recompute_images_per_s: tail,
+        tail_cached_images_per_s: cached,
+        eval_slices_per_s: eval,
+        peak_rss_mib: peak_rss_mib(),
+    })
+}

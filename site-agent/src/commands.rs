@@ -1,0 +1,538 @@
+//! The `site-agent` subcommands: flags (clap) and what each one does.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+use shared::data::{self, Manifest, Split, phantom};
+use shared::metrics::{LabelScore, present_labels, score_labels};
+use shared::model::{ModelConfig, Net};
+use shared::weights::{self, Provenance};
+
+use crate::evaluate::{CaseScores, evaluate, predict};
+use crate::experiment::{self, ExperimentOptions};
+use crate::progress::TrainProgress;
+use crate::train::{SliceSet, TrainOptions, train};
+
+/// The fedtune site agent: runs next to a hospital's data.
+#[derive(Debug, Parser)]
+#[command(name = "site-agent", version, about)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// More log detail (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// No progress bars.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a phantom center: NIfTI images, labels and a manifest.
+    Phantom(PhantomArgs),
+    /// Validate a manifest and every case it lists (a dry run for hospital IT).
+    CheckData(CheckDataArgs),
+    /// Train a model from scratch on a manifest's train split.
+    Train(TrainArgs),
+    /// Fine-tune the last K layers of a model on a manifest's train split.
+    Finetune(FinetuneArgs),
+    /// Evaluate weights on a manifest's split: Dice and HD95 per organ.
+    Evaluate(EvaluateArgs),
+    /// Segment one image and write the label map.
+    Predict(PredictArgs),
+    /// Dice and HD95 between a truth and a predicted label volume.
+    Metrics(MetricsArgs),
+    /// The three-arm experiment: Model_S, Model_T and Model_ST on a target's test split.
+    Experiment(ExperimentArgs),
+    /// Training and inference throughput on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PhantomArgs {
+    /// source, target-a or target-b (profiles are documented in the README).
+    #[arg(long)]
+    pub center: phantom::Center,
+    #[arg(long, default_value_t = 20)]
+    pub cases: usize,
+    /// Cases in the test split (the last ones); default: a fifth, at least one.
+    #[arg(long)]
+    pub test: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct CheckDataArgs {
+    #[arg(long)]
+    pub manifest: PathBuf,
+}
+
+/// Training hyperparameters shared by `train` and `finetune`.
+#[derive(Debug, Args)]
+pub struct TrainFlags {
+    #[arg(long, default_value_t = 10)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 17)]
+    pub seed: u64,
+    /// Random intensity scale and shift per batch (turns the frozen-prefix cache off).
+    #[arg(long)]
+    pub augment: bool,
+    /// Recompute the frozen prefix every step instead of caching its output.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+impl TrainFlags {
+    fn options(&self) -> TrainOptions {
+        TrainOptions {
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.lr,
+            seed: self.seed,
+            augment: self.augment,
+            cache: !self.no_cache,
+            ..Default::default()
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Model config: tiny, small or resnet103.
+    #[arg(long, default_value = "small")]
+    pub config: String,
+    /// Output weights file (.safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct FinetuneArgs {
+    #[arg(long)]
+    pub manifest: PathBuf,
+    /// Weights to start from.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// Train the last K layers; default: the paper's share (10 of 103, rounded up).
+    #[arg(long)]
+    pub trainable_layers: Option<usize>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub train: TrainFlags,
+}
+
+#[derive(Debug, Args)]
+pub struct EvaluateArgs {
+    #[arg(long)]
+    pub manifest: PathBuf,
+    #[arg(long)]
+    pub weights: PathBuf,
+    /// Which split to score.
+    #[arg(long, value_enum, default_value_t = SplitArg::Test)]
+    pub split: SplitArg,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum SplitArg {
+    Train,
+    Test,
+}
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    #[arg(long)]
+    pub weights: PathBuf,
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Output label map (.nii or .nii.gz).
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    #[arg(long)]
+    pub truth: PathBuf,
+    #[arg(long)]
+    pub pred: PathBuf,
+    /// Label values to score (default: every label present in either volume).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Option<Vec<u16>>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExperimentArgs {
+    /// The source center's manifest.
+    #[arg(long, required_unless_present = "demo")]
+    pub source: Option<PathBuf>,
+    /// The target center's manifest.
+    #[arg(long, required_unless_present = "demo")]
+    pub target: Option<PathBuf>,
+    /// Generate phantom centers (source and target-a) and run on them.
+    #[arg(long, conflicts_with_all = ["source", "target"])]
+    pub demo: bool,
+    /// Model config: tiny, small or resnet103.
+    #[arg(long, default_value = "small")]
+    pub config: String,
+    /// Layers fine-tuned for Model_ST; default: the paper's share (10 of 103, rounded up).
+    #[arg(long)]
+    pub trainable_layers: Option<usize>,
+    /// Epochs for Model_S and Model_T.
+    #[arg(long, default_value_t = 8)]
+    pub epochs: usize,
+    /// Epochs for Model_ST.
+    #[arg(long, default_value_t = 8)]
+    pub finetune_epochs: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 3e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 17)]
+    pub seed: u64,
+    /// Demo: source training cases.
+    #[arg(long, default_value_t = 12)]
+    pub source_cases: usize,
+    /// Demo: target training cases.
+    #[arg(long, default_value_t = 6)]
+    pub target_train_cases: usize,
+    /// Demo: target test cases.
+    #[arg(long, default_value_t = 8)]
+    pub target_test_cases: usize,
+    /// Folder for weights and results.json (the demo also writes its phantoms there);
+    /// default for the demo: a temporary folder, removed afterwards.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Print the results as JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Only cpu in this build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value = "tiny")]
+    pub config: String,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// In-plane size; default: the config's.
+    #[arg(long)]
+    pub size: Option<usize>,
+    /// Timed steps per figure.
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
+    #[arg(long)]
+    pub trainable_layers: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Phantom(a) => phantom_cmd(&a),
+        Command::CheckData(a) => check_data(&a),
+        Command::Train(a) => train_cmd(&a, quiet),
+        Command::Finetune(a) => finetune_cmd(&a, quiet),
+        Command::Evaluate(a) => evaluate_cmd(&a),
+        Command::Predict(a) => predict_cmd(&a),
+        Command::Metrics(a) => metrics_cmd(&a),
+        Command::Experiment(a) => experiment_cmd(&a, quiet),
+        Command::Bench(a) => bench_cmd(&a),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn out(s: &str) {
+    println!("{s}");
+}
+
+fn phantom_cmd(a: &PhantomArgs) -> Result<()> {
+    let test = a.test.unwrap_or((a.cases / 5).max(1));
+    let m = phantom::write_center(a.center, a.cases, test, a.seed, &a.out)
+        .with_context(|| format!("writing phantom center {} to {}", a.center, a.out.display()))?;
+    out(&format!(
+        "wrote {} {} cases ({} train, {} test) and {}",
+        a.cases,
+        a.center,
+        a.cases - test,
+        test,
+        m.path.display()
+    ));
+    Ok(())
+}
+
+fn load_manifest(path: &Path) -> Result<Manifest> {
+    Manifest::load(path).map_err(anyhow::Error::from)
+}
+
+fn check_data(a: &CheckDataArgs) -> Result<()> {
+    let m = load_manifest(&a.manifest)?;
+    let errors = m.check();
+    if !errors.is_empty() {
+        for e in &errors {
+            tracing::error!("{e}");
+        }
+        bail!(
+            "{} of {} cases failed validation (listed above); fix them and run check-data again",
+            errors.len(),
+            m.cases.len()
+        );
+    }
+    let train = m.cases_in(Split::Train).count();
+    out(&format!(
+        "ok: {} cases ({train} train, {} test), {} organs: {}",
+        m.cases.len(),
+        m.cases.len() - train,
+        m.organs.len(),
+        m.organs.names().join(", ")
+    ));
+    Ok(())
+}
+
+fn train_and_save(
+    net: &Net,
+    k: usize,
+    manifest: &Manifest,
+    opts: &TrainOptions,
+    parent: Option<String>,
+    out_path: &Path,
+    quiet: bool,
+) -> Result<()> {
+    let data = manifest.load_split(Split::Train)?;
+    let slices = SliceSet::from_dataset(&data, net)?;
+    let mut bar = TrainProgress::new("train", opts.epochs, quiet);
+    let report = train(net, k, &slices, opts, &mut |e| bar.on_event(e))?;
+    bar.finish();
+    let prov = Provenance {
+        parent_sha256: parent,
+        trainable_layers: (k < net.num_layers()).then_some(k),
+        epochs: opts.epochs,
+        seed: opts.seed,
+        site: None,
+        train_slices: report.slices,
+    };
+    let sha = weights::save(net, &prov, out_path)?;
+    let hp = out_path.with_extension("train.json");
+    let record = serde_json::json!({ "options": opts, "report": report, "sha256": sha });
+    std::fs::write(&hp, serde_json::to_string_pretty(&record)?)
+        .with_context(|| format!("writing {}", hp.display()))?;
+    out(&format!(
+        "trained {k} of {} layers on {} slices in {:.1} s (final loss {:.4}); wrote {} (sha256 {sha})",
+        net.num_layers(),
+        report.slices,
+        report.seconds,
+        report.epoch_losses.last().copied().unwrap_or(f64::NAN),
+        out_path.display()
+    ));
+    Ok(())
+}
+
+fn train_cmd(a: &TrainArgs, quiet: bool) -> Result<()> {
+    let m = load_manifest(&a.manifest)?;
+    let config = ModelConfig::preset(&a.config)?;
+    let opts = a.train.options();
+    let net = Net::new(&config, &m.organs, opts.seed, &Device::Cpu)?;
+    train_and_save(&net, net.num_layers(), &m, &opts, None, &a.out, quiet)
+}
+
+fn finetune_cmd(a: &FinetuneArgs, quiet: bool) -> Result<()> {
+    let m = load_manifest(&a.manifest)?;
+    let (net, manifest, sha) = weights::load(&a.base, &Device::Cpu)?;
+    weights::check_compatible(&manifest, &m.organs, None).with_context(|| {
+        format!("base weights {} against {}", a.base.display(), a.manifest.display())
+    })?;
+    let k = a.trainable_layers.unwrap_or_else(|| manifest.config.default_trainable_layers());
+    train_and_save(&net, k, &m, &a.train.options(), Some(sha), &a.out, quiet)
+}
+
+fn evaluate_cmd(a: &EvaluateArgs) -> Result<()> {
+    let m = load_manifest(&a.manifest)?;
+    let (net, manifest, _) = weights::load(&a.weights, &Device::Cpu)?;
+    weights::check_compatible(&manifest, &m.organs, None)?;
+    let split = match a.split {
+        SplitArg::Train => Split::Train,
+        SplitArg::Test => Split::Test,
+    };
+    let data = m.load_split(split)?;
+    let cases: Vec<CaseScores> = evaluate(&net, &data)?;
+    if a.json {
+        out(&serde_json::to_string_pretty(&serde_json::json!({ "cases": cases }))?);
+        return Ok(());
+    }
+    out(&format!("{:<18} {:>15} {:>17}  n", "organ", "Dice", "HD95 (mm)"));
+    for (label, organ) in m.organs.iter() {
+        let dice = crate::evaluate::dice_of(&cases, label);
+        let hd: Vec<f64> = cases
+            .iter()
+            .filter_map(|c| c.scores.iter().find(|s| s.label == label).and_then(|s| s.hd95_mm))
+            .collect();
+        let d = shared::metrics::stats::summary(&dice);
+        let h = shared::metrics::stats::summary(&hd);
+        let fmt = |s: Option<shared::metrics::stats::Summary>, p: usize| match s {
+            Some(s) => format!("{:.p$} ± {:.p$}", s.mean, s.sd.unwrap_or(0.0)),
+            None => "-".into(),
+        };
+        out(&format!("{organ:<18} {:>15} {:>17}  {}", fmt(d, 3), fmt(h, 2), dice.len()));
+    }
+    Ok(())
+}
+
+fn predict_cmd(a: &PredictArgs) -> Result<()> {
+    let (net, _, _) = weights::load(&a.weights, &Device::Cpu)?;
+    let image = data::read_image(&a.image)?;
+    let labels = predict(&net, &image)?;
+    data::write_labels(&a.out, &labels)?;
+    out(&format!("wrote {}", a.out.display()));
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct MetricsJson {
+    labels: Vec<LabelScore>,
+}
+
+fn metrics_cmd(a: &MetricsArgs) -> Result<()> {
+    let truth = data::read_labels(&a.truth)?;
+    let pred = data::read_labels(&a.pred)?;
+    if truth.dims != pred.dims {
+        bail!(
+            "{} has shape {:?} but {} has shape {:?}; both volumes must be on the same grid",
+            a.truth.display(),
+            truth.dims,
+            a.pred.display(),
+            pred.dims
+        );
+    }
+    let labels = a.labels.clone().unwrap_or_else(|| present_labels(&truth, &pred));
+    let scores = score_labels(&truth, &pred, &labels)?;
+    if a.json {
+        out(&serde_json::to_string(&MetricsJson { labels: scores })?);
+    } else {
+        out(&format!("{:>6} {:>8} {:>10}", "label", "dice", "hd95_mm"));
+        for s in scores {
+            let hd = s.hd95_mm.map_or("undefined".to_owned(), |h| format!("{h:.3}"));
+            out(&format!("{:>6} {:>8.4} {:>10}", s.label, s.dice, hd));
+        }
+    }
+    Ok(())
+}
+
+fn experiment_cmd(a: &ExperimentArgs, quiet: bool) -> Result<()> {
+    let config = ModelConfig::preset(&a.config)?;
+    let train = TrainOptions {
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        learning_rate: a.lr,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let finetune = TrainOptions { epochs: a.finetune_epochs, ..train.clone() };
+    let (source, target, _tmp, out_dir) = if a.demo {
+        let (dir, tmp) =
+            experiment::demo_dir(a.out.as_deref()).context("creating the demo folder")?;
+        tracing::info!(folder = %dir.display(), "generating phantom centers");
+        let src = phantom::write_center(
+            phantom::Center::Source,
+            a.source_cases + 1,
+            1,
+            a.seed,
+            &dir.join("source"),
+        )?;
+        let tgt = phantom::write_center(
+            phantom::Center::TargetA,
+            a.target_train_cases + a.target_test_cases,
+            a.target_test_cases,
+            a.seed,
+            &dir.join("target-a"),
+        )?;
+        let out_dir = a.out.as_ref().map(|_| dir.join("results"));
+        (src, tgt, tmp, out_dir)
+    } else {
+        let s = a.source.as_deref().expect("clap requires --source without --demo");
+        let t = a.target.as_deref().expect("clap requires --target without --demo");
+        (load_manifest(s)?, load_manifest(t)?, None, a.out.clone())
+    };
+    let opts = ExperimentOptions {
+        config,
+        trainable_layers: a.trainable_layers,
+        train,
+        finetune,
+        out: out_dir.clone(),
+        quiet,
+    };
+    let result = experiment::run(&source, &target, &opts)?;
+    if a.json {
+        out(&serde_json::to_string_pretty(&result)?);
+    } else {
+        out(&experiment::render_table(&result));
+        if let Some(dir) = out_dir {
+            out(&format!("weights and results.json in {}", dir.display()));
+        }
+    }
+    Ok(())
+}
+
+fn bench_cmd(a: &BenchArgs) -> Result<()> {
+    if a.device != "cpu" {
+        bail!("--device {}: this build trains on the CPU only; use --device cpu", a.device);
+    }
+    let mut config = ModelConfig::preset(&a.config)?;
+    if let Some(s) = a.size {
+        config.image_size = s;
+        config.validate()?;
+    }
+    let r = crate::bench::run(&crate::bench::BenchOptions {
+        config,
+        batch: a.batch,
+        steps: a.steps,
+        trainable_layers: a.trainable_layers,
+    })?;
+    if a.json {
+        out(&serde_json::to_string(&r)?);
+    } else {
+        out(&format!(
+            "config {} size {} batch {} ({} layers, {} trained in tail runs, {} parameters, {} threads)",
+            r.config, r.size, r.batch, r.layers, r.trainable_layers, r.parameters, r.threads
+        ));
+        out(&format!("full training              {:>9.1} images/s", r.full_train_images_per_s));
+        out(&format!("tail, prefix recomputed    {:>9.1} images/s", r.tail_recompute_images_per_s));
+        out(&format!("tail, frozen-prefix cache  {:>9.1} images/s", r.tail_cached_images_per_s));
+        out(&format!("evaluation                 {:>9.1} slices/s", r.eval_slices_per_s));
+        if let Some(m) = r.peak_rss_mib {
+            out(&format!("peak memory                {m:>9.0} MiB"));
+        }
+    }
+    Ok(())
+}

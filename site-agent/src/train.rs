@@ -1,0 +1,276 @@
+//! The training loop: AdamW on cross-entropy plus soft Dice, over axial slices held in memory.
+//!
+//! With `k` trainable layers out of `L`, the first `L - k` layers are frozen: their tensors are
+//! not given to the optimizer, they run with running statistics and without an autograd graph,
+//! and their output is detached. When a prefix is frozen and augmentation is off, that output
+//! is the same every epoch, so it is computed once per slice (the frozen-prefix cache) and the
+//! tail trains on it.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use shared::data::{Dataset, label_slices, slice_stack};
+use shared::model::{Net, State, loss};
+
+/// Training hyperparameters; saved beside the weights they produce.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainOptions {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Peak learning rate; it decays along a cosine to 5% of this by the last step.
+    pub learning_rate: f64,
+    pub weight_decay: f64,
+    /// Weight of the soft Dice term next to cross-entropy.
+    pub dice_weight: f64,
+    pub seed: u64,
+    /// Random intensity scale and shift per batch; turns the frozen-prefix cache off.
+    pub augment: bool,
+    /// Use the frozen-prefix cache when it applies (a frozen prefix and no augmentation).
+    pub cache: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        Self {
+            epochs: 10,
+            batch_size: 16,
+            learning_rate: 3e-3,
+            weight_decay: 1e-4,
+            dice_weight: 1.0,
+            seed: 17,
+            augment: false,
+            cache: true,
+        }
+    }
+}
+
+/// Training errors.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Model(#[from] shared::model::ModelError),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("invalid training options: {0}")]
+    Options(String),
+    #[error("the loss became {0} at epoch {1}; lower the learning rate")]
+    Diverged(f64, usize),
+}
+
+pub type TrainResult<T> = Result<T, TrainError>;
+
+/// Axial slices of a dataset, resized and windowed for a model, on its device.
+#[derive(Debug)]
+pub struct SliceSet {
+    /// `[n, in_channels, size, size]` f32.
+    pub images: Tensor,
+    /// `[n, size, size]` u32 class indices.
+    pub labels: Tensor,
+}
+
+impl SliceSet {
+    /// Slices every case of `data` for `net`'s input spec and organ map.
+    pub fn from_dataset(data: &Dataset, net: &Net) -> TrainResult<Self> {
+        let spec = net.config().slice_spec();
+        let lut = data.organs.class_lut();
+        let (mut images, mut labels) = (Vec::new(), Vec::new());
+        let mut n = 0;
+        for case in &data.cases {
+            images.extend(slice_stack(&case.image, &spec));
+            labels.extend(label_slices(&case.labels, spec.size, &lut));
+            n += case.image.dims[2];
+        }
+        let s = spec.size;
+        Ok(Self {
+            images: Tensor::from_vec(images, (n, spec.in_channels, s, s), net.device())?,
+            labels: Tensor::from_vec(labels, (n, s, s), net.device())?,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.dim(0).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the loop reports as it goes.
+#[derive(Clone, Debug)]
+pub enum TrainEvent {
+    /// The frozen-prefix cache is being built (`done` of `total` slices).
+    Caching { done: usize, total: usize },
+    /// One optimizer step finished.
+    Step { epoch: usize, step: usize, steps_per_epoch: usize, loss: f64 },
+    /// An epoch finished with its mean loss.
+    Epoch { epoch: usize, mean_loss: f64 },
+}
+
+/// What a training run did.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainReport {
+    pub epoch_losses: Vec<f64>,
+    pub seconds: f64,
+    pub cache_seconds: f64,
+    pub used_cache: bool,
+    pub trainable_layers: usize,
+    pub slices: usize,
+    pub steps: usize,
+}
+
+fn cosine_lr(peak: f64, step: usize, total: usize) -> f64 {
+    let floor = 0.05 * peak;
+    let t = step as f64 / total.max(1) as f64;
+    floor + (peak - floor) * 0.5 * (1.0 + (std::f64::consts::PI * t).cos())
+}
+
+/// Batches for one epoch: a seeded shuffle, with a last batch of one slice merged into the
+/// previous one (batch statistics need two samples).
+fn epoch_batches(n: usize, batch: usize, seed: u64, epoch: usize) -> Vec<Vec<u32>> {
+    let mut idx: Vec<u32> = (0..n as u32).collect();
+    idx.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9)));
+    let mut batches: Vec<Vec<u32>> = idx.chunks(batch).map(<[u32]>::to_vec).collect();
+    if batches.len() > 1 && batches.last().is_some_and(|b| b.len() < 2) {
+        let last = batches.pop().expect("non-empty");
+        batches.last_mut().expect("non-empty").extend(last);
+    }
+    batches
+}
+
+/// Computes the frozen prefix for every slice, in batches; returns the state parts
+/// concatenated over slices.
+pub fn build_cache(
+    net: &Net,
+    k: usize,
+    images: &Tensor,
+    batch: usize,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> TrainResult<(Vec<Tensor>, bool)> {
+    let n = images.dim(0)?;
+    let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    let mut start = 0;
+    while start < n {
+        let len = batch.min(n - start);
+        let state = net.prefix(&images.narrow(0, start, len)?, k)?;
+        for (i, p) in state.parts().into_iter().enumerate() {
+            if parts.len() <= i {
+                parts.push(Vec::new());
+            }
+            parts[i].push(p);
+        }
+        start += len;
+        on_event(&TrainEvent::Caching { done: start, total: n });
+    }
+    let cat = parts.iter().map(|p| Tensor::cat(p, 0)).collect::<Result<Vec<_>, _>>()?;
+    Ok((cat, net.prefix_has_residual(k)?))
+}
+
+/// Trains the last `k` layers of `net` on `data` (all layers when `k == net.num_layers()`).
+pub fn train(
+    net: &Net,
+    k: usize,
+    data: &SliceSet,
+    opts: &TrainOptions,
+    on_event: &mut dyn FnMut(&TrainEvent),
+) -> TrainResult<TrainReport> {
+    if opts.batch_size < 2 {
+        return Err(TrainError::Options(format!(
+            "batch_size = {} is below 2; batch norm needs at least two slices",
+            opts.batch_size
+        )));
+    }
+    if data.len() < 2 {
+        return Err(TrainError::Options(format!(
+            "{} training slices; need at least 2",
+            data.len()
+        )));
+    }
+    if !(opts.learning_rate > 0.0 && opts.learning_rate.is_finite()) {
+        return Err(TrainError::Options("learning_rate must be a positive number".into()));
+    }
+    let _span =
+        tracing::info_span!("train", k, epochs = opts.epochs, slices = data.len()).entered();
+    let started = Instant::now();
+    let layers = net.num_layers();
+    let frozen = k < layers;
+    let use_cache = frozen && opts.cache && !opts.augment;
+    let vars = net.trainable_vars(k)?;
+    let mut opt = AdamW::new(
+        vars,
+        ParamsAdamW {
+            lr: opts.learning_rate,
+            weight_decay: opts.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    let (cache, has_residual) = if use_cache {
+        let _span = tracing::info_span!("frozen_prefix_cache").entered();
+        build_cache(net, k, &data.images, opts.batch_size.max(32), on_event)?
+    } else {
+        (Vec::new(), false)
+    };
+    let cache_seconds = started.elapsed().as_secs_f64();
+    let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0xa5a5);
+    let steps_per_epoch = epoch_batches(data.len(), opts.batch_size, opts.seed, 0).len();
+    let total_steps = steps_per_epoch * opts.epochs;
+    let mut epoch_losses = Vec::with_capacity(opts.epochs);
+    let mut step_no = 0;
+    for epoch in 0..opts.epochs {
+        let _span = tracing::debug_span!("epoch", epoch).entered();
+        let batches = epoch_batches(data.len(), opts.batch_size, opts.seed, epoch);
+        let mut sum = 0.0;
+        for (step, batch) in batches.iter().enumerate() {
+            let idx = Tensor::from_slice(batch, batch.len(), net.device())?;
+            let targets = data.labels.index_select(&idx, 0)?;
+            let state = if use_cache {
+                let parts =
+                    cache.iter().map(|p| p.index_select(&idx, 0)).collect::<Result<Vec<_>, _>>()?;
+                State::from_parts(parts, has_residual)
+            } else {
+                let mut x = data.images.index_select(&idx, 0)?;
+                if opts.augment {
+                    let scale: f64 = rng.random_range(0.9..1.1);
+                    let shift: f64 = rng.random_range(-0.1..0.1);
+                    x = x.affine(scale, shift)?;
+                }
+                if frozen { net.prefix(&x, k)? } else { State::new(x) }
+            };
+            opt.set_learning_rate(cosine_lr(opts.learning_rate, step_no, total_steps));
+            let logits = net.tail(state, k, true)?;
+            let l = loss::loss(&logits, &targets, opts.dice_weight)?;
+            opt.backward_step(&l)?;
+            let lv = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            if !lv.is_finite() {
+                return Err(TrainError::Diverged(lv, epoch));
+            }
+            sum += lv;
+            step_no += 1;
+            on_event(&TrainEvent::Step { epoch, step, steps_per_epoch, loss: lv });
+        }
+        let mean_loss = sum / batches.len() as f64;
+        tracing::debug!(epoch, mean_loss, "epoch done");
+        on_event(&TrainEvent::Epoch { epoch, mean_loss });
+        epoch_losses.push(mean_loss);
+    }
+    Ok(TrainReport {
+        epoch_losses,
+        seconds: started.elapsed().as_secs_f64(),
+        cache_seconds: if use_cache { cache_seconds } else { 0.0 },
+        used_cache: use_cache,
+        trainable_layers: k,
+        slices: data.len(),
+        steps: total_steps,
+    })
+}
+
+/// The CPU device; a helper so callers need not depend on candle.
+pub fn cpu() -> Device {
+    Device::Cpu
+}

@@ -1,0 +1,62 @@
+//! Harness for whole-system tests: finds the workspace's binaries and runs them.
+//!
+//! `CARGO_BIN_EXE_*` exists only for tests in the binary's own package, so the binaries are
+//! found beside the test executable (`target/<profile>/`), where `cargo test --workspace`
+//! builds them.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use anyhow::{Context, Result, bail};
+
+/// Path of a workspace binary built next to this test executable.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the test executable")?;
+    let dir = exe.parent().and_then(|d| d.parent()).context("test executable has no target dir")?;
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        bail!(
+            "{} is missing: run `cargo test --workspace` (or `cargo build -p {name}`) first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// The outcome of a command: exit code and captured output.
+#[derive(Debug)]
+pub struct Run {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Self {
+        Self {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Fails with the captured output unless the command exited 0.
+    pub fn ok(self) -> Result<Self> {
+        if self.code != Some(0) {
+            bail!("exit {:?}\nstdout:\n{}\nstderr:\n{}", self.code, self.stdout, self.stderr);
+        }
+        Ok(self)
+    }
+}
+
+/// Runs `site-agent` with `args` and no progress bars.
+pub fn site_agent(args: &[&str]) -> Result<Run> {
+    let out = Command::new(bin("site-agent")?)
+        .arg("--quiet")
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("starting site-agent")?;
+    Ok(Run::from(out))
+}

@@ -1,0 +1,191 @@
+//! The `site-agent` command line on phantom data, end to end.
+
+use anyhow::Result;
+use serde_json::Value;
+use tests::site_agent;
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn train_finetune_evaluate_predict_and_score() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (src, tgt) = (d.join("source"), d.join("target"));
+    site_agent(&[
+        "phantom",
+        "--center",
+        "source",
+        "--cases",
+        "3",
+        "--test",
+        "1",
+        "--seed",
+        "2",
+        "--out",
+        s(&src),
+    ])?
+    .ok()?;
+    site_agent(&[
+        "phantom",
+        "--center",
+        "target-b",
+        "--cases",
+        "3",
+        "--test",
+        "1",
+        "--seed",
+        "2",
+        "--out",
+        s(&tgt),
+    ])?
+    .ok()?;
+    let (sm, tm) = (src.join("manifest.toml"), tgt.join("manifest.toml"));
+    let check = site_agent(&["check-data", "--manifest", s(&tm)])?.ok()?;
+    assert!(check.stdout.contains("ok: 3 cases (2 train, 1 test), 9 organs"), "{}", check.stdout);
+
+    let base = d.join("s.safetensors");
+    let fast = ["--epochs", "1", "--batch-size", "8"];
+    let mut args = vec!["train", "--manifest", s(&sm), "--config", "tiny", "--out", s(&base)];
+    args.extend(fast);
+    site_agent(&args)?.ok()?;
+    let tuned = d.join("st.safetensors");
+    let mut args = vec![
+        "finetune",
+        "--manifest",
+        s(&tm),
+        "--base",
+        s(&base),
+        "--trainable-layers",
+        "2",
+        "--out",
+        s(&tuned),
+    ];
+    args.extend(fast);
+    let ft = site_agent(&args)?.ok()?;
+    assert!(ft.stdout.contains("trained 2 of 14 layers"), "{}", ft.stdout);
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(d.join("st.train.json"))?)?;
+    assert_eq!(record["options"]["epochs"], 1);
+
+    let eval =
+        site_agent(&["evaluate", "--manifest", s(&tm), "--weights", s(&tuned), "--json"])?.ok()?;
+    let v: Value = serde_json::from_str(&eval.stdout)?;
+    let scores = v["cases"][0]["scores"].as_array().expect("scores");
+    assert_eq!(scores.len(), 9);
+    assert!(!eval.stdout.contains("target-b-"), "case identifiers never appear in results");
+
+    let image = tgt.join("images/target-b-003.nii.gz");
+    let pred = d.join("pred.nii.gz");
+    site_agent(&["predict", "--weights", s(&tuned), "--image", s(&image), "--out", s(&pred)])?
+        .ok()?;
+    let truth = tgt.join("labels/target-b-003.nii.gz");
+    let m = site_agent(&[
+        "metrics",
+        "--truth",
+        s(&truth),
+        "--pred",
+        s(&pred),
+        "--labels",
+        "1,2,3",
+        "--json",
+    ])?
+    .ok()?;
+    let v: Value = serde_json::from_str(&m.stdout)?;
+    let labels = v["labels"].as_array().expect("labels");
+    assert_eq!(labels.len(), 3);
+    for l in labels {
+        let dice = l["dice"].as_f64().expect("dice");
+        assert!((0.0..=1.0).contains(&dice));
+        assert!(l["hd95_mm"].is_null() || l["hd95_mm"].as_f64().is_some());
+    }
+    // A model for another organ map is refused before any work.
+    let fake = d.join("other");
+    std::fs::create_dir_all(&fake)?;
+    let text = std::fs::read_to_string(&tm)?.replace("\"eye_r\"", "\"eye_right\"");
+    std::fs::write(
+        fake.join("manifest.toml"),
+        text.replace("images/", "../target/images/").replace("labels/", "../target/labels/"),
+    )?;
+    let refused = site_agent(&[
+        "evaluate",
+        "--manifest",
+        s(&fake.join("manifest.toml")),
+        "--weights",
+        s(&tuned),
+    ])?;
+    assert_ne!(refused.code, Some(0));
+    assert!(refused.stderr.contains("organ map"), "{}", refused.stderr);
+    Ok(())
+}
+
+#[test]
+fn metrics_json_follows_the_interface() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let dims = [6, 5, 4];
+    let mut truth = shared::data::Volume::filled(dims, [1.0, 1.0, 2.0], 0u16);
+    let mut pred = truth.clone();
+    for z in 1..3 {
+        for y in 1..4 {
+            for x in 1..4 {
+                let i = truth.index(x, y, z);
+                truth.data[i] = 1;
+                pred.data[i + 1] = 1;
+            }
+        }
+    }
+    pred.data[0] = 5; // only in the prediction: Dice 0, HD95 undefined
+    shared::data::write_labels(&d.join("t.nii"), &truth)?;
+    shared::data::write_labels(&d.join("p.nii.gz"), &pred)?;
+    let out = site_agent(&[
+        "metrics",
+        "--truth",
+        s(&d.join("t.nii")),
+        "--pred",
+        s(&d.join("p.nii.gz")),
+        "--json",
+    ])?
+    .ok()?;
+    let v: Value = serde_json::from_str(&out.stdout)?;
+    assert_eq!(v["labels"][0]["label"], 1);
+    assert!((v["labels"][0]["dice"].as_f64().expect("dice") - 2.0 * 12.0 / 36.0).abs() < 1e-12);
+    assert_eq!(v["labels"][1]["label"], 5);
+    assert_eq!(v["labels"][1]["dice"], 0.0);
+    assert!(v["labels"][1]["hd95_mm"].is_null());
+    // Shapes must agree.
+    let other = shared::data::Volume::filled([6, 5, 3], [1.0; 3], 0u16);
+    shared::data::write_labels(&d.join("o.nii"), &other)?;
+    let bad =
+        site_agent(&["metrics", "--truth", s(&d.join("t.nii")), "--pred", s(&d.join("o.nii"))])?;
+    assert_ne!(bad.code, Some(0));
+    assert!(bad.stderr.contains("same grid"), "{}", bad.stderr);
+    Ok(())
+}
+
+#[test]
+fn bad_site_data_fails_naming_case_and_file() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let m = shared::data::phantom::write_center(shared::data::phantom::Center::Source, 2, 1, 1, d)?;
+    // Truncate one label file.
+    let label = &m.cases[1].label;
+    let bytes = std::fs::read(label)?;
+    std::fs::write(label, &bytes[..bytes.len() / 3])?;
+    let out = site_agent(&["check-data", "--manifest", s(&m.path)])?;
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("source-002") && out.stderr.contains("source-002.nii.gz"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("1 of 2 cases failed"), "{}", out.stderr);
+    Ok(())
+}
+
+#[test]
+fn usage_errors_exit_64() -> Result<()> {
+    let out = site_agent(&["train", "--config", "tiny"])?;
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    Ok(())
+}

@@ -1,0 +1,3 @@
+//! Whole-system tests: the real binaries, run as an operator would.
+
+mod cli;
