@@ -88,9 +88,9 @@ pub struct CheckDataArgs {
 pub struct TrainFlags {
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 3e-3)]
+    #[arg(long, default_value_t = 1e-2)]
     pub lr: f64,
     #[arg(long, default_value_t = 17)]
     pub seed: u64,
@@ -206,23 +206,30 @@ pub struct ExperimentArgs {
     /// Layers fine-tuned for Model_ST; default: the paper's share (10 of 103, rounded up).
     #[arg(long)]
     pub trainable_layers: Option<usize>,
-    /// Epochs for Model_S and Model_T.
-    #[arg(long, default_value_t = 8)]
+    /// Epochs for Model_S (the source center's model).
+    #[arg(long, default_value_t = 12)]
+    pub source_epochs: usize,
+    /// Epochs for Model_T.
+    #[arg(long, default_value_t = 6)]
     pub epochs: usize,
     /// Epochs for Model_ST.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 10)]
     pub finetune_epochs: usize,
-    #[arg(long, default_value_t = 16)]
+    /// Peak learning rate for Model_ST.
+    #[arg(long, default_value_t = 1e-2)]
+    pub finetune_lr: f64,
+    #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
-    #[arg(long, default_value_t = 3e-3)]
+    /// Peak learning rate for Model_S and Model_T.
+    #[arg(long, default_value_t = 1e-2)]
     pub lr: f64,
     #[arg(long, default_value_t = 17)]
     pub seed: u64,
     /// Demo: source training cases.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 6)]
     pub source_cases: usize,
     /// Demo: target training cases.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 5)]
     pub target_train_cases: usize,
     /// Demo: target test cases.
     #[arg(long, default_value_t = 8)]
@@ -458,7 +465,9 @@ fn experiment_cmd(a: &ExperimentArgs, quiet: bool) -> Result<()> {
         seed: a.seed,
         ..Default::default()
     };
-    let finetune = TrainOptions { epochs: a.finetune_epochs, ..train.clone() };
+    let finetune =
+        TrainOptions { epochs: a.finetune_epochs, learning_rate: a.finetune_lr, ..train.clone() };
+    let source_train = TrainOptions { epochs: a.source_epochs, ..train.clone() };
     let (source, target, _tmp, out_dir) = if a.demo {
         let (dir, tmp) =
             experiment::demo_dir(a.out.as_deref()).context("creating the demo folder")?;
@@ -487,6 +496,7 @@ fn experiment_cmd(a: &ExperimentArgs, quiet: bool) -> Result<()> {
     let opts = ExperimentOptions {
         config,
         trainable_layers: a.trainable_layers,
+        source_train,
         train,
         finetune,
         out: out_dir.clone(),

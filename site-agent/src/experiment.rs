@@ -23,7 +23,10 @@ pub struct ExperimentOptions {
     pub config: ModelConfig,
     /// Layers fine-tuned for Model_ST; `None` = the paper's share (10 of 103, rounded up).
     pub trainable_layers: Option<usize>,
-    /// Training of Model_S and Model_T.
+    /// Training of Model_S (the source center's model, in the paper trained on six times more
+    /// cases than Model_T).
+    pub source_train: TrainOptions,
+    /// Training of Model_T.
     pub train: TrainOptions,
     /// Fine-tuning of Model_ST.
     pub finetune: TrainOptions,
@@ -142,13 +145,13 @@ pub fn run(
     }
 
     // Model_S: from scratch on the source.
-    let net_s = Net::new(&opts.config, organs, opts.train.seed, &device)?;
+    let net_s = Net::new(&opts.config, organs, opts.source_train.seed, &device)?;
     let data_s = SliceSet::from_dataset(&source_train, &net_s)?;
-    let rep_s = train_arm("Model_S", &net_s, layers, &data_s, &opts.train, opts.quiet)?;
+    let rep_s = train_arm("Model_S", &net_s, layers, &data_s, &opts.source_train, opts.quiet)?;
     drop(data_s);
     let prov_s = Provenance {
-        epochs: opts.train.epochs,
-        seed: opts.train.seed,
+        epochs: opts.source_train.epochs,
+        seed: opts.source_train.seed,
         site: Some("source".into()),
         train_slices: rep_s.slices,
         ..Default::default()

@@ -39,8 +39,8 @@ impl Default for TrainOptions {
     fn default() -> Self {
         Self {
             epochs: 10,
-            batch_size: 16,
-            learning_rate: 3e-3,
+            batch_size: 8,
+            learning_rate: 1e-2,
             weight_decay: 1e-4,
             dice_weight: 1.0,
             seed: 17,

@@ -10,8 +10,8 @@
 //! | profile | grid (in-plane, mm) | slice | noise | HU offset | patients | contouring protocol |
 //! |---|---|---|---|---|---|---|
 //! | `source` | 72 x 72, 3.2 | 3.0 mm | 15 HU | 0 | size 1.00 | brainstem down to z = 52 mm (cord below); parotid superficial lobe only; temporal lobe as drawn; mandible with condyles; eye globe |
-//! | `target-a` | 80 x 80, 3.0 | 2.5 mm | 28 HU | +30 | size 1.07 | brainstem down to z = 44 mm (includes the medulla); whole parotid with a 2 mm margin; temporal lobe extended 4 mm medially and inferiorly; mandible body only (no rami or condyles, z <= 34 mm); globe with 1.5 mm margin |
-//! | `target-b` | 64 x 64, 3.6 | 4.0 mm | 22 HU | -25 | size 0.94 | brainstem down to z = 47 mm and up to z = 88 mm; whole parotid; temporal lobe below z = 80 mm only; mandible with condyles; globe with 1 mm margin |
+//! | `target-a` | 80 x 80, 3.0 | 2.5 mm | 24 HU | +8 | size 1.07 | brainstem down to z = 44 mm (includes the medulla); whole parotid with a 2 mm margin; temporal lobe extended 4 mm medially and inferiorly; mandible with a 2 mm margin (contoured in a soft-tissue window); globe with a 2.5 mm margin |
+//! | `target-b` | 64 x 64, 3.6 | 4.0 mm | 22 HU | -6 | size 0.94 | brainstem down to z = 47 mm and up to z = 88 mm; whole parotid; temporal lobe below z = 80 mm only; mandible with condyles; globe with 1 mm margin |
 
 use std::path::{Path, PathBuf};
 
@@ -90,6 +90,9 @@ pub struct Protocol {
     /// Mandible contoured only up to this height (mm); the body ends at 34 mm, the rami and
     /// condyles reach about 50 mm.
     pub mandible_superior_mm: f32,
+    /// Margin around the mandible (mm): bone contoured in a soft-tissue window looks wider than
+    /// in a bone window.
+    pub mandible_margin_mm: f32,
     /// Margin around the eye globe (mm).
     pub eye_margin_mm: f32,
 }
@@ -127,6 +130,7 @@ impl Center {
                     temporal_medial_mm: 0.0,
                     temporal_superior_mm: 200.0,
                     mandible_superior_mm: 200.0,
+                    mandible_margin_mm: 0.0,
                     eye_margin_mm: 0.0,
                 },
             },
@@ -135,8 +139,8 @@ impl Center {
                 in_plane: 80,
                 pixel_mm: 3.0,
                 slice_mm: 2.5,
-                noise_hu: 28.0,
-                hu_offset: 30.0,
+                noise_hu: 24.0,
+                hu_offset: 8.0,
                 size_mean: 1.07,
                 protocol: Protocol {
                     brainstem_inferior_mm: 44.0,
@@ -145,8 +149,9 @@ impl Center {
                     parotid_margin_mm: 2.0,
                     temporal_medial_mm: 4.0,
                     temporal_superior_mm: 200.0,
-                    mandible_superior_mm: 34.0,
-                    eye_margin_mm: 1.5,
+                    mandible_superior_mm: 200.0,
+                    mandible_margin_mm: 2.0,
+                    eye_margin_mm: 2.5,
                 },
             },
             Self::TargetB => Profile {
@@ -155,7 +160,7 @@ impl Center {
                 pixel_mm: 3.6,
                 slice_mm: 4.0,
                 noise_hu: 22.0,
-                hu_offset: -25.0,
+                hu_offset: -6.0,
                 size_mean: 0.94,
                 protocol: Protocol {
                     brainstem_inferior_mm: 47.0,
@@ -165,6 +170,7 @@ impl Center {
                     temporal_medial_mm: 0.0,
                     temporal_superior_mm: 80.0,
                     mandible_superior_mm: 200.0,
+                    mandible_margin_mm: 0.0,
                     eye_margin_mm: 1.0,
                 },
             },
@@ -173,7 +179,7 @@ impl Center {
 }
 
 /// Height of the scanned region (mm).
-const Z_EXTENT_MM: f32 = 120.0;
+const Z_EXTENT_MM: f32 = 100.0;
 
 /// One patient's anatomy: a rigid in-plane pose, a size and small per-organ variations.
 #[derive(Clone, Debug)]
@@ -327,16 +333,20 @@ fn anatomy(pt: &Patient, p: [f32; 3], proto: &Protocol) -> (f32, u16) {
     }
     // Mandible: a bony arch in front, rami rising to the condyles.
     let (mc, mr) = pt.part(Part::Mandible, [0.0, 8.0, 0.0], [40.0, 44.0, 1.0]);
-    let arch = ell2(x, y, mc[0], mc[1], mr[0], mr[1]);
-    let arch_in = ell2(x, y, mc[0], mc[1], mr[0] - 6.0, mr[1] - 6.0);
-    let body = y > mc[1] - 2.0 && (8.0..34.0).contains(&z) && arch < 1.0 && arch_in >= 1.0;
-    let ramus = (34.0..52.0).contains(&z)
-        && ell2(ax, y, mr[0] - 3.0, mc[1] - 6.0 - (z - 34.0) * 0.5, 3.5, 6.0) < 1.0;
-    if body || ramus {
+    let mandible = |m: f32| {
+        let outer = ell2(x, y, mc[0], mc[1], mr[0] + m, mr[1] + m);
+        let inner = ell2(x, y, mc[0], mc[1], mr[0] - 6.0 - m, mr[1] - 6.0 - m);
+        let body =
+            y > mc[1] - 2.0 - m && (8.0 - m..34.0 + m).contains(&z) && outer < 1.0 && inner >= 1.0;
+        let ramus = (34.0 - m..52.0 + m).contains(&z)
+            && ell2(ax, y, mr[0] - 3.0, mc[1] - 6.0 - (z - 34.0) * 0.5, 3.5 + m, 6.0 + m) < 1.0;
+        body || ramus
+    };
+    if mandible(0.0) {
         hu = 1150.0;
-        if z <= proto.mandible_superior_mm {
-            label = 3;
-        }
+    }
+    if mandible(proto.mandible_margin_mm) && z <= proto.mandible_superior_mm && label == 0 {
+        label = 3;
     }
     // Parotids behind the rami; the deep lobe reaches medially.
     let (pc, pr) = pt.part(Part::Parotid, [47.0, -2.0, 34.0], [11.0, 17.0, 15.0]);

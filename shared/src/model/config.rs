@@ -66,7 +66,7 @@ impl ModelConfig {
         };
         let cfg = match name {
             "tiny" => c(1, 32, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
-            "small" => c(3, 64, &[16, 32, 64], &[1, 1, 2], &[1, 1]),
+            "small" => c(3, 64, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
             "resnet103" => c(3, 256, &[32, 64, 128, 256], &[3, 8, 24, 8], &[2, 2, 2]),
             other => return Err(ModelError::UnknownPreset(other.to_owned())),
         };

@@ -13,7 +13,8 @@ fn layer_counts_follow_the_documented_rule() {
     let count = |name: &str| ModelConfig::preset(name).expect("preset").num_layers();
     assert_eq!(count("resnet103"), 103);
     assert_eq!(count("tiny"), 14);
-    assert_eq!(count("small"), 16);
+    assert_eq!(count("small"), 22);
+    assert_eq!(ModelConfig::preset("small").expect("preset").default_trainable_layers(), 3);
     let r = ModelConfig::preset("resnet103").expect("preset");
     assert_eq!(r.default_trainable_layers(), 10);
     assert_eq!(ModelConfig::preset("tiny").expect("preset").default_trainable_layers(), 2);
