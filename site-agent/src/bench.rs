@@ -90,7 +90,8 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
         start += len;
     }
     let eval = n as f64 / t.elapsed().as_secs_f64();
-    let parameters = net.named_vars().iter().map(|(_, v)| v.elem_count()).sum();
+    // Trainable tensors only: batch-norm running statistics are buffers, not parameters.
+    let parameters = net.trainable_vars(layers)?.iter().map(|v| v.elem_count()).sum();
     Ok(BenchResult {
         config: opts.config.name.clone(),
         size: opts.config.image_size,

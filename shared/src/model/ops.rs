@@ -74,6 +74,9 @@ fn im2col(g: &Geometry, x: &[f32]) -> Vec<f32> {
             let (y0, y1) = g.valid(g.h, oh, ki);
             for kj in 0..g.k {
                 let (x0, x1) = g.valid(g.w, ow, kj);
+                if x0 == x1 {
+                    continue; // this tap only ever reads padding
+                }
                 let row = &mut block[(ki * g.k + kj) * l..][..l];
                 for oy in y0..y1 {
                     let iy = oy * g.stride + ki - g.pad;
@@ -103,6 +106,9 @@ fn col2im(g: &Geometry, cols: &[f32]) -> Vec<f32> {
             let (y0, y1) = g.valid(g.h, oh, ki);
             for kj in 0..g.k {
                 let (x0, x1) = g.valid(g.w, ow, kj);
+                if x0 == x1 {
+                    continue; // this tap only ever reads padding
+                }
                 let row = &block[(ki * g.k + kj) * l..][..l];
                 for oy in y0..y1 {
                     let iy = oy * g.stride + ki - g.pad;
