@@ -71,14 +71,20 @@ impl BatchNorm {
     }
 
     /// `train`: normalise with batch statistics and update the running ones; else use the
-    /// running statistics.
-    pub(super) fn forward(&self, x: &Tensor, train: bool, track: bool) -> ModelResult<Tensor> {
+    /// running statistics. `relu` applies ReLU to the output (fused on the CPU).
+    pub(super) fn forward(
+        &self,
+        x: &Tensor,
+        train: bool,
+        track: bool,
+        relu: bool,
+    ) -> ModelResult<Tensor> {
         let c = x.dim(1)?;
         let (w, b) = (read(&self.weight, track), read(&self.bias, track));
         if train {
             let n = x.elem_count() / c;
             let unbiased = n as f64 / (n.max(2) - 1) as f64;
-            let (y, m, v) = match super::ops::batch_norm_train(x, &w, &b, BN_EPS)? {
+            let (y, m, v) = match super::ops::batch_norm_train(x, &w, &b, BN_EPS, relu)? {
                 Some(super::ops::BnOutput { y, mean, var }) => {
                     let dev = x.device();
                     (y, Tensor::from_vec(mean, c, dev)?, Tensor::from_vec(var, c, dev)?)
@@ -90,6 +96,7 @@ impl BatchNorm {
                     let scale =
                         w.reshape((1, c, 1, 1))?.broadcast_div(&(&var + BN_EPS)?.sqrt()?)?;
                     let y = xc.broadcast_mul(&scale)?.broadcast_add(&b.reshape((1, c, 1, 1))?)?;
+                    let y = if relu { y.relu()? } else { y };
                     (y, mean.detach().flatten_all()?, var.detach().flatten_all()?)
                 }
             };
@@ -104,8 +111,13 @@ impl BatchNorm {
         } else {
             let scale = w.div(&(self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
             let shift = b.sub(&self.running_mean.as_detached_tensor().mul(&scale)?)?;
-            Ok(x.broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
-                .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
+            if !track && let Some(y) = super::ops::channel_affine(x, &scale, &shift, relu)? {
+                return Ok(y);
+            }
+            let y = x
+                .broadcast_mul(&scale.reshape((1, c, 1, 1))?)?
+                .broadcast_add(&shift.reshape((1, c, 1, 1))?)?;
+            Ok(if relu { y.relu()? } else { y })
         }
     }
 }

@@ -118,9 +118,11 @@ impl Layer {
     }
 
     fn forward(&self, s: State, train: bool, track: bool) -> ModelResult<State> {
-        let bn = |x: &Tensor| -> ModelResult<Tensor> {
-            self.bn.as_ref().expect("conv layers have a norm").forward(x, train, track)
-        };
+        let norm = self.bn.as_ref();
+        let bn =
+            |x: &Tensor| norm.expect("conv layers have a norm").forward(x, train, track, false);
+        let bn_relu =
+            |x: &Tensor| norm.expect("conv layers have a norm").forward(x, train, track, true);
         let State { x, residual, mut skips } = s;
         Ok(match self.spec.kind {
             LayerKind::Stem { .. } => {
@@ -130,7 +132,7 @@ impl Layer {
                 if push_skip {
                     skips.push(x.clone());
                 }
-                let y = bn(&self.conv.forward(&x, track)?)?.relu()?;
+                let y = bn_relu(&self.conv.forward(&x, track)?)?;
                 State { x: y, residual: Some(x), skips }
             }
             LayerKind::BlockOut { .. } => {
@@ -139,7 +141,7 @@ impl Layer {
                 })?;
                 let shortcut = match &self.proj {
                     Some((conv, norm)) => {
-                        norm.forward(&conv.forward(&input, track)?, train, track)?
+                        norm.forward(&conv.forward(&input, track)?, train, track, false)?
                     }
                     None => input,
                 };
@@ -153,7 +155,7 @@ impl Layer {
                 let (h, w) = (skip.dim(2)?, skip.dim(3)?);
                 let up = x.upsample_nearest2d(h, w)?;
                 let cat = Tensor::cat(&[up, skip], 1)?;
-                State { x: bn(&self.conv.forward(&cat, track)?)?.relu()?, residual, skips }
+                State { x: bn_relu(&self.conv.forward(&cat, track)?)?, residual, skips }
             }
             LayerKind::Head { classes, .. } => {
                 let b = tracked(self.bias.as_ref().expect("head has a bias"), track);

@@ -203,6 +203,8 @@ pub struct BnStats {
 #[derive(Debug)]
 struct BatchNormTrain {
     eps: f32,
+    /// Apply ReLU to the output (and mask the gradient by it) in the same pass.
+    relu: bool,
     stats: std::sync::Arc<std::sync::Mutex<BnStats>>,
 }
 
@@ -263,8 +265,14 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             let ch = i % c;
             let scale = inv_std[ch] * gamma[ch];
             let shift = beta[ch] - mean[ch] as f32 * scale;
-            for (o, &v) in yo.iter_mut().zip(xi) {
-                *o = v * scale + shift;
+            if self.relu {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = (v * scale + shift).max(0.0);
+                }
+            } else {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = v * scale + shift;
+                }
             }
         });
         let mut stats = self.stats.lock().map_err(|_| candle_core::Error::msg("poisoned stats"))?;
@@ -281,14 +289,23 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         x: &Tensor,
         gamma: &Tensor,
         _beta: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, c, h, w) = x.dims4()?;
         let hw = h * w;
         let dims = (b, c, hw);
         let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let mut dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        if self.relu {
+            // d relu: the gradient passes where the output is positive.
+            let y = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+            dy.par_iter_mut().zip(y.par_iter()).for_each(|(d, &y)| {
+                if y <= 0.0 {
+                    *d = 0.0;
+                }
+            });
+        }
         let g = gamma.to_vec1::<f32>()?;
         let (mean, inv_std) = {
             let s = self.stats.lock().map_err(|_| candle_core::Error::msg("poisoned stats"))?;
@@ -343,21 +360,72 @@ pub struct BnOutput {
     pub var: Vec<f32>,
 }
 
-/// Training-mode batch normalisation with a fused backward on the CPU; returns the output and
-/// the batch statistics (mean, biased variance). `None` where the fused op does not apply
+/// Training-mode batch normalisation (optionally followed by ReLU) with a fused backward on the
+/// CPU; returns the output and the batch statistics (mean, biased variance). `None` where the fused op does not apply
 /// (another device or dtype), so the caller falls back to tensor ops.
 pub fn batch_norm_train(
     x: &Tensor,
     gamma: &Tensor,
     beta: &Tensor,
     eps: f64,
+    relu: bool,
 ) -> Result<Option<BnOutput>> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || x.rank() != 4 {
         return Ok(None);
     }
     let stats = std::sync::Arc::new(std::sync::Mutex::new(BnStats::default()));
-    let op = BatchNormTrain { eps: eps as f32, stats: stats.clone() };
+    let op = BatchNormTrain { eps: eps as f32, relu, stats: stats.clone() };
     let y = x.contiguous()?.apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
     let s = stats.lock().map_err(|_| candle_core::Error::msg("poisoned stats"))?;
     Ok(Some(BnOutput { y, mean: s.mean.clone(), var: s.var.clone() }))
+}
+
+/// Inference-only per-channel `y = x * scale[c] + shift[c]` (batch norm with running statistics
+/// folded in), optionally followed by ReLU, in one pass. It has no backward: it is used only
+/// where no graph is recorded (frozen layers and inference).
+#[derive(Debug)]
+struct ChannelAffine {
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    relu: bool,
+}
+
+impl CustomOp1 for ChannelAffine {
+    fn name(&self) -> &'static str {
+        "fedtune-channel-affine"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (_, c, hw) = dims_bc_hw(layout)?;
+        let x = contiguous(storage, layout, "channel affine")?;
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(i, (yo, xi))| {
+            let (a, b) = (self.scale[i % c], self.shift[i % c]);
+            if self.relu {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = (v * a + b).max(0.0);
+                }
+            } else {
+                for (o, &v) in yo.iter_mut().zip(xi) {
+                    *o = v * a + b;
+                }
+            }
+        });
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+}
+
+/// `x * scale[c] + shift[c]` (then ReLU if asked) for inference on contiguous f32 CPU tensors;
+/// `None` elsewhere, so the caller falls back to tensor ops.
+pub fn channel_affine(
+    x: &Tensor,
+    scale: &Tensor,
+    shift: &Tensor,
+    relu: bool,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || x.rank() != 4 {
+        return Ok(None);
+    }
+    let op = ChannelAffine { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
+    Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
 }

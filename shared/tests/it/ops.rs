@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use shared::model::ops::{batch_norm_train, conv2d};
+use shared::model::ops::{batch_norm_train, channel_affine, conv2d};
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a - b)
@@ -74,11 +74,12 @@ proptest! {
     #[test]
     fn fused_batch_norm_matches_tensor_ops(
         batch in 2usize..5, c in 1usize..6, h in 1usize..9, w in 1usize..9, seed in any::<u64>(),
+        relu in any::<bool>(),
     ) {
         let x = Var::from_tensor(&random(&[batch, c, h, w], seed)).expect("var");
         let g = Var::from_tensor(&(random(&[c], seed ^ 3) + 1.5).expect("add")).expect("var");
         let b = Var::from_tensor(&random(&[c], seed ^ 4)).expect("var");
-        let out = batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5)
+        let out = batch_norm_train(x.as_tensor(), g.as_tensor(), b.as_tensor(), 1e-5, relu)
             .expect("op")
             .expect("applies on cpu f32");
         let (ours, mean, var) = (out.y, out.mean, out.var);
@@ -91,6 +92,7 @@ proptest! {
             .broadcast_div(&(v.clone() + 1e-5).unwrap().sqrt().unwrap()).unwrap()
             .broadcast_mul(&g.as_tensor().reshape((1, c, 1, 1)).unwrap()).unwrap()
             .broadcast_add(&b.as_tensor().reshape((1, c, 1, 1)).unwrap()).unwrap();
+        let theirs = if relu { theirs.relu().unwrap() } else { theirs };
         prop_assert!(rel_l2(&ours, &theirs) <= 1e-5);
         let mt = Tensor::new(mean, &Device::Cpu).unwrap();
         // Means of O(1) data can be near zero: compare them at the data's scale (the f32
@@ -128,5 +130,22 @@ fn conv2d_with_taps_that_only_read_padding() {
         assert!(rel_l2(&ours, &theirs) <= 1e-5, "{h}x{w} k{k} s{stride} p{pad}");
         let g = ours.sum_all().expect("sum").backward().expect("backward");
         assert_eq!(g.get(x.as_tensor()).expect("grad").dims(), x.dims());
+    }
+}
+
+#[test]
+fn channel_affine_matches_tensor_ops() {
+    for relu in [false, true] {
+        let x = random(&[3, 4, 5, 6], 8);
+        let (scale, shift) = (random(&[4], 9), random(&[4], 10));
+        let ours =
+            channel_affine(&x, &scale, &shift, relu).expect("op").expect("applies on cpu f32");
+        let theirs = x
+            .broadcast_mul(&scale.reshape((1, 4, 1, 1)).expect("reshape"))
+            .expect("mul")
+            .broadcast_add(&shift.reshape((1, 4, 1, 1)).expect("reshape"))
+            .expect("add");
+        let theirs = if relu { theirs.relu().expect("relu") } else { theirs };
+        assert!(rel_l2(&ours, &theirs) <= 1e-6);
     }
 }
