@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use shared::data::{Manifest, Split};
-use shared::metrics::stats::{self, Summary, TTest, Wilcoxon};
+use shared::metrics::stats::{self, Summary, TTest, Wilcoxon, WilcoxonMethod};
 use shared::model::{ModelConfig, Net};
 use shared::organs::OrganMap;
 use shared::weights::{self, Provenance};
@@ -241,7 +241,11 @@ fn fmt_summary(s: &Option<Summary>) -> String {
 fn fmt_p(w: &Option<Wilcoxon>, t: &Option<TTest>) -> String {
     let w = match w {
         Some(w) => {
-            format!("{:.4}{}", w.p_value, if w.method.to_string() == "exact" { "e" } else { "a" })
+            let mark = match w.method {
+                WilcoxonMethod::Exact => "e",
+                WilcoxonMethod::Asymptotic => "a",
+            };
+            format!("{:.4}{mark}", w.p_value)
         }
         None => "-".into(),
     };

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -268,9 +268,4 @@ pub fn train(
         slices: data.len(),
         steps: total_steps,
     })
-}
-
-/// The CPU device; a helper so callers need not depend on candle.
-pub fn cpu() -> Device {
-    Device::Cpu
 }
