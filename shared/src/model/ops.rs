@@ -215,6 +215,19 @@ fn dims_bc_hw(layout: &Layout) -> Result<(usize, usize, usize)> {
     }
 }
 
+/// `out = x * scale + shift`, then ReLU when `relu`: one channel plane of batch norm.
+fn scale_shift(out: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
+    if relu {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = (v * scale + shift).max(0.0);
+        }
+    } else {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * scale + shift;
+        }
+    }
+}
+
 /// Per-channel sums of `f(x)` over `[b, c, hw]` data, in parallel over channels.
 fn per_channel(
     x: &[f32],
@@ -265,15 +278,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
             let ch = i % c;
             let scale = inv_std[ch] * gamma[ch];
             let shift = beta[ch] - mean[ch] as f32 * scale;
-            if self.relu {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = (v * scale + shift).max(0.0);
-                }
-            } else {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v * scale + shift;
-                }
-            }
+            scale_shift(yo, xi, scale, shift, self.relu);
         });
         let mut stats = self.stats.lock().map_err(|_| candle_core::Error::msg("poisoned stats"))?;
         *stats = BnStats {
@@ -400,16 +405,7 @@ impl CustomOp1 for ChannelAffine {
         let x = contiguous(storage, layout, "channel affine")?;
         let mut y = vec![0f32; x.len()];
         y.par_chunks_mut(hw).zip(x.par_chunks(hw)).enumerate().for_each(|(i, (yo, xi))| {
-            let (a, b) = (self.scale[i % c], self.shift[i % c]);
-            if self.relu {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = (v * a + b).max(0.0);
-                }
-            } else {
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = v * a + b;
-                }
-            }
+            scale_shift(yo, xi, self.scale[i % c], self.shift[i % c], self.relu);
         });
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
