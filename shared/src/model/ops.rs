@@ -1,19 +1,27 @@
-//! Convolution for training on the CPU as im2col + GEMM.
+//! CPU training ops: convolution through im2col + GEMM, and a fused batch norm (+ ReLU).
 //!
 //! candle 0.11's CPU convolution backward runs a direct `conv_transpose2d` loop for the input
 //! gradient and a convolution with an HxW kernel for the weight gradient, about ten times slower
-//! than PyTorch. Here a convolution is `im2col` (a [`CustomOp1`] whose backward is `col2im`)
-//! followed by a batched matrix product, so candle's autograd differentiates the product with
-//! its GEMM (the `gemm` crate) and only the cheap, memory-bound rearrangements are ours:
+//! than PyTorch. Here a convolution is one [`CustomOp2`] whose passes work image by image,
+//! in parallel over the batch, with the `gemm` crate (candle's own GEMM) for the products:
 //!
-//! - forward: `y[b] = W[co, ci*k*k] @ cols[b]`, `cols = im2col(x)`;
-//! - backward-data: `dcols[b] = W^T @ dy[b]`, then `dx = col2im(dcols)`;
-//! - backward-filter: `dW = sum_b dy[b] @ cols[b]^T`.
+//! - forward: `y[b] = W[co, ci*k*k] @ cols[b]`, `cols[b] = im2col(x[b])`;
+//! - backward-data: `dcols[b] = W^T @ dy[b]`, then `dx[b] = col2im(dcols[b])`;
+//! - backward-filter: `dW = sum_b dy[b] @ cols[b]^T`, recomputing `cols[b]`.
+//!
+//! The im2col columns of one image live in a per-thread scratch buffer that is reused from call
+//! to call, so a training step neither keeps a `ci*k*k`-times copy of every activation alive
+//! until the backward pass nor has the allocator hand back and re-fault tens of megabytes of
+//! fresh pages per layer (the largest cost in the profile before this). Gradients are computed
+//! only for the arguments that need them: frozen weights and detached inputs get none.
 //!
 //! Written here (not taken from a crate) because candle exposes no faster CPU path and these
 //! loops are where training time goes; see ARCHITECTURE.md.
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use std::cell::RefCell;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// Geometry of a 2-D convolution over one `[channels, h, w]` image.
@@ -38,6 +46,17 @@ impl Geometry {
     fn cols_len(&self) -> usize {
         self.out_h() * self.out_w()
     }
+    /// Rows of one image's im2col matrix: `channels * k * k`.
+    fn patch(&self) -> usize {
+        self.channels * self.k * self.k
+    }
+    fn image_len(&self) -> usize {
+        self.channels * self.h * self.w
+    }
+    /// A 1x1 convolution with stride 1 and no padding: the image is its own im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
     /// The output index range `[lo, hi)` along one axis for kernel offset `ki`, where the input
     /// index `o * stride + ki - pad` is inside `0..n`.
     fn valid(&self, n: usize, n_out: usize, ki: usize) -> (usize, usize) {
@@ -57,31 +76,28 @@ fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Resul
     }
 }
 
-/// `[b, c, h, w]` -> `[b, c*k*k, out_h*out_w]`.
-#[derive(Debug)]
-struct Im2Col(Geometry);
-
-/// `[b, c*k*k, out_h*out_w]` -> `[b, c, h, w]`, summing overlapping taps (the adjoint of im2col).
-#[derive(Debug)]
-struct Col2Im(Geometry);
-
-fn im2col(g: &Geometry, x: &[f32]) -> Vec<f32> {
+/// One image `[c, h, w]` -> its im2col matrix `[c*k*k, out_h*out_w]`, written over `out`
+/// (every element, padding taps included, so `out` may hold anything before).
+fn im2col(g: &Geometry, img: &[f32], out: &mut [f32]) {
     let (oh, ow, l, kk) = (g.out_h(), g.out_w(), g.cols_len(), g.k * g.k);
-    let mut out = vec![0f32; g.batch * g.channels * kk * l];
-    out.par_chunks_mut(kk * l).enumerate().for_each(|(bc, block)| {
-        let img = &x[bc * g.h * g.w..(bc + 1) * g.h * g.w];
+    for (plane, block) in img.chunks_exact(g.h * g.w).zip(out.chunks_exact_mut(kk * l)) {
         for ki in 0..g.k {
             let (y0, y1) = g.valid(g.h, oh, ki);
             for kj in 0..g.k {
                 let (x0, x1) = g.valid(g.w, ow, kj);
-                if x0 == x1 {
-                    continue; // this tap only ever reads padding
-                }
                 let row = &mut block[(ki * g.k + kj) * l..][..l];
+                if x0 == x1 || y0 == y1 {
+                    row.fill(0.0); // this tap only ever reads padding
+                    continue;
+                }
+                row[..y0 * ow].fill(0.0);
+                row[y1 * ow..].fill(0.0);
                 for oy in y0..y1 {
                     let iy = oy * g.stride + ki - g.pad;
-                    let src = &img[iy * g.w..(iy + 1) * g.w];
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
                     let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    dst[..x0].fill(0.0);
+                    dst[x1..].fill(0.0);
                     if g.stride == 1 {
                         let ix0 = x0 + kj - g.pad;
                         dst[x0..x1].copy_from_slice(&src[ix0..ix0 + (x1 - x0)]);
@@ -93,15 +109,14 @@ fn im2col(g: &Geometry, x: &[f32]) -> Vec<f32> {
                 }
             }
         }
-    });
-    out
+    }
 }
 
-fn col2im(g: &Geometry, cols: &[f32]) -> Vec<f32> {
+/// The adjoint of [`im2col`] for one image: `[c*k*k, out_h*out_w]` -> `[c, h, w]`, summing
+/// overlapping taps into `img`, which must be zero on entry.
+fn col2im(g: &Geometry, cols: &[f32], img: &mut [f32]) {
     let (oh, ow, l, kk) = (g.out_h(), g.out_w(), g.cols_len(), g.k * g.k);
-    let mut out = vec![0f32; g.batch * g.channels * g.h * g.w];
-    out.par_chunks_mut(g.h * g.w).enumerate().for_each(|(bc, img)| {
-        let block = &cols[bc * kk * l..(bc + 1) * kk * l];
+    for (plane, block) in img.chunks_exact_mut(g.h * g.w).zip(cols.chunks_exact(kk * l)) {
         for ki in 0..g.k {
             let (y0, y1) = g.valid(g.h, oh, ki);
             for kj in 0..g.k {
@@ -112,7 +127,7 @@ fn col2im(g: &Geometry, cols: &[f32]) -> Vec<f32> {
                 let row = &block[(ki * g.k + kj) * l..][..l];
                 for oy in y0..y1 {
                     let iy = oy * g.stride + ki - g.pad;
-                    let dst = &mut img[iy * g.w..(iy + 1) * g.w];
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
                     let src = &row[oy * ow..(oy + 1) * ow];
                     if g.stride == 1 {
                         let ix0 = x0 + kj - g.pad;
@@ -127,42 +142,311 @@ fn col2im(g: &Geometry, cols: &[f32]) -> Vec<f32> {
                 }
             }
         }
+    }
+}
+
+thread_local! {
+    /// im2col columns of one image, kept between calls on this thread.
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` on this thread's scratch buffer resized to `len`. The buffer is taken out of the
+/// thread-local for the call, so a re-entrant call (rayon work-stealing) gets its own.
+fn with_scratch<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = SCRATCH.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    let out = f(&mut buf[..len]);
+    SCRATCH.with(|s| {
+        let mut slot = s.borrow_mut();
+        if slot.len() < buf.len() {
+            *slot = buf;
+        }
     });
     out
 }
 
-impl CustomOp1 for Im2Col {
-    fn name(&self) -> &'static str {
-        "fedtune-im2col"
-    }
+/// A read-only matrix view: element `(r, c)` is `data[r * rs + c * cs]`.
+#[derive(Clone, Copy)]
+struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    rs: usize,
+    cs: usize,
+}
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let x = contiguous(storage, layout, "im2col")?;
-        let out = im2col(g, x);
-        let shape = Shape::from((g.batch, g.channels * g.k * g.k, g.cols_len()));
-        Ok((CpuStorage::F32(out), shape))
+impl<'a> Mat<'a> {
+    fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
+        Self { data, rows, cols, rs: cols, cs: 1 }
     }
-
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    fn t(self) -> Self {
+        Self { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
+    }
+    /// Every element the view names lies inside `data`.
+    fn in_bounds(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.rs + (self.cols - 1) * self.cs < self.data.len()
     }
 }
 
-impl CustomOp1 for Col2Im {
+/// `dst = a @ b` (or `dst += a @ b` with `accumulate`), `dst` row-major `[a.rows, b.cols]`.
+#[allow(unsafe_code)]
+fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, par: Parallelism) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    assert!(b.rows == k && dst.len() == m * n && a.in_bounds() && b.in_bounds(), "matmul shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: the assertion above checks that every element `gemm` reads through `a` and `b`
+    // (indices `r * rs + c * cs` for r < rows, c < cols) and every element it writes in `dst`
+    // (`r * n + c` for r < m, c < n) is inside the borrowed slices, and `dst` is borrowed
+    // mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Splits work over the batch when there are at least as many images as threads (each image's
+/// GEMM single-threaded); otherwise runs images in turn with a multi-threaded GEMM.
+fn batch_parallel(batch: usize) -> Option<Parallelism> {
+    let threads = rayon::current_num_threads();
+    if batch >= threads || threads == 1 { None } else { Some(Parallelism::Rayon(threads)) }
+}
+
+/// Runs `f(image index, scratch-free GEMM parallelism, chunk of out)` for every image.
+fn per_image(
+    out: &mut [f32],
+    chunk: usize,
+    batch: usize,
+    f: impl Fn(usize, Parallelism, &mut [f32]) + Sync,
+) {
+    match batch_parallel(batch) {
+        None => out.par_chunks_mut(chunk).enumerate().for_each(|(b, o)| f(b, Parallelism::None, o)),
+        Some(par) => out.chunks_mut(chunk).enumerate().for_each(|(b, o)| f(b, par, o)),
+    }
+}
+
+fn dims4(layout: &Layout, what: &str) -> Result<[usize; 4]> {
+    match layout.dims() {
+        &[a, b, c, d] => Ok([a, b, c, d]),
+        d => candle_core::bail!("{what}: expected a 4-D tensor, got {d:?}"),
+    }
+}
+
+/// `y = conv2d(x, w)` for `x: [b, ci, h, w]`, `w: [co, ci, k, k]`, no bias.
+#[derive(Debug, Clone, Copy)]
+struct Conv2d {
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2d {
+    fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, usize)> {
+        let [batch, channels, h, w] = dims4(xl, "conv2d input")?;
+        let [co, ci, k, k2] = dims4(wl, "conv2d weight")?;
+        if ci != channels
+            || k != k2
+            || self.stride == 0
+            || h + 2 * self.pad < k
+            || w + 2 * self.pad < k
+        {
+            candle_core::bail!(
+                "conv2d: weight {co}x{ci}x{k}x{k2} (stride {}, padding {}) does not fit input \
+                 {batch}x{channels}x{h}x{w}",
+                self.stride,
+                self.pad
+            );
+        }
+        Ok((Geometry { batch, channels, h, w, k, stride: self.stride, pad: self.pad }, co))
+    }
+}
+
+impl CustomOp2 for Conv2d {
     fn name(&self) -> &'static str {
-        "fedtune-col2im"
+        "fedtune-conv2d"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let g = &self.0;
-        let cols = contiguous(storage, layout, "col2im")?;
-        let out = col2im(g, cols);
-        Ok((CpuStorage::F32(out), Shape::from((g.batch, g.channels, g.h, g.w))))
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, co) = self.geometry(xl, wl)?;
+        let x = contiguous(xs, xl, "conv2d input")?;
+        let wt = Mat::row_major(contiguous(ws, wl, "conv2d weight")?, co, g.patch());
+        let l = g.cols_len();
+        let mut y = vec![0f32; g.batch * co * l];
+        per_image(&mut y, co * l, g.batch, |b, par, yb| {
+            let img = &x[b * g.image_len()..][..g.image_len()];
+            if g.is_pointwise() {
+                matmul(yb, wt, Mat::row_major(img, g.channels, l), false, par);
+            } else {
+                with_scratch(g.patch() * l, |cols| {
+                    im2col(&g, img, cols);
+                    matmul(yb, wt, Mat::row_major(cols, g.patch(), l), false, par);
+                });
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.batch, co, g.out_h(), g.out_w()))))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                &w.contiguous()?,
+                &ConvBackwardData { conv: *self, x: x.shape().clone() },
+            )?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.contiguous()?.apply_op2_no_bwd(
+                &grad,
+                &ConvBackwardFilter { conv: *self, w: w.shape().clone() },
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `dx` from `(dy, w)`: `dx[b] = col2im(W^T @ dy[b])`.
+#[derive(Debug)]
+struct ConvBackwardData {
+    conv: Conv2d,
+    /// Shape of the forward input.
+    x: Shape,
+}
+
+impl CustomOp2 for ConvBackwardData {
+    fn name(&self) -> &'static str {
+        "fedtune-conv2d-backward-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, co) = self.conv.geometry(&Layout::contiguous(self.x.clone()), wl)?;
+        let dy = contiguous(gs, gl, "conv2d output gradient")?;
+        let l = g.cols_len();
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        let wt = Mat::row_major(contiguous(ws, wl, "conv2d weight")?, co, g.patch()).t();
+        let mut dx = vec![0f32; g.batch * g.image_len()];
+        per_image(&mut dx, g.image_len(), g.batch, |b, par, dxb| {
+            let dyb = Mat::row_major(&dy[b * co * l..][..co * l], co, l);
+            if g.is_pointwise() {
+                matmul(dxb, wt, dyb, false, par);
+            } else {
+                with_scratch(g.patch() * l, |dcols| {
+                    matmul(dcols, wt, dyb, false, par);
+                    col2im(&g, dcols, dxb);
+                });
+            }
+        });
+        Ok((CpuStorage::F32(dx), self.x.clone()))
+    }
+}
+
+/// `dw` from `(x, dy)`: `dW = sum_b dy[b] @ im2col(x[b])^T`.
+#[derive(Debug)]
+struct ConvBackwardFilter {
+    conv: Conv2d,
+    /// Shape of the weight.
+    w: Shape,
+}
+
+impl CustomOp2 for ConvBackwardFilter {
+    fn name(&self) -> &'static str {
+        "fedtune-conv2d-backward-filter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, co) = self.conv.geometry(xl, &Layout::contiguous(self.w.clone()))?;
+        let x = contiguous(xs, xl, "conv2d input")?;
+        let dy = contiguous(gs, gl, "conv2d output gradient")?;
+        let (l, p) = (g.cols_len(), g.patch());
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        let add_image = |acc: &mut [f32], b: usize, par: Parallelism| {
+            let img = &x[b * g.image_len()..][..g.image_len()];
+            let dyb = Mat::row_major(&dy[b * co * l..][..co * l], co, l);
+            if g.is_pointwise() {
+                matmul(acc, dyb, Mat::row_major(img, g.channels, l).t(), true, par);
+            } else {
+                with_scratch(p * l, |cols| {
+                    im2col(&g, img, cols);
+                    matmul(acc, dyb, Mat::row_major(cols, p, l).t(), true, par);
+                });
+            }
+        };
+        let dw = match batch_parallel(g.batch) {
+            None => (0..g.batch)
+                .into_par_iter()
+                .fold(
+                    || vec![0f32; co * p],
+                    |mut acc, b| {
+                        add_image(&mut acc, b, Parallelism::None);
+                        acc
+                    },
+                )
+                .reduce_with(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                })
+                .unwrap_or_else(|| vec![0f32; co * p]),
+            Some(par) => {
+                let mut acc = vec![0f32; co * p];
+                (0..g.batch).for_each(|b| add_image(&mut acc, b, par));
+                acc
+            }
+        };
+        Ok((CpuStorage::F32(dw), self.w.clone()))
     }
 }
 
@@ -170,22 +454,10 @@ impl CustomOp1 for Col2Im {
 ///
 /// On the CPU with f32 it runs as im2col + GEMM; elsewhere it is candle's `conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    let (batch, channels, h, wd) = x.dims4()?;
-    let (co, ci, k, k2) = w.dims4()?;
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 || k != k2 || ci != channels {
+    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
         return x.conv2d(w, pad, stride, 1, 1);
     }
-    if h + 2 * pad < k || wd + 2 * pad < k || stride == 0 {
-        candle_core::bail!("conv2d: kernel {k} does not fit input {h}x{wd} with padding {pad}");
-    }
-    let g = Geometry { batch, channels, h, w: wd, k, stride, pad };
-    let cols = if k == 1 && stride == 1 && pad == 0 {
-        x.reshape((batch, channels, h * wd))?
-    } else {
-        x.contiguous()?.apply_op1(Im2Col(g))?
-    };
-    let y = w.reshape((co, ci * k * k))?.broadcast_matmul(&cols)?;
-    y.reshape((batch, co, g.out_h(), g.out_w()))
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { stride, pad })
 }
 
 /// Batch statistics that the fused batch-norm op computes in its forward pass and reuses in

@@ -149,3 +149,23 @@ fn channel_affine_matches_tensor_ops() {
         assert!(rel_l2(&ours, &theirs) <= 1e-6);
     }
 }
+
+/// A detached input or a frozen (detached) weight gets no gradient, and the other argument's
+/// gradient is unchanged by that.
+#[test]
+fn conv2d_gradients_only_for_tracked_arguments() {
+    let x = Var::from_tensor(&random(&[3, 2, 7, 6], 11)).expect("var");
+    let wt = Var::from_tensor(&random(&[4, 2, 3, 3], 12)).expect("var");
+    let proj = random(&[3, 4, 7, 6], 13);
+    let loss = |x: &Tensor, w: &Tensor| {
+        (conv2d(x, w, 1, 1).expect("conv") * &proj).expect("mul").sum_all().expect("sum")
+    };
+    let both = loss(x.as_tensor(), wt.as_tensor()).backward().expect("bwd");
+    let only_w = loss(&x.as_detached_tensor(), wt.as_tensor()).backward().expect("bwd");
+    let only_x = loss(x.as_tensor(), &wt.as_detached_tensor()).backward().expect("bwd");
+    assert!(only_w.get(x.as_tensor()).is_none());
+    assert!(only_x.get(wt.as_tensor()).is_none());
+    let same = |a: Option<&Tensor>, b: Option<&Tensor>| rel_l2(a.expect("grad"), b.expect("grad"));
+    assert_eq!(same(only_w.get(wt.as_tensor()), both.get(wt.as_tensor())), 0.0);
+    assert_eq!(same(only_x.get(x.as_tensor()), both.get(x.as_tensor())), 0.0);
+}
