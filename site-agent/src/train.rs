@@ -9,12 +9,12 @@
 use std::time::Instant;
 
 use candle_core::{DType, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use shared::data::{Dataset, label_slices, slice_stack};
+use shared::model::optim::{AdamW, ParamsAdamW};
 use shared::model::{Net, State, loss};
 
 /// Training hyperparameters; saved beside the weights they produce.

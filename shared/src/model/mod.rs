@@ -19,6 +19,7 @@ mod layers;
 pub mod loss;
 mod net;
 pub mod ops;
+pub mod optim;
 
 pub use config::{LayerKind, LayerSpec, ModelConfig};
 pub use net::{Net, State};

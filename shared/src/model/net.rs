@@ -126,7 +126,7 @@ impl Layer {
         let State { x, residual, mut skips } = s;
         Ok(match self.spec.kind {
             LayerKind::Stem { .. } => {
-                State { x: bn(&self.conv.forward(&x, track)?)?.relu()?, residual, skips }
+                State { x: bn_relu(&self.conv.forward(&x, track)?)?, residual, skips }
             }
             LayerKind::BlockIn { push_skip, .. } => {
                 if push_skip {
@@ -145,7 +145,7 @@ impl Layer {
                     }
                     None => input,
                 };
-                let y = (bn(&self.conv.forward(&x, track)?)? + shortcut)?.relu()?;
+                let y = super::ops::add_relu(&bn(&self.conv.forward(&x, track)?)?, &shortcut)?;
                 State { x: y, residual: None, skips }
             }
             LayerKind::Fuse { .. } => {

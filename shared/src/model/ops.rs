@@ -569,62 +569,105 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, c, h, w) = x.dims4()?;
-        let hw = h * w;
-        let dims = (b, c, hw);
-        let xv = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let mut dy = grad.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        if self.relu {
-            // d relu: the gradient passes where the output is positive.
-            let y = res.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-            dy.par_iter_mut().zip(y.par_iter()).for_each(|(d, &y)| {
-                if y <= 0.0 {
-                    *d = 0.0;
-                }
-            });
-        }
-        let g = gamma.to_vec1::<f32>()?;
+        let c = x.dim(1)?;
         let (mean, inv_std) = {
             let s = self.stats.lock().map_err(|_| candle_core::Error::msg("poisoned stats"))?;
             (s.mean.clone(), s.inv_std.clone())
         };
-        // dbeta = sum dy; dgamma = sum dy * xhat.
-        let dbeta = per_channel(&dy, dims, |_, s| s.iter().map(|&v| v as f64).sum());
-        let dgamma = {
-            let sums: Vec<f64> = (0..c)
-                .into_par_iter()
-                .map(|ch| {
-                    (0..b)
-                        .map(|bi| {
-                            let o = (bi * c + ch) * hw;
-                            xv[o..o + hw]
-                                .iter()
-                                .zip(&dy[o..o + hw])
-                                .map(|(&xv, &d)| ((xv - mean[ch]) * inv_std[ch] * d) as f64)
-                                .sum::<f64>()
-                        })
-                        .sum()
-                })
-                .collect();
-            sums
+        let sums = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), Vec::new())));
+        let op = BatchNormBackward {
+            relu: self.relu,
+            gamma: gamma.to_vec1::<f32>()?,
+            mean,
+            inv_std,
+            sums: sums.clone(),
         };
+        let dx = x.contiguous()?.apply_op3_no_bwd(&res.contiguous()?, &grad.contiguous()?, &op)?;
+        let (dgamma, dbeta) = std::mem::take(
+            &mut *sums.lock().map_err(|_| candle_core::Error::msg("poisoned sums"))?,
+        );
+        let dev = x.device();
+        let dg = Tensor::from_vec(dgamma, c, dev)?;
+        let db = Tensor::from_vec(dbeta, c, dev)?;
+        Ok((Some(dx), Some(dg), Some(db)))
+    }
+}
+
+/// The backward pass of [`BatchNormTrain`] over `(x, y, dy)`, reading the tensors in place:
+/// `dx` is its output, `(dgamma, dbeta)` land in `sums`.
+#[derive(Debug)]
+struct BatchNormBackward {
+    relu: bool,
+    gamma: Vec<f32>,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+    sums: std::sync::Arc<std::sync::Mutex<(Vec<f32>, Vec<f32>)>>,
+}
+
+impl candle_core::CustomOp3 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "fedtune-batchnorm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims = dims_bc_hw(xl)?;
+        let (b, c, hw) = dims;
+        let x = contiguous(xs, xl, "batch norm backward input")?;
+        let y = contiguous(ys, yl, "batch norm backward output")?;
+        let dy = contiguous(gs, gl, "batch norm backward gradient")?;
+        if y.len() != x.len() || dy.len() != x.len() || self.mean.len() != c {
+            candle_core::bail!("batch norm backward: shapes do not match");
+        }
+        // The gradient that reaches the normalised output: dy, masked by ReLU where fused.
+        let relu = self.relu;
+        let g = |i: usize| if relu && y[i] <= 0.0 { 0.0 } else { dy[i] };
+        // dbeta = sum g; dgamma = sum g * xhat, per channel.
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (m, s) = (self.mean[ch], self.inv_std[ch]);
+                let (mut db, mut dg) = (0f64, 0f64);
+                for bi in 0..b {
+                    let o = (bi * c + ch) * hw;
+                    let (mut pb, mut pg) = (0f32, 0f32);
+                    for (i, &xi) in (o..o + hw).zip(&x[o..o + hw]) {
+                        let gi = g(i);
+                        pb += gi;
+                        pg += gi * (xi - m) * s;
+                    }
+                    db += pb as f64;
+                    dg += pg as f64;
+                }
+                (db, dg)
+            })
+            .collect();
         let n = (b * hw) as f32;
-        let mut dx = vec![0f32; xv.len()];
-        dx.par_chunks_mut(hw).enumerate().for_each(|(i, out)| {
-            let ch = i % c;
-            let o = i * hw;
-            let k = g[ch] * inv_std[ch] / n;
-            let (db, dg) = (dbeta[ch] as f32, dgamma[ch] as f32);
-            for ((d, &xv), &gy) in out.iter_mut().zip(&xv[o..o + hw]).zip(&dy[o..o + hw]) {
-                let xhat = (xv - mean[ch]) * inv_std[ch];
-                *d = k * (n * gy - db - xhat * dg);
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(hw).enumerate().for_each(|(plane, out)| {
+            let ch = plane % c;
+            let o = plane * hw;
+            let (m, s) = (self.mean[ch], self.inv_std[ch]);
+            let k = self.gamma[ch] * s / n;
+            let (db, dg) = (sums[ch].0 as f32, sums[ch].1 as f32);
+            for (j, d) in out.iter_mut().enumerate() {
+                let xhat = (x[o + j] - m) * s;
+                *d = k * (n * g(o + j) - db - xhat * dg);
             }
         });
-        let dev = x.device();
-        let dx = Tensor::from_vec(dx, (b, c, h, w), dev)?;
-        let dg = Tensor::from_vec(dgamma.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, dev)?;
-        let db = Tensor::from_vec(dbeta.iter().map(|&v| v as f32).collect::<Vec<_>>(), c, dev)?;
-        Ok((Some(dx), Some(dg), Some(db)))
+        let mut slot = self.sums.lock().map_err(|_| candle_core::Error::msg("poisoned sums"))?;
+        *slot = (
+            sums.iter().map(|&(_, dg)| dg as f32).collect(),
+            sums.iter().map(|&(db, _)| db as f32).collect(),
+        );
+        Ok((CpuStorage::F32(dx), xl.shape().clone()))
     }
 }
 
@@ -696,4 +739,93 @@ pub fn channel_affine(
     }
     let op = ChannelAffine { scale: scale.to_vec1::<f32>()?, shift: shift.to_vec1::<f32>()?, relu };
     Ok(Some(x.contiguous()?.apply_op1_no_bwd(&op)?))
+}
+
+/// `relu(a + b)` for the end of a residual block: one pass forward, one backward (the same
+/// masked gradient for both arguments).
+#[derive(Debug)]
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "fedtune-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a_s: &CpuStorage,
+        al: &Layout,
+        b_s: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        if al.shape() != bl.shape() {
+            candle_core::bail!("add_relu: shapes {:?} and {:?} differ", al.dims(), bl.dims());
+        }
+        let a = contiguous(a_s, al, "add_relu")?;
+        let b = contiguous(b_s, bl, "add_relu")?;
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(1 << 14).zip(a.par_chunks(1 << 14).zip(b.par_chunks(1 << 14))).for_each(
+            |(y, (a, b))| {
+                for ((y, &a), &b) in y.iter_mut().zip(a).zip(b) {
+                    *y = (a + b).max(0.0);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(y), al.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !a.track_op() && !b.track_op() {
+            return Ok((None, None));
+        }
+        let g = grad.contiguous()?.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
+        Ok((a.track_op().then(|| g.clone()), b.track_op().then_some(g)))
+    }
+}
+
+/// `grad` where `y > 0`, else 0: the backward of a ReLU from its output.
+#[derive(Debug)]
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "fedtune-relu-mask"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ys: &CpuStorage,
+        yl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = contiguous(gs, gl, "relu mask")?;
+        let y = contiguous(ys, yl, "relu mask")?;
+        if g.len() != y.len() {
+            candle_core::bail!("relu mask: shapes {:?} and {:?} differ", gl.dims(), yl.dims());
+        }
+        let mut out = vec![0f32; g.len()];
+        out.par_chunks_mut(1 << 14).zip(g.par_chunks(1 << 14).zip(y.par_chunks(1 << 14))).for_each(
+            |(o, (g, y))| {
+                for ((o, &g), &y) in o.iter_mut().zip(g).zip(y) {
+                    *o = if y > 0.0 { g } else { 0.0 };
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), gl.shape().clone()))
+    }
+}
+
+/// `relu(a + b)`, fused on contiguous f32 CPU tensors, candle ops elsewhere.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if !a.device().is_cpu() || a.dtype() != candle_core::DType::F32 || a.shape() != b.shape() {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
 }

@@ -169,3 +169,90 @@ fn conv2d_gradients_only_for_tracked_arguments() {
     assert_eq!(same(only_w.get(wt.as_tensor()), both.get(wt.as_tensor())), 0.0);
     assert_eq!(same(only_x.get(x.as_tensor()), both.get(x.as_tensor())), 0.0);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The fused loss op gives the value and logits gradient of the tensor-op reference.
+    #[test]
+    fn fused_loss_matches_reference(
+        batch in 1usize..4, classes in 1usize..6, h in 1usize..9, w in 1usize..9,
+        dice_weight in prop::sample::select(vec![0.0f64, 1.0, 0.5]), seed in any::<u64>(),
+    ) {
+        use shared::model::loss::{loss, loss_reference};
+        let z = Var::from_tensor(&(random(&[batch, classes, h, w], seed) * 4.0).expect("scale")).expect("var");
+        let labels: Vec<u32> = (0..batch * h * w)
+            .map(|i| ((seed >> (i % 40)) as usize + i * 7) as u32 % classes as u32)
+            .collect();
+        let t = Tensor::from_vec(labels, (batch, h, w), &Device::Cpu).expect("targets");
+        let ours = loss(z.as_tensor(), &t, dice_weight).expect("fused");
+        let theirs = loss_reference(z.as_tensor(), &t, dice_weight).expect("reference");
+        let (a, b) = (ours.to_scalar::<f32>().expect("s"), theirs.to_scalar::<f32>().expect("s"));
+        prop_assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "loss {a} vs {b}");
+        let ga = (ours * 3.0).expect("scale").backward().expect("bwd");
+        let gb = (theirs * 3.0).expect("scale").backward().expect("bwd");
+        let (ga, gb) = (ga.get(z.as_tensor()).expect("grad"), gb.get(z.as_tensor()).expect("grad"));
+        prop_assert!(rel_l2(ga, gb) <= 1e-5, "gradient rel L2 {}", rel_l2(ga, gb));
+    }
+}
+
+#[test]
+fn fused_loss_refuses_labels_outside_the_classes() {
+    let z = random(&[1, 3, 2, 2], 5);
+    let t = Tensor::from_vec(vec![0u32, 1, 2, 3], (1, 2, 2), &Device::Cpu).expect("targets");
+    let err = shared::model::loss::loss(&z, &t, 1.0).expect_err("label 3 of 3 classes");
+    assert!(err.to_string().contains("label 3 is outside"), "{err}");
+}
+
+#[test]
+fn add_relu_matches_tensor_ops() {
+    let a = Var::from_tensor(&random(&[2, 3, 5, 4], 21)).expect("var");
+    let b = Var::from_tensor(&random(&[2, 3, 5, 4], 22)).expect("var");
+    let proj = random(&[2, 3, 5, 4], 23);
+    let ours = shared::model::ops::add_relu(a.as_tensor(), b.as_tensor()).expect("ours");
+    let theirs = (a.as_tensor() + b.as_tensor()).expect("add").relu().expect("relu");
+    assert_eq!(rel_l2(&ours, &theirs), 0.0);
+    let g1 = (ours * &proj).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+    let g2 = (theirs * &proj).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+    for v in [&a, &b] {
+        let (x, y) = (g1.get(v.as_tensor()).expect("grad"), g2.get(v.as_tensor()).expect("grad"));
+        assert!(rel_l2(x, y) <= 1e-7, "gradient rel L2 {}", rel_l2(x, y));
+    }
+}
+
+/// The fused AdamW takes the same steps as candle's (learning rate changes and weight decay
+/// included), and leaves a variable without a gradient alone.
+#[test]
+fn fused_adamw_matches_candle() {
+    use candle_nn::Optimizer;
+    use shared::model::optim::{AdamW, ParamsAdamW};
+    let params = ParamsAdamW { lr: 0.05, weight_decay: 0.01, ..Default::default() };
+    let init = [random(&[4, 3], 31), random(&[7], 32), random(&[2], 33)];
+    let ours: Vec<Var> = init.iter().map(|t| Var::from_tensor(t).expect("var")).collect();
+    let theirs: Vec<Var> = init.iter().map(|t| Var::from_tensor(t).expect("var")).collect();
+    let mut a = AdamW::new(ours.clone(), params.clone()).expect("ours");
+    let mut b = candle_nn::AdamW::new(theirs.clone(), params).expect("candle");
+    // The third variable takes no part in the loss: it gets no gradient.
+    let loss = |v: &[Var]| {
+        let t = random(&[4, 3], 34);
+        let l1 = (v[0].as_tensor() - &t).expect("sub").sqr().expect("sqr").sum_all().expect("sum");
+        let l2 = v[1].as_tensor().sqr().expect("sqr").sum_all().expect("sum");
+        (l1 + (l2 * 3.0).expect("mul")).expect("add")
+    };
+    for step in 0..6 {
+        let lr = 0.05 / (1.0 + step as f64);
+        a.set_learning_rate(lr);
+        b.set_learning_rate(lr);
+        a.backward_step(&loss(&ours)).expect("step");
+        b.backward_step(&loss(&theirs)).expect("step");
+    }
+    for (x, y) in ours.iter().zip(&theirs) {
+        assert!(
+            rel_l2(x.as_tensor(), y.as_tensor()) <= 1e-5,
+            "{}",
+            rel_l2(x.as_tensor(), y.as_tensor())
+        );
+    }
+    assert_eq!(rel_l2(ours[2].as_tensor(), &init[2]), 0.0);
+    assert!(rel_l2(ours[0].as_tensor(), &init[0]) > 0.01, "the parameters moved");
+}
