@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs `site-agent bench` and the PyTorch reference on the same machine and threads, and prints
 # both with the ratios (fedtune / PyTorch). Needs python3 with torch (pip install torch).
-# Usage: bench/cpu.sh [CONFIG BATCH STEPS]...   default: tiny 8 10, small 16 5
+# Each figure is the best of 3 timed epochs after a warm-up epoch, on both sides.
+# Usage: bench/cpu.sh [CONFIG BATCH STEPS]...   default: tiny 8 20, small 16 8
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p site-agent
 threads=${RAYON_NUM_THREADS:-$(nproc)}
-[ $# -gt 0 ] || set -- tiny 8 10 small 16 5
+[ $# -gt 0 ] || set -- tiny 8 20 small 16 8
 echo "machine: $(uname -m), $(nproc) cpus ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), threads $threads, $(date -u +%Y-%m-%d)"
 printf '%-7s %5s %-30s %10s %10s %7s\n' config batch figure fedtune pytorch ratio
 while [ $# -ge 3 ]; do

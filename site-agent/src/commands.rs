@@ -258,6 +258,10 @@ pub struct BenchArgs {
     /// Timed steps per figure.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Timed runs per figure; each figure is the best of them (noise on a shared machine only
+    /// ever slows a run down).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeat: u32,
     #[arg(long)]
     pub trainable_layers: Option<usize>,
     #[arg(long)]
@@ -527,6 +531,7 @@ fn bench_cmd(a: &BenchArgs) -> Result<()> {
         config,
         batch: a.batch,
         steps: a.steps,
+        repeat: a.repeat as usize,
         trainable_layers: a.trainable_layers,
     })?;
     if a.json {

@@ -193,6 +193,11 @@ impl<'a> Mat<'a> {
 }
 
 /// `dst = a @ b` (or `dst += a @ b` with `accumulate`), `dst` row-major `[a.rows, b.cols]`.
+///
+/// `gemm`'s kernels tile the output's rows by 16 (AVX2) or 64 (AVX-512) and its columns by 6,
+/// so with few output rows (a layer's 16 to 64 channels) against many columns (its pixels) most
+/// of each tile is wasted. Then the transposed product `dst^T = b^T @ a^T` is computed instead,
+/// written through `dst`'s transposed strides: same result, full tiles.
 #[allow(unsafe_code)]
 fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, par: Parallelism) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
@@ -200,25 +205,29 @@ fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, par: Parall
     if m == 0 || n == 0 {
         return;
     }
-    // SAFETY: the assertion above checks that every element `gemm` reads through `a` and `b`
-    // (indices `r * rs + c * cs` for r < rows, c < cols) and every element it writes in `dst`
-    // (`r * n + c` for r < m, c < n) is inside the borrowed slices, and `dst` is borrowed
-    // mutably, so it aliases neither input.
+    // (lhs, rhs, rows, cols, dst row stride, dst column stride) of the product gemm computes.
+    let (lhs, rhs, rows, cols, drs, dcs) =
+        if m < n { (b.t(), a.t(), n, m, 1, n) } else { (a, b, m, n, n, 1) };
+    // SAFETY: the assertion above checks that every element `gemm` reads through `lhs` and
+    // `rhs` (indices `r * rs + c * cs` for r < rows, c < cols of each view; transposing a view
+    // swaps both) and every element it writes in `dst` (`i * n + j` for i < m, j < n, which in
+    // the transposed case is `j * drs + i * dcs` with drs = 1, dcs = n) is inside the borrowed
+    // slices, and `dst` is borrowed mutably, so it aliases neither input.
     unsafe {
         gemm::gemm(
-            m,
-            n,
+            rows,
+            cols,
             k,
             dst.as_mut_ptr(),
-            1,
-            n as isize,
+            dcs as isize,
+            drs as isize,
             accumulate,
-            a.data.as_ptr(),
-            a.cs as isize,
-            a.rs as isize,
-            b.data.as_ptr(),
-            b.cs as isize,
-            b.rs as isize,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
             if accumulate { 1.0 } else { 0.0 },
             1.0,
             false,
