@@ -1,12 +1,26 @@
 //! The fedtune coordinator: models, sites, studies, rounds and reports.
 //!
 //! The coordinator is the part of fedtune that runs outside the hospitals: a gRPC server with
-//! its state in sled, and the study lead's command line. Its first job is to carry the local
-//! engine's experiment (see the `site-agent` crate) to many sites; until the federation exists
-//! it has no binary, so that no command pretends to work.
+//! its state in sled, and the study lead's command line.
+//!
+//! # Layout
+//! - [`pki`]: the consortium CA and the bundles it issues (rcgen).
+//! - [`identity`]: the role and name a client certificate carries.
+//! - [`store`]: records in sled; [`rounds`]: the round and task state machine, pure.
+//! - [`service`]: `SiteService` and `AdminService`; [`server`]: configuration, TLS, health,
+//!   reflection and the lease ticker; [`cli`]: the `coordinator` command line.
 //!
 //! # Invariants
 //! The coordinator never receives images, labels, contours, file names or case identifiers:
 //! only metrics keyed by case index, progress, and weights where a site's policy allows.
+//! Identity and role come from the client certificate, never from a request field.
+
+pub mod cli;
+pub mod identity;
+pub mod pki;
+pub mod rounds;
+pub mod server;
+pub mod service;
+pub mod store;
 
 pub use proto::PACKAGE;

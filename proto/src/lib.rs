@@ -1,10 +1,43 @@
-//! The fedtune wire protocol, package `fedtune.v1`.
+//! The fedtune wire protocol, package `fedtune.v1` (`proto/fedtune/v1/fedtune.proto`).
 //!
-//! This crate will hold `proto/fedtune/v1/*.proto` and the tonic/prost code generated from them
-//! (with a pure-Rust proto compiler, so no system `protoc` is needed). The local engine has no
-//! network yet, so nothing is defined here; the crate exists so that the dependency direction
-//! of the workspace (`coordinator` and `site-agent` depend on `proto` and `shared`, never on each
-//! other) is fixed from the start.
+//! The code is generated at build time by `build.rs` with protox, a pure-Rust proto compiler,
+//! so a fresh machine needs no system `protoc`.
+//!
+//! # Layout
+//! - [`pb`]: the messages and the tonic clients and servers of `SiteService` and
+//!   `AdminService`.
+//! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection and for the
+//!   test that checks what the messages can carry.
+//! - [`limits`]: sizes both ends agree on.
 
 /// The protocol package name every message and service lives in.
 pub const PACKAGE: &str = "fedtune.v1";
+
+mod generated {
+    #![allow(clippy::all, clippy::pedantic, unreachable_pub, missing_debug_implementations)]
+    #![allow(rust_2018_idioms)]
+    #[rustfmt::skip]
+    pub mod fedtune_v1 {
+        include!(concat!(env!("OUT_DIR"), "/fedtune.v1.rs"));
+    }
+}
+
+/// The generated messages and services.
+pub mod pb {
+    pub use crate::generated::fedtune_v1::*;
+}
+
+/// The encoded `FileDescriptorSet` of the protocol.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/fedtune_v1_descriptor.bin"));
+
+/// Sizes both ends agree on.
+pub mod limits {
+    /// Largest weights chunk in `ModelChunk` and `PushModelRequest`.
+    pub const CHUNK_BYTES: usize = 1 << 20;
+    /// Largest encoded message either end decodes: a chunk plus its framing, or a result of
+    /// many organs times many cases (a few hundred bytes per case and organ).
+    pub const MAX_MESSAGE_BYTES: usize = 4 << 20;
+    /// Largest model the coordinator accepts.
+    pub const MAX_MODEL_BYTES: u64 = 2 << 30;
+}

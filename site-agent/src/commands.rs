@@ -59,6 +59,30 @@ pub enum Command {
     Experiment(ExperimentArgs),
     /// Training and inference throughput on this machine.
     Bench(BenchArgs),
+    /// Run the agent: dial out to the coordinator and work on its tasks until SIGINT/SIGTERM.
+    Run(RunArgs),
+    /// Every message this agent sent to the coordinator.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// site.toml (README: every field and its default).
+    #[arg(long)]
+    pub config: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// site.toml of the agent whose log to read.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// One JSON object per line, with the encoded message.
+    #[arg(long)]
+    pub json: bool,
+    /// Check the hash chain; exit 1 if an entry was altered or removed.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 #[derive(Debug, Args)]
@@ -281,7 +305,67 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Metrics(a) => metrics_cmd(&a),
         Command::Experiment(a) => experiment_cmd(&a, quiet),
         Command::Bench(a) => bench_cmd(&a),
+        Command::Run(a) => run_cmd(&a),
+        Command::Audit(a) => audit_cmd(&a),
     }
+}
+
+fn run_cmd(a: &RunArgs) -> Result<()> {
+    let cfg = crate::agent::config::SiteConfig::load(&a.config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(crate::agent::run(cfg, shutdown_signal()))?;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn audit_cmd(a: &AuditArgs) -> Result<()> {
+    let cfg = crate::agent::config::SiteConfig::load(&a.config)?;
+    let (entries, source) = crate::agent::audit::AuditLog::read(&cfg.storage.dir)
+        .with_context(|| format!("reading the audit log in {}", cfg.storage.dir.display()))?;
+    if a.verify {
+        let problems = crate::agent::audit::verify(&entries);
+        let n = entries.len();
+        if problems.is_empty() {
+            out(&format!("audit log intact: {n} entries from the {source}, hash chain verified"));
+            return Ok(());
+        }
+        for p in &problems {
+            out(p);
+        }
+        bail!("the audit log was altered: {} problems in {n} entries", problems.len());
+    }
+    for e in entries {
+        if a.json {
+            out(&serde_json::to_string(&e)?);
+        } else {
+            let t = e.time_ms as f64 / 1000.0;
+            out(&format!(
+                "{:>6} {t:>16.3} {:<40} {:>8} bytes  sha256 {}",
+                e.seq, e.rpc, e.bytes, e.sha256
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[allow(clippy::print_stdout)]

@@ -12,6 +12,7 @@
 //! Training is synchronous, CPU-bound code; async callers run it on a blocking thread.
 //! Case identifiers and file names stay in this process: results are keyed by case index.
 
+pub mod agent;
 pub mod bench;
 pub mod commands;
 pub mod evaluate;

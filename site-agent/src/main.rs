@@ -49,6 +49,8 @@ fn main() -> ExitCode {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    // One crypto provider for every TLS connection of the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     match site_agent::commands::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

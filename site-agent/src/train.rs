@@ -61,6 +61,8 @@ pub enum TrainError {
     Options(String),
     #[error("the loss became {0} at epoch {1}; lower the learning rate")]
     Diverged(f64, usize),
+    #[error("training stopped on request")]
+    Stopped,
 }
 
 pub type TrainResult<T> = Result<T, TrainError>;
@@ -180,6 +182,19 @@ pub fn train(
     opts: &TrainOptions,
     on_event: &mut dyn FnMut(&TrainEvent),
 ) -> TrainResult<TrainReport> {
+    train_until(net, k, data, opts, on_event, &|| false)
+}
+
+/// [`train`] that stops with [`TrainError::Stopped`] after the first optimizer step at which
+/// `stop()` is true (a site agent shutting down finishes its step, then releases the task).
+pub fn train_until(
+    net: &Net,
+    k: usize,
+    data: &SliceSet,
+    opts: &TrainOptions,
+    on_event: &mut dyn FnMut(&TrainEvent),
+    stop: &dyn Fn() -> bool,
+) -> TrainResult<TrainReport> {
     if opts.batch_size < 2 {
         return Err(TrainError::Options(format!(
             "batch_size = {} is below 2; batch norm needs at least two slices",
@@ -253,6 +268,9 @@ pub fn train(
             sum += lv;
             step_no += 1;
             on_event(&TrainEvent::Step { epoch, step, steps_per_epoch, loss: lv });
+            if stop() {
+                return Err(TrainError::Stopped);
+            }
         }
         let mean_loss = sum / batches.len() as f64;
         tracing::debug!(epoch, mean_loss, "epoch done");

@@ -1,0 +1,713 @@
+//! The `coordinator` command line: `serve`, the PKI commands, and the study lead's commands,
+//! which talk to a running coordinator over gRPC with an admin bundle.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use proto::limits;
+use proto::pb::{self, admin_service_client::AdminServiceClient};
+use sha2::{Digest, Sha256};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::identity::Role;
+use crate::pki::{LEAF_DAYS, Pki};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coordinator",
+    version,
+    about = "The fedtune coordinator and the study lead's command line"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// More log detail (-v: debug, -vv: trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator server.
+    Serve {
+        /// coordinator.toml (see README for every field and its default).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The consortium's certificate authority.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Weights models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Sites.
+    #[command(subcommand)]
+    Site(SiteCommand),
+    /// Studies: a base model and the sites enrolled.
+    #[command(subcommand)]
+    Study(StudyCommand),
+    /// Rounds: one task per site of a study.
+    #[command(subcommand)]
+    Round(RoundCommand),
+    /// Per-site, per-organ scores of a round.
+    Results {
+        round: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PkiCommand {
+    /// Make a new CA and the coordinator's server bundle in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or IP addresses agents dial the coordinator by (repeatable).
+        #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+    },
+    /// Issue a site bundle (DIR/sites/NAME) to hand over out of band.
+    IssueSite {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = LEAF_DAYS)]
+        days: i64,
+    },
+    /// Issue an admin bundle (DIR/admins/NAME).
+    IssueAdmin {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = LEAF_DAYS)]
+        days: i64,
+    },
+    /// Revoke a bundle: its certificate goes on DIR/revoked.txt, which the server re-reads.
+    Revoke {
+        name: String,
+        #[arg(long)]
+        dir: PathBuf,
+        /// Revoke an admin bundle instead of a site bundle.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+/// How the study lead's commands reach the coordinator.
+#[derive(Debug, Args)]
+pub struct Conn {
+    /// The coordinator's address.
+    #[arg(long, env = "FEDTUNE_COORDINATOR", default_value = "https://127.0.0.1:7443")]
+    pub coordinator: String,
+    /// An admin bundle folder (cert.pem, key.pem, ca.pem) from `pki issue-admin`.
+    #[arg(long, env = "FEDTUNE_ADMIN_BUNDLE")]
+    pub bundle: PathBuf,
+    /// The name in the coordinator's certificate to expect.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Upload a weights file.
+    Push {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SiteCommand {
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Let a site receive tasks.
+    Approve {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Refuse a site's every call from now on.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StudyCommand {
+    Create {
+        name: String,
+        /// The base model's name or sha256.
+        #[arg(long)]
+        base: String,
+        /// Comma-separated site names.
+        #[arg(long, value_delimiter = ',', required = true)]
+        sites: Vec<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TaskArg {
+    Evaluate,
+    Finetune,
+    Train,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RoundCommand {
+    /// Start a round: one task per site of the study.
+    Start {
+        study: String,
+        #[arg(long, value_enum)]
+        task: TaskArg,
+        /// Layers to fine-tune (finetune).
+        #[arg(long)]
+        trainable_layers: Option<u32>,
+        #[arg(long)]
+        epochs: Option<u32>,
+        #[arg(long)]
+        batch_size: Option<u32>,
+        #[arg(long)]
+        lr: Option<f64>,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Model config for `train` (default: the base model's).
+        #[arg(long)]
+        config: Option<String>,
+        /// Sites that must succeed (default: all).
+        #[arg(long)]
+        quorum: Option<u32>,
+        #[arg(long)]
+        deadline_seconds: Option<u32>,
+        #[arg(long)]
+        max_attempts: Option<u32>,
+        /// Follow the round until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Status {
+        round: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Per-site progress bars until the round ends.
+    Watch {
+        round: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    Cancel {
+        round: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+/// Prints a line of command output on stdout.
+fn out(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
+}
+
+/// Connects to the coordinator with an admin bundle.
+pub async fn connect(conn: &Conn) -> Result<AdminServiceClient<Channel>> {
+    let read = |f: &str| {
+        let p = conn.bundle.join(f);
+        std::fs::read(&p).with_context(|| format!("reading {} of the admin bundle", p.display()))
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+        .identity(Identity::from_pem(read("cert.pem")?, read("key.pem")?))
+        .domain_name(conn.server_name.clone());
+    let channel = Channel::from_shared(conn.coordinator.clone())
+        .with_context(|| format!("coordinator address {}", conn.coordinator))?
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", conn.coordinator))?;
+    Ok(AdminServiceClient::new(channel)
+        .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(limits::MAX_MESSAGE_BYTES))
+}
+
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+/// Uploads a weights file with a progress bar; returns what the coordinator stored.
+pub async fn push_model(
+    client: &mut AdminServiceClient<Channel>,
+    file: &Path,
+    name: &str,
+    progress: bool,
+) -> Result<pb::ModelInfo> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let bar = if progress {
+        indicatif::ProgressBar::new(bytes.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
+            .expect("valid template"),
+    );
+    bar.set_message(format!("uploading {name}"));
+    let header = pb::PushModelRequest {
+        part: Some(pb::push_model_request::Part::Header(pb::ModelRef {
+            sha256,
+            size: bytes.len() as u64,
+            name: name.into(),
+        })),
+    };
+    let chunks: Vec<pb::PushModelRequest> = bytes
+        .chunks(limits::CHUNK_BYTES)
+        .map(|c| pb::PushModelRequest {
+            part: Some(pb::push_model_request::Part::Chunk(c.to_vec())),
+        })
+        .collect();
+    let b = bar.clone();
+    let stream =
+        tokio_stream::iter(std::iter::once(header).chain(chunks.into_iter().inspect(move |c| {
+            if let Some(pb::push_model_request::Part::Chunk(d)) = &c.part {
+                b.inc(d.len() as u64);
+            }
+        })));
+    let info = client.push_model(stream).await.map_err(status)?.into_inner();
+    bar.finish_and_clear();
+    Ok(info)
+}
+
+fn task_state(s: i32) -> &'static str {
+    match pb::TaskState::try_from(s).unwrap_or(pb::TaskState::Unspecified) {
+        pb::TaskState::Pending => "pending",
+        pb::TaskState::Leased => "running",
+        pb::TaskState::Succeeded => "succeeded",
+        pb::TaskState::Failed => "failed",
+        pb::TaskState::Refused => "refused",
+        pb::TaskState::Cancelled => "cancelled",
+        pb::TaskState::Unspecified => "?",
+    }
+}
+
+pub fn round_state(s: i32) -> &'static str {
+    match pb::RoundState::try_from(s).unwrap_or(pb::RoundState::Unspecified) {
+        pb::RoundState::Running => "running",
+        pb::RoundState::Completed => "completed",
+        pb::RoundState::Failed => "failed",
+        pb::RoundState::Cancelled => "cancelled",
+        pb::RoundState::Unspecified => "?",
+    }
+}
+
+fn print_round(r: &pb::RoundInfo) {
+    let reason = if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) };
+    out(&format!("round {} of study {}: {}{reason}", r.round_id, r.study, round_state(r.state)));
+    for t in &r.tasks {
+        let progress = t
+            .progress
+            .as_ref()
+            .filter(|_| t.state == pb::TaskState::Leased as i32)
+            .map(|p| {
+                format!(
+                    " {} {:.0}% epoch {}/{} loss {:.3}",
+                    p.phase,
+                    p.fraction * 100.0,
+                    p.epoch,
+                    p.epochs,
+                    p.loss
+                )
+            })
+            .unwrap_or_default();
+        let reason = if t.reason.is_empty() { String::new() } else { format!(" ({})", t.reason) };
+        out(&format!(
+            "  {:<16} {:<10} attempt {}{progress}{reason}",
+            t.site,
+            task_state(t.state),
+            t.attempt
+        ));
+    }
+}
+
+/// Follows a round with one progress bar per site until it ends.
+pub async fn watch(client: &mut AdminServiceClient<Channel>, round: &str) -> Result<pb::RoundInfo> {
+    let mut stream = client
+        .watch_round(pb::RoundRequest { round_id: round.into() })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let multi = indicatif::MultiProgress::new();
+    let style = indicatif::ProgressStyle::with_template("{prefix:<16} [{bar:30}] {msg}")
+        .expect("valid template");
+    let mut bars: std::collections::BTreeMap<String, indicatif::ProgressBar> = Default::default();
+    let mut last = None;
+    while let Some(info) = stream.message().await.map_err(status)? {
+        for t in &info.tasks {
+            let bar = bars.entry(t.site.clone()).or_insert_with(|| {
+                let b = multi.add(indicatif::ProgressBar::new(1000));
+                b.set_style(style.clone());
+                b.set_prefix(t.site.clone());
+                b
+            });
+            let (pos, msg) = match (&t.progress, task_state(t.state)) {
+                (_, "succeeded") => (1000, "succeeded".to_string()),
+                (Some(p), "running") => (
+                    (p.fraction.clamp(0.0, 1.0) * 1000.0) as u64,
+                    format!("{} epoch {}/{} loss {:.3}", p.phase, p.epoch, p.epochs, p.loss),
+                ),
+                (_, s) => (bar.position(), format!("{s} {}", t.reason)),
+            };
+            bar.set_position(pos);
+            bar.set_message(msg);
+        }
+        last = Some(info);
+    }
+    for b in bars.values() {
+        b.finish();
+    }
+    last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch without a state"))
+}
+
+/// Mean and SD of a slice (SD with n - 1).
+fn mean_sd(v: &[f64]) -> (f64, f64) {
+    shared::metrics::stats::summary(v)
+        .map(|s| (s.mean, s.sd.unwrap_or(0.0)))
+        .unwrap_or((f64::NAN, 0.0))
+}
+
+pub fn results_json(r: &pb::RoundResults) -> serde_json::Value {
+    let round = r.round.as_ref();
+    serde_json::json!({
+        "round": round.map(|r| r.round_id.clone()),
+        "study": round.map(|r| r.study.clone()),
+        "state": round.map(|r| round_state(r.state)),
+        "sites": r.results.iter().map(|s| {
+            let res = s.result.clone().unwrap_or_default();
+            serde_json::json!({
+                "site": s.site,
+                "device": res.device,
+                "train_seconds": res.train_seconds,
+                "cache_seconds": res.cache_seconds,
+                "eval_seconds": res.eval_seconds,
+                "epoch_losses": res.epoch_losses,
+                "weights_sha256": res.weights_sha256,
+                "organs": res.organs.iter().map(|o| serde_json::json!({
+                    "organ": o.organ,
+                    "cases": o.cases.iter().map(|c| serde_json::json!({
+                        "case_index": c.case_index, "dice": c.dice, "hd95_mm": c.hd95_mm,
+                    })).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })
+        }).collect::<Vec<_>>(),
+    })
+}
+
+fn print_results(r: &pb::RoundResults) {
+    if let Some(round) = &r.round {
+        out(&format!(
+            "round {} of study {}: {}",
+            round.round_id,
+            round.study,
+            round_state(round.state)
+        ));
+    }
+    for s in &r.results {
+        let Some(res) = &s.result else { continue };
+        out(&format!(
+            "site {} ({}; training {:.1} s, evaluation {:.1} s)",
+            s.site, res.device, res.train_seconds, res.eval_seconds
+        ));
+        out(&format!("  {:<18} {:>15} {:>12} {:>4}", "organ", "Dice mean ± SD", "HD95 mm", "n"));
+        for o in &res.organs {
+            let dice: Vec<f64> = o.cases.iter().map(|c| c.dice).collect();
+            let hd: Vec<f64> = o.cases.iter().filter_map(|c| c.hd95_mm).collect();
+            let (m, sd) = mean_sd(&dice);
+            let hd = if hd.is_empty() { "-".to_string() } else { format!("{:.1}", mean_sd(&hd).0) };
+            out(&format!("  {:<18} {:>7.3} ± {:.3} {:>12} {:>4}", o.organ, m, sd, hd, dice.len()));
+        }
+    }
+}
+
+/// Runs a parsed command (`serve` is the binary's: it owns signals and the listener).
+pub async fn run_admin(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { .. } => unreachable!("serve is handled by main"),
+        Command::Pki(p) => pki(p),
+        Command::Model(ModelCommand::Push { file, name, conn }) => {
+            let mut c = connect(&conn).await?;
+            let info = push_model(&mut c, &file, &name, true).await?;
+            let m = info.model.unwrap_or_default();
+            out(&format!(
+                "stored model {} ({} bytes, sha256 {}, config {}, {} layers)",
+                m.name, m.size, m.sha256, info.config, info.layers
+            ));
+            Ok(())
+        }
+        Command::Model(ModelCommand::List { conn }) => {
+            let models = connect(&conn)
+                .await?
+                .list_models(pb::ListModelsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for info in models.models {
+                let m = info.model.unwrap_or_default();
+                out(&format!(
+                    "{:<20} {} {:>10} bytes  {} ({} layers)",
+                    m.name, m.sha256, m.size, info.config, info.layers
+                ));
+            }
+            Ok(())
+        }
+        Command::Site(SiteCommand::List { conn }) => {
+            let sites = connect(&conn)
+                .await?
+                .list_sites(pb::ListSitesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            let now = crate::service::now_s();
+            for s in sites.sites {
+                let state = if s.revoked {
+                    "revoked"
+                } else if s.approved {
+                    "approved"
+                } else {
+                    "waiting for approval"
+                };
+                let days = (s.certificate_not_after_unix - now) / 86_400;
+                let cert = if s.certificate_not_after_unix == 0 {
+                    String::new()
+                } else if days < 30 {
+                    format!("  WARNING: certificate expires in {days} days")
+                } else {
+                    format!("  certificate valid {days} more days")
+                };
+                let data = s
+                    .dataset
+                    .map(|d| {
+                        format!(
+                            "  {} train / {} test cases, {} organs",
+                            d.train_cases,
+                            d.test_cases,
+                            d.organs.len()
+                        )
+                    })
+                    .unwrap_or_default();
+                out(&format!("{:<16} {state}{data}{cert}", s.name));
+            }
+            Ok(())
+        }
+        Command::Site(SiteCommand::Approve { name, conn }) => {
+            let s = connect(&conn)
+                .await?
+                .approve_site(pb::SiteRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out(&format!("site {} approved", s.name));
+            Ok(())
+        }
+        Command::Site(SiteCommand::Revoke { name, conn }) => {
+            let s = connect(&conn)
+                .await?
+                .revoke_site(pb::SiteRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out(&format!("site {} revoked", s.name));
+            Ok(())
+        }
+        Command::Study(StudyCommand::Create { name, base, sites, conn }) => {
+            let s = connect(&conn)
+                .await?
+                .create_study(pb::CreateStudyRequest { name, base_model: base, sites })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out(&format!(
+                "study {} on base model {} with sites {}",
+                s.name,
+                s.base.map(|b| b.name).unwrap_or_default(),
+                s.sites.join(",")
+            ));
+            Ok(())
+        }
+        Command::Study(StudyCommand::List { conn }) => {
+            let studies = connect(&conn)
+                .await?
+                .list_studies(pb::ListStudiesRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for s in studies.studies {
+                out(&format!(
+                    "{:<20} base {:<16} sites {}",
+                    s.name,
+                    s.base.map(|b| b.name).unwrap_or_default(),
+                    s.sites.join(",")
+                ));
+            }
+            Ok(())
+        }
+        Command::Round(RoundCommand::Start {
+            study,
+            task,
+            trainable_layers,
+            epochs,
+            batch_size,
+            lr,
+            seed,
+            config,
+            quorum,
+            deadline_seconds,
+            max_attempts,
+            watch: follow,
+            conn,
+        }) => {
+            let kind = match task {
+                TaskArg::Evaluate => pb::TaskKind::Evaluate,
+                TaskArg::Finetune => pb::TaskKind::Finetune,
+                TaskArg::Train => pb::TaskKind::Train,
+            };
+            if matches!(task, TaskArg::Finetune) && trainable_layers.is_none() {
+                bail!("--task finetune needs --trainable-layers K");
+            }
+            let spec = pb::TaskSpec {
+                kind: kind as i32,
+                trainable_layers: trainable_layers.unwrap_or(0),
+                epochs: epochs.unwrap_or(0),
+                batch_size: batch_size.unwrap_or(0),
+                learning_rate: lr.unwrap_or(0.0),
+                seed: seed.unwrap_or(0),
+                config: config.unwrap_or_default(),
+            };
+            let mut c = connect(&conn).await?;
+            let r = c
+                .start_round(pb::StartRoundRequest {
+                    study,
+                    spec: Some(spec),
+                    quorum: quorum.unwrap_or(0),
+                    deadline_seconds: deadline_seconds.unwrap_or(0),
+                    max_attempts: max_attempts.unwrap_or(0),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            out(&format!("round {} started", r.round_id));
+            if follow {
+                let r = watch(&mut c, &r.round_id).await?;
+                print_round(&r);
+            }
+            Ok(())
+        }
+        Command::Round(RoundCommand::Status { round, conn }) => {
+            let r = connect(&conn)
+                .await?
+                .get_round(pb::RoundRequest { round_id: round })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_round(&r);
+            Ok(())
+        }
+        Command::Round(RoundCommand::Watch { round, conn }) => {
+            let r = watch(&mut connect(&conn).await?, &round).await?;
+            print_round(&r);
+            Ok(())
+        }
+        Command::Round(RoundCommand::Cancel { round, conn }) => {
+            let r = connect(&conn)
+                .await?
+                .cancel_round(pb::RoundRequest { round_id: round })
+                .await
+                .map_err(status)?
+                .into_inner();
+            print_round(&r);
+            Ok(())
+        }
+        Command::Results { round, json, conn } => {
+            let r = connect(&conn)
+                .await?
+                .get_results(pb::RoundRequest { round_id: round })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                out(&serde_json::to_string_pretty(&results_json(&r))?);
+            } else {
+                print_results(&r);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn pki(p: PkiCommand) -> Result<()> {
+    match p {
+        PkiCommand::Init { dir, server_names } => {
+            let pki = Pki::init(&dir, &server_names)?;
+            out(&format!("CA: {}", pki.ca_cert_path().display()));
+            out(&format!(
+                "server bundle ({}): {}",
+                server_names.join(", "),
+                pki.server_dir().display()
+            ));
+            out("keep ca.key offline when you can; it signs every bundle");
+        }
+        PkiCommand::IssueSite { name, dir, days } => {
+            let path = Pki::open(&dir)?.issue(Role::Site, &name, days)?;
+            out(&format!(
+                "site bundle for {name}: {} (hand it to the site's IT out of band)",
+                path.display()
+            ));
+        }
+        PkiCommand::IssueAdmin { name, dir, days } => {
+            let path = Pki::open(&dir)?.issue(Role::Admin, &name, days)?;
+            out(&format!("admin bundle for {name}: {}", path.display()));
+        }
+        PkiCommand::Revoke { name, dir, admin } => {
+            let role = if admin { Role::Admin } else { Role::Site };
+            let pki = Pki::open(&dir)?;
+            let fp = pki.revoke(role, &name)?;
+            out(&format!(
+                "revoked {role} {name} (certificate sha256 {fp}); listed in {}",
+                pki.revocation_list_path().display()
+            ));
+        }
+    }
+    Ok(())
+}

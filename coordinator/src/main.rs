@@ -1,0 +1,88 @@
+//! `coordinator`: parses flags, sets up logging and TLS, and runs the server or a command.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use coordinator::cli::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            // Usage errors exit 64 (EX_USAGE); --help and --version exit 0.
+            return if usage { ExitCode::from(64) } else { ExitCode::SUCCESS };
+        }
+    };
+    let level = match cli.verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    // One crypto provider for every TLS connection of the process.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Serve { config } => serve(&config).await,
+            other => coordinator::cli::run_admin(other).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(config: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = coordinator::server::ServerConfig::load(config)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("listening on {} (listen in {})", cfg.listen, config.display()))?;
+    // Tests and scripts read the bound address (port 0 picks a free one) from this line.
+    println!("listening on {}", listener.local_addr()?);
+    tracing::info!(data_dir = %cfg.data_dir.display(), "coordinator starting");
+    coordinator::server::serve(cfg, listener, shutdown_signal()).await?;
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

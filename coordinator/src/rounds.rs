@@ -1,0 +1,124 @@
+//! The round and task state machine as pure functions over records, tested without I/O.
+
+use crate::store::{RoundRecord, RoundState, TaskRecord, TaskState};
+
+/// Returns an expired lease to Pending, or fails the task once `max_attempts` leases expired.
+/// Returns whether the task changed.
+pub fn expire_lease(task: &mut TaskRecord, now_ms: i64, max_attempts: u32) -> bool {
+    let TaskState::Leased { deadline_ms } = task.state else { return false };
+    if deadline_ms > now_ms {
+        return false;
+    }
+    task.state = if task.attempt >= max_attempts {
+        // Out of attempts: the site kept taking the task and going silent.
+        TaskState::Failed { reason: format!("lease expired {} times", task.attempt) }
+    } else {
+        // Back in the queue for the site's next poll.
+        TaskState::Pending
+    };
+    true
+}
+
+/// Fails every unfinished task once the round's deadline has passed. Returns whether any
+/// task changed.
+pub fn apply_deadline(round: &RoundRecord, tasks: &mut [TaskRecord], now_s: i64) -> bool {
+    if round.state != RoundState::Running || now_s < round.deadline {
+        return false;
+    }
+    let mut changed = false;
+    for t in tasks.iter_mut().filter(|t| !t.state.is_final()) {
+        t.state = TaskState::Failed { reason: "round deadline passed".into() };
+        changed = true;
+    }
+    changed
+}
+
+/// Settles a running round once every task is final: Completed when at least `quorum` tasks
+/// succeeded, Failed otherwise. Returns whether the round changed.
+pub fn settle(round: &mut RoundRecord, tasks: &[TaskRecord]) -> bool {
+    if round.state != RoundState::Running || !tasks.iter().all(|t| t.state.is_final()) {
+        return false;
+    }
+    let succeeded = tasks.iter().filter(|t| t.state == TaskState::Succeeded).count() as u32;
+    round.state = if succeeded >= round.quorum {
+        RoundState::Completed
+    } else {
+        RoundState::Failed {
+            reason: format!(
+                "{succeeded} of {} sites succeeded; the quorum is {}",
+                tasks.len(),
+                round.quorum
+            ),
+        }
+    };
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(state: TaskState, attempt: u32) -> TaskRecord {
+        TaskRecord {
+            id: "t".into(),
+            round_id: "r".into(),
+            site: "s".into(),
+            state,
+            attempt,
+            progress: Vec::new(),
+        }
+    }
+
+    fn round(quorum: u32, deadline: i64) -> RoundRecord {
+        RoundRecord {
+            id: "r".into(),
+            study: "st".into(),
+            spec: Vec::new(),
+            base_sha256: None,
+            quorum,
+            max_attempts: 3,
+            created: 0,
+            deadline,
+            state: RoundState::Running,
+            tasks: vec!["t".into()],
+        }
+    }
+
+    #[test]
+    fn leases_expire_back_to_pending_then_fail() {
+        let mut t = task(TaskState::Leased { deadline_ms: 100 }, 1);
+        assert!(!expire_lease(&mut t, 99, 3));
+        assert!(expire_lease(&mut t, 100, 3));
+        assert_eq!(t.state, TaskState::Pending);
+        let mut t = task(TaskState::Leased { deadline_ms: 100 }, 3);
+        assert!(expire_lease(&mut t, 200, 3));
+        assert!(matches!(t.state, TaskState::Failed { .. }));
+        let mut t = task(TaskState::Succeeded, 1);
+        assert!(!expire_lease(&mut t, 200, 3));
+    }
+
+    #[test]
+    fn rounds_settle_by_quorum_once_all_tasks_are_final() {
+        let mut r = round(2, 1000);
+        let mut tasks = vec![task(TaskState::Succeeded, 1), task(TaskState::Pending, 0)];
+        assert!(!settle(&mut r, &tasks));
+        tasks[1].state = TaskState::Failed { reason: "x".into() };
+        assert!(settle(&mut r, &tasks));
+        assert!(matches!(r.state, RoundState::Failed { .. }));
+        let mut r = round(1, 1000);
+        assert!(settle(&mut r, &tasks));
+        assert_eq!(r.state, RoundState::Completed);
+        assert!(!settle(&mut r, &tasks), "a settled round stays settled");
+    }
+
+    #[test]
+    fn the_deadline_fails_unfinished_tasks() {
+        let r = round(1, 1000);
+        let mut tasks =
+            vec![task(TaskState::Succeeded, 1), task(TaskState::Leased { deadline_ms: 5 }, 1)];
+        assert!(!apply_deadline(&r, &mut tasks, 999));
+        assert!(apply_deadline(&r, &mut tasks, 1000));
+        assert_eq!(tasks[0].state, TaskState::Succeeded);
+        assert!(matches!(tasks[1].state, TaskState::Failed { .. }));
+    }
+}

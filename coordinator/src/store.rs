@@ -1,0 +1,297 @@
+//! The coordinator's state in sled: sites, models, studies, rounds, tasks and results.
+//!
+//! Records are JSON in one tree per noun; protocol sub-messages (task specs, capabilities,
+//! results) are kept as their protobuf bytes. Every change that spans trees (a task and its
+//! round and its result) is one sled transaction, and callers flush before they answer.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use sled::Transactional;
+use sled::transaction::{ConflictableTransactionError, TransactionError};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("stored {tree} record {key} is unreadable ({error}); the data dir may be damaged")]
+    Corrupt { tree: &'static str, key: String, error: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A site as the coordinator knows it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub name: String,
+    pub approved: bool,
+    pub revoked: bool,
+    /// Fingerprints of certificates revoked through the admin API.
+    #[serde(default)]
+    pub revoked_fingerprints: Vec<String>,
+    pub last_seen: i64,
+    pub cert_not_after: i64,
+    /// `pb::Capabilities` and `pb::DatasetSummary` bytes from the last Hello.
+    pub capabilities: Vec<u8>,
+    pub dataset: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub sha256: String,
+    pub size: u64,
+    pub name: String,
+    pub created: i64,
+    pub config: String,
+    pub layers: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StudyRecord {
+    pub name: String,
+    pub base_sha256: String,
+    pub sites: Vec<String>,
+    pub created: i64,
+}
+
+/// Round lifecycle: Running -> Completed | Failed | Cancelled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoundState {
+    Running,
+    Completed,
+    Failed { reason: String },
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundRecord {
+    pub id: String,
+    pub study: String,
+    /// `pb::TaskSpec` bytes.
+    pub spec: Vec<u8>,
+    pub base_sha256: Option<String>,
+    pub quorum: u32,
+    pub max_attempts: u32,
+    pub created: i64,
+    /// Unix seconds.
+    pub deadline: i64,
+    pub state: RoundState,
+    pub tasks: Vec<String>,
+}
+
+/// Task lifecycle: Pending -> Leased -> Succeeded | Failed | Refused; Cancelled with its
+/// round; an expired lease returns to Pending while attempts remain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    Pending,
+    /// `deadline_ms`: Unix milliseconds when the lease ends unless renewed.
+    Leased {
+        deadline_ms: i64,
+    },
+    Succeeded,
+    Failed {
+        reason: String,
+    },
+    Refused {
+        reason: String,
+    },
+    Cancelled,
+}
+
+impl TaskState {
+    pub fn is_final(&self) -> bool {
+        !matches!(self, TaskState::Pending | TaskState::Leased { .. })
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: String,
+    pub round_id: String,
+    pub site: String,
+    pub state: TaskState,
+    /// Leases handed out so far; the current lease's number.
+    pub attempt: u32,
+    /// `pb::Progress` bytes from the last heartbeat.
+    #[serde(default)]
+    pub progress: Vec<u8>,
+}
+
+/// The database and its trees.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: sled::Db,
+    sites: sled::Tree,
+    models: sled::Tree,
+    model_names: sled::Tree,
+    studies: sled::Tree,
+    rounds: sled::Tree,
+    tasks: sled::Tree,
+    results: sled::Tree,
+}
+
+fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> StoreResult<T> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        tree,
+        key: String::from_utf8_lossy(key).into_owned(),
+        error: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
+impl Store {
+    pub fn open(path: &std::path::Path) -> StoreResult<Self> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Self {
+            sites: db.open_tree("sites")?,
+            models: db.open_tree("models")?,
+            model_names: db.open_tree("model_names")?,
+            studies: db.open_tree("studies")?,
+            rounds: db.open_tree("rounds")?,
+            tasks: db.open_tree("tasks")?,
+            results: db.open_tree("results")?,
+            db,
+        })
+    }
+
+    /// Makes every change so far durable.
+    pub async fn flush(&self) -> StoreResult<()> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn get<T: DeserializeOwned>(
+        tree: &sled::Tree,
+        name: &'static str,
+        key: &str,
+    ) -> StoreResult<Option<T>> {
+        tree.get(key)?.map(|v| decode(name, key.as_bytes(), &v)).transpose()
+    }
+
+    fn all<T: DeserializeOwned>(tree: &sled::Tree, name: &'static str) -> StoreResult<Vec<T>> {
+        tree.iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                decode(name, &k, &v)
+            })
+            .collect()
+    }
+
+    // === sites ===
+
+    pub fn site(&self, name: &str) -> StoreResult<Option<SiteRecord>> {
+        Self::get(&self.sites, "sites", name)
+    }
+    pub fn sites(&self) -> StoreResult<Vec<SiteRecord>> {
+        Self::all(&self.sites, "sites")
+    }
+    pub fn put_site(&self, site: &SiteRecord) -> StoreResult<()> {
+        self.sites.insert(&site.name, encode(site))?;
+        Ok(())
+    }
+
+    // === models ===
+
+    pub fn model(&self, sha256: &str) -> StoreResult<Option<ModelRecord>> {
+        Self::get(&self.models, "models", sha256)
+    }
+    /// A model by name or by sha256.
+    pub fn model_by_ref(&self, name_or_sha: &str) -> StoreResult<Option<ModelRecord>> {
+        if let Some(m) = self.model(name_or_sha)? {
+            return Ok(Some(m));
+        }
+        match self.model_names.get(name_or_sha)? {
+            Some(sha) => self.model(&String::from_utf8_lossy(&sha)),
+            None => Ok(None),
+        }
+    }
+    pub fn models(&self) -> StoreResult<Vec<ModelRecord>> {
+        Self::all(&self.models, "models")
+    }
+    pub fn put_model(&self, m: &ModelRecord) -> StoreResult<()> {
+        (&self.models, &self.model_names)
+            .transaction(|(models, names)| {
+                models.insert(m.sha256.as_bytes(), encode(m))?;
+                names.insert(m.name.as_bytes(), m.sha256.as_bytes())?;
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)
+    }
+
+    // === studies ===
+
+    pub fn study(&self, name: &str) -> StoreResult<Option<StudyRecord>> {
+        Self::get(&self.studies, "studies", name)
+    }
+    pub fn studies(&self) -> StoreResult<Vec<StudyRecord>> {
+        Self::all(&self.studies, "studies")
+    }
+    pub fn put_study(&self, s: &StudyRecord) -> StoreResult<()> {
+        self.studies.insert(&s.name, encode(s))?;
+        Ok(())
+    }
+
+    // === rounds and tasks ===
+
+    pub fn round(&self, id: &str) -> StoreResult<Option<RoundRecord>> {
+        Self::get(&self.rounds, "rounds", id)
+    }
+    pub fn rounds(&self) -> StoreResult<Vec<RoundRecord>> {
+        Self::all(&self.rounds, "rounds")
+    }
+    pub fn task(&self, id: &str) -> StoreResult<Option<TaskRecord>> {
+        Self::get(&self.tasks, "tasks", id)
+    }
+    pub fn tasks(&self) -> StoreResult<Vec<TaskRecord>> {
+        Self::all(&self.tasks, "tasks")
+    }
+    pub fn round_tasks(&self, round: &RoundRecord) -> StoreResult<Vec<TaskRecord>> {
+        round
+            .tasks
+            .iter()
+            .map(|id| {
+                self.task(id)?.ok_or_else(|| StoreError::Corrupt {
+                    tree: "tasks",
+                    key: id.clone(),
+                    error: format!("task of round {} is missing", round.id),
+                })
+            })
+            .collect()
+    }
+    /// `pb::TaskResult` bytes of a succeeded task.
+    pub fn result(&self, task_id: &str) -> StoreResult<Option<Vec<u8>>> {
+        Ok(self.results.get(task_id)?.map(|v| v.to_vec()))
+    }
+
+    /// Writes a round and its tasks (and a task's result) in one transaction.
+    pub fn commit(
+        &self,
+        round: Option<&RoundRecord>,
+        tasks: &[&TaskRecord],
+        result: Option<(&str, &[u8])>,
+    ) -> StoreResult<()> {
+        (&self.rounds, &self.tasks, &self.results)
+            .transaction(|(r, t, res)| {
+                if let Some(round) = round {
+                    r.insert(round.id.as_bytes(), encode(round))?;
+                }
+                for task in tasks {
+                    t.insert(task.id.as_bytes(), encode(*task))?;
+                }
+                if let Some((id, bytes)) = result {
+                    res.insert(id.as_bytes(), bytes)?;
+                }
+                Ok::<_, ConflictableTransactionError<StoreError>>(())
+            })
+            .map_err(tx_error)
+    }
+}
+
+fn tx_error(e: TransactionError<StoreError>) -> StoreError {
+    match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => StoreError::Sled(e),
+    }
+}

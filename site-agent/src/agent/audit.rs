@@ -1,0 +1,178 @@
+//! The site's audit log: every message the agent sent, in the agent's own sled database.
+//!
+//! Each entry holds the time, the RPC, the encoded message (so hospital IT can read exactly
+//! what left), its size and sha256, and the hash of the previous entry; an entry's own hash
+//! covers all of that, so `site-agent audit --verify` finds an altered or removed entry.
+//! Each entry is also appended to `audit.jsonl` beside the database, which `site-agent audit`
+//! reads while a running agent holds the database's lock.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// One outbound message.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub seq: u64,
+    /// Unix milliseconds.
+    pub time_ms: i64,
+    /// `fedtune.v1.SiteService/NAME`.
+    pub rpc: String,
+    pub bytes: u64,
+    /// sha256 of the encoded message, hex.
+    pub sha256: String,
+    /// The encoded protobuf message, hex.
+    pub message_hex: String,
+    /// `hash` of the previous entry; zeros for the first.
+    pub prev_hash: String,
+    /// sha256 over seq, time, rpc, sha256 and prev_hash.
+    pub hash: String,
+}
+
+fn entry_hash(seq: u64, time_ms: i64, rpc: &str, sha256: &str, prev: &str) -> String {
+    let mut h = Sha256::new();
+    h.update(seq.to_be_bytes());
+    h.update(time_ms.to_be_bytes());
+    h.update(rpc.as_bytes());
+    h.update([0]);
+    h.update(sha256.as_bytes());
+    h.update(prev.as_bytes());
+    hex::encode(h.finalize())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("audit log: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("audit log entry {0} is unreadable: {1}")]
+    Corrupt(u64, String),
+}
+
+/// The audit log.
+#[derive(Clone, Debug)]
+pub struct AuditLog {
+    tree: sled::Tree,
+    db: sled::Db,
+    /// `audit.jsonl`, the readable mirror.
+    mirror: std::path::PathBuf,
+    /// Serialises appends, so sequence numbers and the hash chain stay in order.
+    append: std::sync::Arc<std::sync::Mutex<()>>,
+}
+
+impl AuditLog {
+    pub fn open(dir: &Path) -> Result<Self, AuditError> {
+        let db = sled::Config::new().path(dir.join("audit")).open()?;
+        Ok(Self {
+            tree: db.open_tree("outbound")?,
+            db,
+            mirror: dir.join("audit.jsonl"),
+            append: Default::default(),
+        })
+    }
+
+    /// The entries of the log in `dir`, from the database, or from its `audit.jsonl` mirror
+    /// when a running agent holds the database.
+    pub fn read(dir: &Path) -> Result<(Vec<AuditEntry>, &'static str), AuditError> {
+        match Self::open(dir) {
+            Ok(log) => Ok((log.entries()?, "database")),
+            Err(AuditError::Sled(e)) if e.to_string().contains("lock") => {
+                let path = dir.join("audit.jsonl");
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| AuditError::Sled(sled::Error::Io(e)))?;
+                let entries = text
+                    .lines()
+                    .enumerate()
+                    .map(|(i, l)| {
+                        serde_json::from_str(l)
+                            .map_err(|e| AuditError::Corrupt(i as u64, e.to_string()))
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok((entries, "audit.jsonl (the agent is running)"))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Records one outbound message before it is sent, durably.
+    pub fn record(&self, rpc: &str, message: &[u8]) -> Result<AuditEntry, AuditError> {
+        let _guard = self.append.lock().unwrap_or_else(|e| e.into_inner());
+        let last = self.tree.last()?;
+        let (seq, prev_hash) = match last {
+            Some((_, v)) => {
+                let e: AuditEntry = serde_json::from_slice(&v)
+                    .map_err(|e| AuditError::Corrupt(u64::MAX, e.to_string()))?;
+                (e.seq + 1, e.hash)
+            }
+            None => (0, "0".repeat(64)),
+        };
+        let time_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let sha256 = hex::encode(Sha256::digest(message));
+        let hash = entry_hash(seq, time_ms, rpc, &sha256, &prev_hash);
+        let entry = AuditEntry {
+            seq,
+            time_ms,
+            rpc: rpc.into(),
+            bytes: message.len() as u64,
+            sha256,
+            message_hex: hex::encode(message),
+            prev_hash,
+            hash,
+        };
+        let json = serde_json::to_string(&entry).expect("entries serialize");
+        self.tree.insert(seq.to_be_bytes(), json.as_bytes())?;
+        self.db.flush()?;
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.mirror)
+            .map_err(sled::Error::Io)?;
+        writeln!(f, "{json}").map_err(sled::Error::Io)?;
+        Ok(entry)
+    }
+
+    pub fn entries(&self) -> Result<Vec<AuditEntry>, AuditError> {
+        self.tree
+            .iter()
+            .map(|kv| {
+                let (k, v) = kv?;
+                let seq = u64::from_be_bytes(k.as_ref().try_into().unwrap_or([0xff; 8]));
+                serde_json::from_slice(&v).map_err(|e| AuditError::Corrupt(seq, e.to_string()))
+            })
+            .collect()
+    }
+
+    /// Checks the hash chain; returns the problems found (empty when intact).
+    pub fn verify(&self) -> Result<Vec<String>, AuditError> {
+        Ok(verify(&self.entries()?))
+    }
+}
+
+/// Checks the hash chain of `entries`; returns the problems found (empty when intact).
+pub fn verify(entries: &[AuditEntry]) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut prev = "0".repeat(64);
+    let mut expected_seq = 0;
+    for e in entries {
+        if e.seq != expected_seq {
+            problems.push(format!("entry {expected_seq} is missing (next is {})", e.seq));
+        }
+        let message = hex::decode(&e.message_hex).unwrap_or_default();
+        if hex::encode(Sha256::digest(&message)) != e.sha256 || message.len() as u64 != e.bytes {
+            problems.push(format!("entry {}: the message does not match its hash", e.seq));
+        }
+        if e.prev_hash != prev {
+            problems.push(format!("entry {}: the chain is broken before it", e.seq));
+        }
+        if entry_hash(e.seq, e.time_ms, &e.rpc, &e.sha256, &e.prev_hash) != e.hash {
+            problems.push(format!("entry {}: altered", e.seq));
+        }
+        prev = e.hash.clone();
+        expected_seq = e.seq + 1;
+    }
+    problems
+}

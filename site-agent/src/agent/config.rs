@@ -1,0 +1,176 @@
+//! `site.toml`: where the coordinator is, the site's bundle, its data, and its policy.
+//!
+//! Relative paths are resolved against the file's folder. Every field but `version`,
+//! `coordinator.address`, `tls.bundle` and `data.manifest` has a documented default.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The parsed configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SiteConfig {
+    /// Format version; 1.
+    pub version: u32,
+    pub coordinator: CoordinatorConfig,
+    pub tls: TlsConfig,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub storage: StorageConfig,
+    #[serde(default)]
+    pub policy: Policy,
+    #[serde(default)]
+    pub agent: AgentConfig,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// `https://HOST:PORT`; the agent only ever dials out to it.
+    pub address: String,
+    /// The name in the coordinator's certificate. Default `localhost`.
+    #[serde(default = "default_server_name")]
+    pub server_name: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The site bundle folder from `coordinator pki issue-site` (cert.pem, key.pem, ca.pem).
+    pub bundle: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// The site manifest (organs and cases with their split).
+    pub manifest: PathBuf,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Model cache, fine-tuned weights and the audit log. Default `agent-data`.
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { dir: "agent-data".into() }
+    }
+}
+
+/// What the site allows; a task beyond it is refused with the reason, not half-run.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// Task kinds this site runs. Default: evaluate, finetune, train.
+    pub allowed_tasks: Vec<String>,
+    /// Most epochs a task may ask for. Default 200.
+    pub max_epochs: u32,
+    /// Longest a task may be expected to run, in hours. Default 24.
+    pub max_hours: f64,
+    /// Whether trained weights may leave the site. Default false.
+    pub share_weights: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            allowed_tasks: vec!["evaluate".into(), "finetune".into(), "train".into()],
+            max_epochs: 200,
+            max_hours: 24.0,
+            share_weights: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Long-poll wait per `NextTask` call. Default 20 s.
+    pub poll_seconds: u32,
+    /// Heartbeat interval while a task runs. Default 5 s.
+    pub heartbeat_seconds: u32,
+    /// Longest wait between reconnection attempts. Default 30 s.
+    pub max_backoff_seconds: u32,
+    /// Training device: `cpu` (this build has no CUDA).
+    pub device: String,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            poll_seconds: 20,
+            heartbeat_seconds: 5,
+            max_backoff_seconds: 30,
+            device: "cpu".into(),
+        }
+    }
+}
+
+fn default_server_name() -> String {
+    "localhost".into()
+}
+
+/// Configuration errors, naming the file.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct ConfigError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+impl SiteConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError { path: path.to_owned(), message: e.to_string() })?;
+        Self::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let err = |message: String| ConfigError { path: path.to_owned(), message };
+        let mut cfg: Self = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        let mut problems = Vec::new();
+        if cfg.version != 1 {
+            problems.push(format!("version = {}; this agent reads version 1", cfg.version));
+        }
+        if !cfg.coordinator.address.starts_with("https://") {
+            problems.push(format!(
+                "coordinator.address = \"{}\": use https://HOST:PORT (the agent speaks only TLS)",
+                cfg.coordinator.address
+            ));
+        }
+        for kind in &cfg.policy.allowed_tasks {
+            if !["evaluate", "finetune", "train"].contains(&kind.as_str()) {
+                problems.push(format!(
+                    "policy.allowed_tasks: unknown kind \"{kind}\" (evaluate, finetune, train)"
+                ));
+            }
+        }
+        if !(cfg.policy.max_hours.is_finite() && cfg.policy.max_hours > 0.0) {
+            problems.push("policy.max_hours must be a positive number".into());
+        }
+        if cfg.agent.device != "cpu" {
+            problems.push(format!(
+                "agent.device = \"{}\": this build trains on the CPU only",
+                cfg.agent.device
+            ));
+        }
+        if cfg.agent.heartbeat_seconds == 0 || cfg.agent.poll_seconds == 0 {
+            problems
+                .push("agent.heartbeat_seconds and agent.poll_seconds must be at least 1".into());
+        }
+        if !problems.is_empty() {
+            return Err(err(problems.join("; ")));
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut cfg.tls.bundle, &mut cfg.data.manifest, &mut cfg.storage.dir] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+}
