@@ -9,6 +9,8 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
 
+pub mod federation;
+
 /// Path of a workspace binary built next to this test executable.
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;

@@ -9,7 +9,7 @@
 //! and jitter; on shutdown a running task finishes its optimizer step and is released.
 //!
 //! # Layout
-//! - [`config`]: `site.toml`.
+//! - [`config`]: the `site.toml` file.
 //! - [`audit`]: the audit log.
 //! - [`exec`]: running a task with the engine.
 

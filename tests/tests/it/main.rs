@@ -1,3 +1,4 @@
 //! Whole-system tests: the real binaries, run as an operator would.
 
 mod cli;
+mod federation;

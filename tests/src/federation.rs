@@ -1,0 +1,404 @@
+//! An in-process federation for tests: a consortium PKI, a coordinator on 127.0.0.1:0 and site
+//! agents on phantom data, all speaking real mTLS gRPC over loopback.
+//!
+//! ```ignore
+//! let fed = Federation::builder().sites(3).start().await?;
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use coordinator::cli::Conn;
+use coordinator::identity::Role;
+use coordinator::pki::Pki;
+use coordinator::server::{LimitsConfig, ServerConfig};
+use proto::pb::{self, admin_service_client::AdminServiceClient};
+use shared::data::phantom::{self, Center};
+use site_agent::agent::config::SiteConfig;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+/// Installs the process' TLS crypto provider once.
+pub fn init_tls() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A running coordinator and how to stop it.
+#[derive(Debug)]
+enum Server {
+    /// In this process, stopped gracefully.
+    InProcess {
+        stop: oneshot::Sender<()>,
+        task: JoinHandle<Result<(), coordinator::server::ServeError>>,
+    },
+    /// The real `coordinator serve` binary, stopped with SIGKILL.
+    Process(std::process::Child),
+}
+
+/// A running site agent.
+#[derive(Debug)]
+pub struct Agent {
+    pub name: String,
+    pub config: SiteConfig,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), site_agent::agent::AgentError>>>,
+}
+
+impl Agent {
+    /// Stops the agent (as on SIGTERM) and waits for it.
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            tokio::time::timeout(Duration::from_secs(60), task).await.context("agent stop")??.ok();
+        }
+        Ok(())
+    }
+}
+
+/// Builds a [`Federation`].
+#[derive(Debug)]
+pub struct Builder {
+    sites: usize,
+    start_agents: bool,
+    cases: usize,
+    process: bool,
+}
+
+impl Builder {
+    pub fn sites(mut self, n: usize) -> Self {
+        self.sites = n;
+        self
+    }
+    /// Run the coordinator as the real binary (which tests can kill) instead of in-process.
+    pub fn coordinator_process(mut self) -> Self {
+        self.process = true;
+        self
+    }
+
+    /// Make the sites' PKI bundles and data but do not start their agents.
+    pub fn without_agents(mut self) -> Self {
+        self.start_agents = false;
+        self
+    }
+
+    pub async fn start(self) -> Result<Federation> {
+        init_tls();
+        let dir = tempfile::tempdir()?;
+        let root = dir.path().to_owned();
+        let pki_dir = root.join("pki");
+        let pki = Pki::init(&pki_dir, &["localhost".into(), "127.0.0.1".into()])?;
+        pki.issue(Role::Admin, "lead", 30)?;
+        let mut sites = Vec::new();
+        for i in 0..self.sites {
+            let name = format!("site-{}", (b'a' + i as u8) as char);
+            pki.issue(Role::Site, &name, 30)?;
+            let data = root.join(format!("{name}-data"));
+            let center = if i % 2 == 0 { Center::TargetA } else { Center::TargetB };
+            phantom::write_center(center, self.cases, 1, 10 + i as u64, &data)?;
+            sites.push(name);
+        }
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mut fed =
+            Federation { dir, root, pki_dir, addr, server: None, agents: Vec::new(), sites };
+        if self.process {
+            drop(listener);
+            fed.spawn_process().await?;
+        } else {
+            fed.serve(listener)?;
+        }
+        if self.start_agents {
+            for name in fed.sites.clone() {
+                fed.start_agent(&name)?;
+            }
+        }
+        Ok(fed)
+    }
+}
+
+/// The federation under test.
+#[derive(Debug)]
+pub struct Federation {
+    /// Keeps the temporary folder alive.
+    #[allow(dead_code)]
+    dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub pki_dir: PathBuf,
+    pub addr: SocketAddr,
+    server: Option<Server>,
+    pub agents: Vec<Agent>,
+    pub sites: Vec<String>,
+}
+
+impl Federation {
+    pub fn builder() -> Builder {
+        Builder { sites: 1, start_agents: true, cases: 3, process: false }
+    }
+
+    pub fn server_config(&self) -> ServerConfig {
+        let mut cfg = ServerConfig::for_pki(
+            &self.pki_dir,
+            &self.root.join("coordinator-data"),
+            "127.0.0.1:0",
+        );
+        cfg.limits = LimitsConfig {
+            lease_seconds: 6,
+            max_poll_seconds: 2,
+            round_deadline_seconds: 600,
+            max_attempts: 5,
+            tick_ms: 200,
+        };
+        cfg
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) -> Result<()> {
+        let (stop, rx) = oneshot::channel::<()>();
+        let cfg = self.server_config();
+        let task = tokio::spawn(coordinator::server::serve(cfg, listener, async move {
+            let _ = rx.await;
+        }));
+        self.server = Some(Server::InProcess { stop, task });
+        Ok(())
+    }
+
+    /// Starts `coordinator serve` on `self.addr` with the test limits; waits for its
+    /// `listening on` line.
+    async fn spawn_process(&mut self) -> Result<()> {
+        let cfg = self.server_config();
+        let l = &cfg.limits;
+        let toml = format!(
+            "version = 1\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\nrevocation_list = \"{rev}\"\n[limits]\nlease_seconds = {lease}\nmax_poll_seconds = {poll}\nround_deadline_seconds = {dl}\nmax_attempts = {att}\ntick_ms = {tick}\n",
+            addr = self.addr,
+            data = cfg.data_dir.display(),
+            cert = cfg.tls.cert.display(),
+            key = cfg.tls.key.display(),
+            ca = cfg.tls.client_ca.display(),
+            rev = cfg
+                .tls
+                .revocation_list
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            lease = l.lease_seconds,
+            poll = l.max_poll_seconds,
+            dl = l.round_deadline_seconds,
+            att = l.max_attempts,
+            tick = l.tick_ms,
+        );
+        let path = self.root.join("coordinator.toml");
+        std::fs::write(&path, toml)?;
+        let log = std::fs::File::create(self.root.join("coordinator.log"))?;
+        let mut child = std::process::Command::new(crate::bin("coordinator")?)
+            .args(["serve", "--config"])
+            .arg(&path)
+            .stdout(std::process::Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .context("starting the coordinator binary")?;
+        let stdout = child.stdout.take().context("coordinator stdout")?;
+        let line = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead;
+            let mut line = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+        });
+        let line = tokio::time::timeout(Duration::from_secs(30), line)
+            .await
+            .context("coordinator start")???;
+        if !line.starts_with("listening on") {
+            let _ = child.kill();
+            bail!(
+                "the coordinator did not start: {line:?} (see {})",
+                self.root.join("coordinator.log").display()
+            );
+        }
+        self.server = Some(Server::Process(child));
+        Ok(())
+    }
+
+    /// Stops the coordinator (in-flight calls drain) and waits until it has let go of its
+    /// database.
+    pub async fn stop_coordinator(&mut self) -> Result<()> {
+        match self.server.take() {
+            Some(Server::InProcess { stop, task }) => {
+                let _ = stop.send(());
+                tokio::time::timeout(Duration::from_secs(30), task)
+                    .await
+                    .context("coordinator stop")???;
+            }
+            Some(Server::Process(mut child)) => {
+                // SIGKILL: no drain, no flush; only what was committed survives.
+                child.kill()?;
+                child.wait()?;
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    /// Stops the coordinator (a process is killed) and starts it again on the same address
+    /// and data.
+    pub async fn restart_coordinator(&mut self) -> Result<()> {
+        let process = matches!(self.server, Some(Server::Process(_)));
+        self.stop_coordinator().await?;
+        if process {
+            return self.spawn_process().await;
+        }
+        let mut tries = 0;
+        let listener = loop {
+            match tokio::net::TcpListener::bind(self.addr).await {
+                Ok(l) => break l,
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e).context("re-binding the coordinator's port"),
+            }
+        };
+        self.serve(listener)
+    }
+
+    pub fn bundle(&self, role: Role, name: &str) -> PathBuf {
+        Pki::open(&self.pki_dir).expect("pki").bundle_dir(role, name)
+    }
+
+    pub fn site_config(&self, name: &str) -> Result<SiteConfig> {
+        let text = format!(
+            r#"version = 1
+[coordinator]
+address = "https://{addr}"
+[tls]
+bundle = "{bundle}"
+[data]
+manifest = "{data}/manifest.toml"
+[storage]
+dir = "{storage}"
+[agent]
+poll_seconds = 2
+heartbeat_seconds = 1
+max_backoff_seconds = 2
+"#,
+            addr = self.addr,
+            bundle = self.bundle(Role::Site, name).display(),
+            data = self.root.join(format!("{name}-data")).display(),
+            storage = self.root.join(format!("{name}-agent")).display(),
+        );
+        let path = self.root.join(format!("{name}.toml"));
+        std::fs::write(&path, &text)?;
+        Ok(SiteConfig::parse(&text, &path)?)
+    }
+
+    pub fn start_agent(&mut self, name: &str) -> Result<()> {
+        let config = self.site_config(name)?;
+        let (stop, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(site_agent::agent::run(config.clone(), async move {
+            let _ = rx.await;
+        }));
+        self.agents.push(Agent { name: name.into(), config, stop: Some(stop), task: Some(task) });
+        Ok(())
+    }
+
+    pub fn conn(&self, role: Role, name: &str) -> Conn {
+        Conn {
+            coordinator: format!("https://{}", self.addr),
+            bundle: self.bundle(role, name),
+            server_name: "localhost".into(),
+        }
+    }
+
+    pub async fn admin(&self) -> Result<AdminServiceClient<Channel>> {
+        coordinator::cli::connect(&self.conn(Role::Admin, "lead")).await
+    }
+
+    /// Writes an untrained model of `config` for the phantom organs; returns its path.
+    pub fn base_model(&self, config: &str) -> Result<PathBuf> {
+        let cfg = shared::model::ModelConfig::preset(config)?;
+        let net =
+            shared::model::Net::new(&cfg, &phantom::organ_map(), 5, &candle_core::Device::Cpu)?;
+        let path = self.root.join(format!("base-{config}.safetensors"));
+        shared::weights::save(&net, &Default::default(), &path)?;
+        Ok(path)
+    }
+
+    /// Pushes a base model, approves every site and creates study `name` over all of them.
+    pub async fn study(&self, name: &str, config: &str) -> Result<pb::StudyInfo> {
+        let mut admin = self.admin().await?;
+        let model = self.base_model(config)?;
+        coordinator::cli::push_model(&mut admin, &model, &format!("base-{config}"), false).await?;
+        for s in &self.sites {
+            admin.approve_site(pb::SiteRequest { name: s.clone() }).await?;
+        }
+        Ok(admin
+            .create_study(pb::CreateStudyRequest {
+                name: name.into(),
+                base_model: format!("base-{config}"),
+                sites: self.sites.clone(),
+            })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the round leaves Running; fails after `secs`.
+    pub async fn wait_round(&self, round: &str, secs: u64) -> Result<pb::RoundInfo> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            // A fresh connection each time: the coordinator may be restarting.
+            if let Ok(mut admin) = self.admin().await
+                && let Ok(r) = admin.get_round(pb::RoundRequest { round_id: round.into() }).await
+            {
+                let r = r.into_inner();
+                if r.state != pb::RoundState::Running as i32 {
+                    return Ok(r);
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("round {round} still running after {secs} s");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn storage(&self, site: &str) -> PathBuf {
+        self.root.join(format!("{site}-agent"))
+    }
+
+    pub fn data_dir(&self, site: &str) -> PathBuf {
+        self.root.join(format!("{site}-data"))
+    }
+
+    pub async fn shutdown(mut self) -> Result<()> {
+        for a in &mut self.agents {
+            a.stop().await?;
+        }
+        self.stop_coordinator().await
+    }
+}
+
+/// A site's own connection, for tests that play the agent's part by hand.
+pub async fn site_link(fed: &Federation, name: &str) -> Result<site_agent::agent::Link> {
+    let cfg = fed.site_config(name)?;
+    std::fs::create_dir_all(&cfg.storage.dir)?;
+    let audit = site_agent::agent::audit::AuditLog::open(&cfg.storage.dir.join("manual"))?;
+    Ok(site_agent::agent::Link::connect(&cfg, audit).await?)
+}
+
+/// Every string a manifest names that must never leave the site: case ids and file paths.
+pub fn site_secrets(data_dir: &Path) -> Result<Vec<String>> {
+    let m = shared::data::Manifest::load(&data_dir.join("manifest.toml"))?;
+    let mut out = Vec::new();
+    for c in &m.cases {
+        out.push(c.id.clone());
+        for p in [&c.image, &c.label] {
+            out.push(p.display().to_string());
+            if let Some(f) = p.file_name() {
+                out.push(f.to_string_lossy().into_owned());
+            }
+        }
+    }
+    Ok(out)
+}

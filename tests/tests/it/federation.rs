@@ -1,0 +1,323 @@
+//! The federation over real mTLS on 127.0.0.1: rounds, resumable downloads, refusals,
+//! a coordinator restart in the middle of a round, and the site audit log.
+
+use std::time::Duration;
+
+use coordinator::identity::Role;
+use prost::Message;
+use proto::pb;
+use tests::federation::{Federation, site_link, site_secrets};
+
+type R = anyhow::Result<()>;
+
+fn organs_with_dice(r: &pb::TaskResult) -> usize {
+    r.organs
+        .iter()
+        .filter(|o| !o.cases.is_empty() && o.cases.iter().all(|c| (0.0..=1.0).contains(&c.dice)))
+        .count()
+}
+
+async fn start_round(fed: &Federation, study: &str, spec: pb::TaskSpec) -> anyhow::Result<String> {
+    let r = fed
+        .admin()
+        .await?
+        .start_round(pb::StartRoundRequest {
+            study: study.into(),
+            spec: Some(spec),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    Ok(r.round_id)
+}
+
+fn evaluate() -> pb::TaskSpec {
+    pb::TaskSpec { kind: pb::TaskKind::Evaluate as i32, ..Default::default() }
+}
+
+fn finetune(k: u32, epochs: u32) -> pb::TaskSpec {
+    pb::TaskSpec {
+        kind: pb::TaskKind::Finetune as i32,
+        trainable_layers: k,
+        epochs,
+        ..Default::default()
+    }
+}
+
+/// Three sites run an evaluate round and a finetune round to completion; the results hold
+/// per-organ Dice for every site. Then every message each agent sent is in its audit log, the
+/// chain verifies, and no message names a case or a file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
+    let fed = Federation::builder().sites(3).start().await?;
+    fed.study("nasopharynx", "tiny").await?;
+    for spec in [evaluate(), finetune(2, 1)] {
+        let kind = spec.kind;
+        let round = start_round(&fed, "nasopharynx", spec).await?;
+        let info = fed.wait_round(&round, 240).await?;
+        assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
+        let results = fed
+            .admin()
+            .await?
+            .get_results(pb::RoundRequest { round_id: round })
+            .await?
+            .into_inner();
+        assert_eq!(results.results.len(), 3, "one result per site");
+        let mut sites: Vec<_> = results.results.iter().map(|r| r.site.clone()).collect();
+        sites.sort();
+        assert_eq!(sites, fed.sites);
+        for r in &results.results {
+            let res = r.result.as_ref().expect("result");
+            assert_eq!(organs_with_dice(res), 9, "per-organ Dice from {}", r.site);
+            if kind == pb::TaskKind::Finetune as i32 {
+                assert_eq!(res.epoch_losses.len(), 1);
+                assert_eq!(
+                    res.weights_sha256.len(),
+                    64,
+                    "fine-tuned weights stay at the site, named by hash"
+                );
+            }
+        }
+    }
+    // The audit log: every RPC the agents make is there, the chain verifies, and nothing in
+    // any message names a case or a file of the site.
+    let mut fed = fed;
+    for a in &mut fed.agents {
+        a.stop().await?;
+    }
+    for site in &fed.sites {
+        let (entries, _) = site_agent::agent::audit::AuditLog::read(&fed.storage(site))?;
+        assert!(site_agent::agent::audit::verify(&entries).is_empty());
+        let rpcs: std::collections::BTreeSet<_> =
+            entries.iter().map(|e| e.rpc.rsplit('/').next().unwrap_or("").to_owned()).collect();
+        // Heartbeats only when a task outlasts the heartbeat interval, so they are not required.
+        for rpc in ["Hello", "NextTask", "FetchModel", "SubmitResult"] {
+            assert!(rpcs.contains(rpc), "{site} audited no {rpc}: {rpcs:?}");
+        }
+        let submits = entries.iter().filter(|e| e.rpc.ends_with("SubmitResult")).count();
+        assert_eq!(submits, 2, "{site}: one submission per round");
+        let secrets = site_secrets(&fed.data_dir(site))?;
+        for e in &entries {
+            let bytes = hex_decode(&e.message_hex);
+            for s in &secrets {
+                assert!(
+                    !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                    "{site}: {} carries \"{s}\"",
+                    e.rpc
+                );
+            }
+            // Each message decodes as the request type of its RPC, with no bytes left over.
+            let ok = match e.rpc.rsplit('/').next().unwrap_or("") {
+                "Hello" => pb::HelloRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()).ok(),
+                "NextTask" => {
+                    pb::NextTaskRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()).ok()
+                }
+                "FetchModel" => {
+                    pb::FetchModelRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()).ok()
+                }
+                "Heartbeat" => {
+                    pb::HeartbeatRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()).ok()
+                }
+                "SubmitResult" => {
+                    pb::SubmitResultRequest::decode(bytes.as_slice()).map(|m| m.encoded_len()).ok()
+                }
+                _ => None,
+            };
+            assert_eq!(ok, Some(bytes.len()), "{site}: {} is not a clean request message", e.rpc);
+        }
+    }
+    fed.shutdown().await
+}
+
+fn hex_decode(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap_or(0)).collect()
+}
+
+/// A download cut after its first chunk resumes from its offset: at most one chunk's worth
+/// of bytes is sent twice, and the file verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_download_resumes_from_its_offset() -> R {
+    let fed = Federation::builder().sites(1).without_agents().start().await?;
+    // `small` weights are about 1.3 MB: more than one 1 MiB chunk.
+    fed.study("resume", "small").await?;
+    start_round(&fed, "resume", evaluate()).await?;
+    let mut link = site_link(&fed, "site-a").await?;
+    link.hello(pb::HelloRequest::default()).await?;
+    let task = link.next_task(2).await?.expect("a task for site-a");
+    let model = task.base.clone().expect("evaluate tasks carry their base model");
+    assert!(model.size > proto::limits::CHUNK_BYTES as u64);
+    let dir = fed.root.join("cache");
+    let first = link.fetch_model(&model, &dir, Some(1), &mut |_, _| {}).await;
+    assert!(matches!(first, Err(site_agent::agent::CallError::Interrupted(_))), "{first:?}");
+    let part = std::fs::metadata(dir.join(format!("{}.part", model.sha256)))?.len();
+    assert!(part > 0, "whole chunks received before the cut are kept");
+    let (path, second) = link.fetch_model(&model, &dir, None, &mut |_, _| {}).await?;
+    assert_eq!(second, model.size - part, "the second call starts at the kept offset");
+    let resent = part + second - model.size;
+    assert!(resent <= proto::limits::CHUNK_BYTES as u64, "{resent} bytes sent twice");
+    let bytes = std::fs::read(&path)?;
+    assert_eq!(shared::weights::sha256_hex(&bytes), model.sha256);
+    fed.shutdown().await
+}
+
+/// What the coordinator refuses: another CA's certificate, a revoked site, a site touching
+/// another site's task or result, a site certificate on the admin service, an unapproved
+/// site.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals() -> R {
+    let fed = Federation::builder().sites(3).without_agents().start().await?;
+    fed.study("refusals", "tiny").await?;
+    start_round(&fed, "refusals", evaluate()).await?;
+
+    // A certificate from another consortium's CA: the TLS handshake fails.
+    let other = coordinator::pki::Pki::init(&fed.root.join("other-pki"), &["localhost".into()])?;
+    let stranger = other.issue(Role::Site, "site-a", 30)?;
+    let mut conn = fed.conn(Role::Site, "site-a");
+    conn.bundle = stranger;
+    // The stranger trusts the real CA (so the server is accepted) but presents its own cert.
+    std::fs::copy(fed.pki_dir.join("ca.pem"), conn.bundle.join("ca.pem"))?;
+    let err = coordinator::cli::connect(&conn).await;
+    let refused = match err {
+        Err(_) => true,
+        Ok(mut c) => c.list_sites(pb::ListSitesRequest {}).await.is_err(),
+    };
+    assert!(refused, "a certificate from another CA must be refused");
+
+    // site-a leases its task; site-b may neither heartbeat it nor submit its result.
+    let mut a = site_link(&fed, "site-a").await?;
+    let task = a.next_task(2).await?.expect("task");
+    let mut b = site_link(&fed, "site-b").await?;
+    let hb = b
+        .heartbeat(pb::HeartbeatRequest {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            progress: None,
+        })
+        .await;
+    assert_code(hb.map(|_| ()), tonic::Code::PermissionDenied, "heartbeat on another site's task");
+    let submit = b
+        .submit(pb::SubmitResultRequest {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            outcome: Some(pb::submit_result_request::Outcome::Result(pb::TaskResult::default())),
+        })
+        .await;
+    assert_code(
+        submit.map(|_| ()),
+        tonic::Code::PermissionDenied,
+        "submitting another site's result",
+    );
+    // site-b may not fetch a model it holds no task for... it holds one, so use a wrong hash.
+    let fetch = b
+        .fetch_model(
+            &pb::ModelRef { sha256: "0".repeat(64), size: 1, name: "x".into() },
+            &fed.root.join("b"),
+            None,
+            &mut |_, _| {},
+        )
+        .await;
+    assert_code(fetch.map(|_| ()), tonic::Code::PermissionDenied, "fetching a model of no task");
+
+    // A site certificate on the admin service.
+    let mut as_admin = coordinator::cli::connect(&fed.conn(Role::Site, "site-a")).await?;
+    let r = as_admin.list_sites(pb::ListSitesRequest {}).await;
+    assert_eq!(r.expect_err("site on admin").code(), tonic::Code::PermissionDenied);
+
+    // An unapproved site: a fresh bundle that the study lead has not approved.
+    coordinator::pki::Pki::open(&fed.pki_dir)?.issue(Role::Site, "site-z", 30)?;
+    let mut cfg = fed.site_config("site-a")?;
+    cfg.tls.bundle = fed.bundle(Role::Site, "site-z");
+    let audit = site_agent::agent::audit::AuditLog::open(&fed.root.join("z-audit"))?;
+    let mut z = site_agent::agent::Link::connect(&cfg, audit).await?;
+    let hello = z.hello(pb::HelloRequest::default()).await?;
+    assert!(!hello.approved);
+    assert_code(
+        z.next_task(1).await.map(|_| ()),
+        tonic::Code::FailedPrecondition,
+        "unapproved site",
+    );
+
+    // A revoked site: by the study lead through the admin API, and by `pki revoke`.
+    fed.admin().await?.revoke_site(pb::SiteRequest { name: "site-b".into() }).await?;
+    assert_code(
+        b.next_task(1).await.map(|_| ()),
+        tonic::Code::PermissionDenied,
+        "site revoked by the admin API",
+    );
+    coordinator::pki::Pki::open(&fed.pki_dir)?.revoke(Role::Site, "site-c")?;
+    let mut c = {
+        // The revoked bundle was archived by `revoke`; find it.
+        let sites = fed.pki_dir.join("sites");
+        let archived = std::fs::read_dir(&sites)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .find(|p| {
+                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("site-c.revoked"))
+            })
+            .expect("archived bundle");
+        let mut cfg = fed.site_config("site-a")?;
+        cfg.tls.bundle = archived;
+        let audit = site_agent::agent::audit::AuditLog::open(&fed.root.join("c-audit"))?;
+        site_agent::agent::Link::connect(&cfg, audit).await?
+    };
+    assert_code(
+        c.hello(pb::HelloRequest::default()).await.map(|_| ()),
+        tonic::Code::PermissionDenied,
+        "certificate on the revocation list",
+    );
+    fed.shutdown().await
+}
+
+fn assert_code(r: Result<(), site_agent::agent::CallError>, code: tonic::Code, what: &str) {
+    match r {
+        Err(site_agent::agent::CallError::Status(s)) => {
+            assert_eq!(s.code(), code, "{what}: {}", s.message())
+        }
+        other => panic!("{what}: expected {code:?}, got {other:?}"),
+    }
+}
+
+/// The coordinator process is killed (SIGKILL) and started again in the middle of a
+/// finetune round: the results submitted before stay, each counted once, and the round
+/// completes. site-c's agent is held back until after the restart, so the round is still
+/// running when the coordinator dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
+    let mut fed =
+        Federation::builder().sites(3).coordinator_process().without_agents().start().await?;
+    fed.start_agent("site-a")?;
+    fed.start_agent("site-b")?;
+    fed.study("restart", "tiny").await?;
+    let round = start_round(&fed, "restart", finetune(3, 2)).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
+    let before = loop {
+        let r = fed
+            .admin()
+            .await?
+            .get_results(pb::RoundRequest { round_id: round.clone() })
+            .await?
+            .into_inner();
+        if !r.results.is_empty() {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no result within 240 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(before.round.as_ref().map(|r| r.state), Some(pb::RoundState::Running as i32));
+    fed.restart_coordinator().await?;
+    fed.start_agent("site-c")?;
+    let info = fed.wait_round(&round, 300).await?;
+    assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
+    let results =
+        fed.admin().await?.get_results(pb::RoundRequest { round_id: round }).await?.into_inner();
+    assert_eq!(results.results.len(), 3, "each site's result once");
+    for r in &before.results {
+        let again = results
+            .results
+            .iter()
+            .find(|x| x.site == r.site)
+            .expect("a result from before the kill");
+        assert_eq!(again.result, r.result, "unchanged by the restart");
+    }
+    fed.shutdown().await
+}
