@@ -265,7 +265,9 @@ impl Coordinator {
                         site: t.site.clone(),
                         state: state as i32,
                         attempt: t.attempt,
-                        progress: pb::Progress::decode(t.progress.as_slice()).ok(),
+                        progress: pb::Progress::decode(t.progress.as_slice())
+                            .ok()
+                            .filter(|_| !t.progress.is_empty()),
                         reason,
                     }
                 })
@@ -374,6 +376,11 @@ fn check_result(r: &pb::TaskResult) -> SResult<()> {
         }
     }
     Ok(())
+}
+
+/// `REFUSAL_CODE_TOO_MANY_EPOCHS` -> `too many epochs`.
+fn reason_name(code: &str, prefix: &str) -> String {
+    code.strip_prefix(prefix).unwrap_or(code).to_lowercase().replace('_', " ")
 }
 
 fn identity_of<T>(req: &Request<T>) -> SResult<Identity> {
@@ -572,12 +579,13 @@ impl SiteService for SiteApi {
                     task.attempt -= 1;
                     TaskState::Pending
                 } else {
-                    TaskState::Failed { reason: code.as_str_name().to_lowercase() }
+                    TaskState::Failed { reason: reason_name(code.as_str_name(), "FAILURE_CODE_") }
                 };
             }
             Some(pb::submit_result_request::Outcome::Refusal(code)) => {
                 let code = pb::RefusalCode::try_from(code).unwrap_or(pb::RefusalCode::Unspecified);
-                task.state = TaskState::Refused { reason: code.as_str_name().to_lowercase() };
+                task.state =
+                    TaskState::Refused { reason: reason_name(code.as_str_name(), "REFUSAL_CODE_") };
             }
             None => {
                 return Err(

@@ -321,3 +321,93 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
     }
     fed.shutdown().await
 }
+
+/// A task beyond a site's policy is refused with the reason, before any work; a site agent
+/// stopped in the middle of training finishes its step and releases the task, which another
+/// run of the agent then completes without using up an attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_refusals_and_release_on_shutdown() -> R {
+    let mut fed = Federation::builder().sites(2).without_agents().start().await?;
+    // site-a only evaluates.
+    let mut cfg = fed.site_config("site-a")?;
+    cfg.policy.allowed_tasks = vec!["evaluate".into()];
+    let (stop_a, rx) = tokio::sync::oneshot::channel::<()>();
+    let agent_a = tokio::spawn(site_agent::agent::run(cfg, async move {
+        let _ = rx.await;
+    }));
+    fed.study("policy", "tiny").await?;
+    // site-b trains long enough to be stopped in the middle.
+    fed.start_agent("site-b")?;
+    let round = start_round(&fed, "policy", finetune(3, 150)).await?;
+    // Wait until site-b is training, then stop its agent.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let r = fed
+            .admin()
+            .await?
+            .get_round(pb::RoundRequest { round_id: round.clone() })
+            .await?
+            .into_inner();
+        let b = r.tasks.iter().find(|t| t.site == "site-b").expect("task");
+        if b.progress.as_ref().is_some_and(|p| p.phase == "train") {
+            break;
+        }
+        assert!(
+            b.state == pb::TaskState::Pending as i32 || b.state == pb::TaskState::Leased as i32,
+            "{r:?}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "site-b never reported training: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let b = fed.agents.iter_mut().find(|a| a.name == "site-b").expect("agent");
+    b.stop().await?;
+    let r = fed
+        .admin()
+        .await?
+        .get_round(pb::RoundRequest { round_id: round.clone() })
+        .await?
+        .into_inner();
+    let a_task = r.tasks.iter().find(|t| t.site == "site-a").expect("task");
+    assert_eq!(a_task.state, pb::TaskState::Refused as i32, "{a_task:?}");
+    assert_eq!(a_task.reason, "kind not allowed");
+    let b_task = r.tasks.iter().find(|t| t.site == "site-b").expect("task");
+    assert_eq!(b_task.state, pb::TaskState::Pending as i32, "released on shutdown: {b_task:?}");
+    assert_eq!(b_task.attempt, 0, "a released lease does not count as an attempt");
+    // The round waits for site-b, which is not coming back: cancel it, which the
+    // coordinator reports to the heartbeats of any agent still working on it.
+    let cancelled =
+        fed.admin().await?.cancel_round(pb::RoundRequest { round_id: round }).await?.into_inner();
+    assert_eq!(cancelled.state, pb::RoundState::Cancelled as i32);
+    let _ = stop_a.send(());
+    agent_a.await??;
+    fed.shutdown().await
+}
+
+/// Standard gRPC health checking answers SERVING for both services.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checking() -> R {
+    let fed = Federation::builder().sites(1).without_agents().start().await?;
+    let conn = fed.conn(Role::Admin, "lead");
+    let read = |f: &str| std::fs::read(conn.bundle.join(f));
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
+        .identity(tonic::transport::Identity::from_pem(read("cert.pem")?, read("key.pem")?))
+        .domain_name("localhost");
+    let channel = tonic::transport::Channel::from_shared(conn.coordinator.clone())?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["fedtune.v1.SiteService", "fedtune.v1.AdminService"] {
+        let r = health
+            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+            .await?
+            .into_inner();
+        assert_eq!(
+            r.status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service}"
+        );
+    }
+    fed.shutdown().await
+}
