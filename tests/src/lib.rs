@@ -62,3 +62,14 @@ pub fn site_agent(args: &[&str]) -> Result<Run> {
         .context("starting site-agent")?;
     Ok(Run::from(out))
 }
+
+/// Runs `coordinator` with `args`.
+pub fn coordinator(args: &[&str]) -> Result<Run> {
+    let out = Command::new(bin("coordinator")?)
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("starting coordinator")?;
+    Ok(Run::from(out))
+}

@@ -189,3 +189,38 @@ fn usage_errors_exit_64() -> Result<()> {
     assert_eq!(out.code, Some(64), "{}", out.stderr);
     Ok(())
 }
+
+/// The PKI commands make bundles, refuse what they must with a clear message, and a bad
+/// command line exits 64.
+#[test]
+fn coordinator_pki_commands() -> Result<()> {
+    use tests::coordinator;
+    let dir = tempfile::tempdir()?;
+    let pki = dir.path().join("pki");
+    coordinator(&["pki", "init", "--dir", s(&pki)])?.ok()?;
+    for f in ["ca.pem", "ca.key", "server/cert.pem", "server/key.pem", "revoked.txt"] {
+        assert!(pki.join(f).exists(), "{f}");
+    }
+    let again = coordinator(&["pki", "init", "--dir", s(&pki)])?;
+    assert_eq!(again.code, Some(1));
+    assert!(again.stderr.contains("exists already"), "{}", again.stderr);
+    coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki)])?.ok()?;
+    for f in ["cert.pem", "key.pem", "ca.pem"] {
+        assert!(pki.join("sites/hospital-a").join(f).exists(), "{f}");
+    }
+    let twice = coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki)])?;
+    assert!(twice.stderr.contains("revoke it first"), "{}", twice.stderr);
+    let bad = coordinator(&["pki", "issue-site", "Hospital A", "--dir", s(&pki)])?;
+    assert!(bad.stderr.contains("not a valid name"), "{}", bad.stderr);
+    let revoked = coordinator(&["pki", "revoke", "hospital-a", "--dir", s(&pki)])?.ok()?;
+    assert!(revoked.stdout.contains("revoked site hospital-a"), "{}", revoked.stdout);
+    let list = std::fs::read_to_string(pki.join("revoked.txt"))?;
+    assert!(list.lines().any(|l| l.ends_with("site/hospital-a")), "{list}");
+    // A new bundle under the same name after revocation.
+    coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki)])?.ok()?;
+    let no_ca =
+        coordinator(&["pki", "issue-admin", "lead", "--dir", s(&dir.path().join("nothing"))])?;
+    assert!(no_ca.stderr.contains("pki init"), "{}", no_ca.stderr);
+    assert_eq!(coordinator(&["round", "start"])?.code, Some(64));
+    Ok(())
+}
