@@ -9,7 +9,7 @@ use serde::Serialize;
 use shared::data::{self, Manifest, Split, phantom};
 use shared::metrics::{LabelScore, present_labels, score_labels};
 use shared::model::{ModelConfig, Net};
-use shared::weights::{self, Provenance};
+use shared::weights;
 
 use crate::evaluate::{CaseScores, evaluate, predict};
 use crate::experiment::{self, ExperimentOptions};
@@ -430,14 +430,7 @@ fn train_and_save(
     let mut bar = TrainProgress::new("train", opts.epochs, quiet);
     let report = train(net, k, &slices, opts, &mut |e| bar.on_event(e))?;
     bar.finish();
-    let prov = Provenance {
-        parent_sha256: parent,
-        trainable_layers: (k < net.num_layers()).then_some(k),
-        epochs: opts.epochs,
-        seed: opts.seed,
-        site: None,
-        train_slices: report.slices,
-    };
+    let prov = report.provenance(parent, net.num_layers(), opts);
     let sha = weights::save(net, &prov, out_path)?;
     let hp = out_path.with_extension("train.json");
     let record = serde_json::json!({ "options": opts, "report": report, "sha256": sha });

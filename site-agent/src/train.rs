@@ -127,6 +127,27 @@ pub struct TrainReport {
     pub steps: usize,
 }
 
+impl TrainReport {
+    /// The provenance of the weights this run produced from `parent` (`None`: from scratch)
+    /// in a model of `layers` layers.
+    pub fn provenance(
+        &self,
+        parent: Option<String>,
+        layers: usize,
+        opts: &TrainOptions,
+    ) -> shared::weights::Provenance {
+        let k = self.trainable_layers;
+        shared::weights::Provenance {
+            parent_sha256: parent,
+            trainable_layers: (k < layers).then_some(k),
+            epochs: opts.epochs,
+            seed: opts.seed,
+            site: None,
+            train_slices: self.slices,
+        }
+    }
+}
+
 fn cosine_lr(peak: f64, step: usize, total: usize) -> f64 {
     let floor = 0.05 * peak;
     let t = step as f64 / total.max(1) as f64;

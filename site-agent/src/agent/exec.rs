@@ -8,7 +8,7 @@ use candle_core::Device;
 use proto::pb;
 use shared::data::{Manifest, Split};
 use shared::model::{ModelConfig, Net};
-use shared::weights::{self, Provenance};
+use shared::weights;
 
 use super::config::{Policy, SiteConfig};
 use crate::evaluate::evaluate;
@@ -237,14 +237,7 @@ pub fn run_task(
                 return Outcome::Failure(pb::FailureCode::Internal);
             }
         };
-        let prov = Provenance {
-            parent_sha256: parent,
-            trainable_layers: (k < net.num_layers()).then_some(k),
-            epochs: opts.epochs,
-            seed: opts.seed,
-            site: None,
-            train_slices: report.slices,
-        };
+        let prov = report.provenance(parent, net.num_layers(), &opts);
         let out = site.storage.join("weights").join(format!("{}.safetensors", task.task_id));
         if let Some(dir) = out.parent()
             && let Err(e) = std::fs::create_dir_all(dir)

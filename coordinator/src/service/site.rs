@@ -1,0 +1,238 @@
+//! `SiteService`: what site certificates may call.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message;
+use proto::limits;
+use proto::pb::{self, site_service_server::SiteService};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::sync::mpsc;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status};
+
+use super::{Coordinator, ServiceError, check_result, identity_of, now_ms, now_s, reason_name};
+use crate::rounds;
+use crate::store::{RoundState, SiteRecord, TaskState};
+
+// === impl SiteService ===
+
+/// `SiteService` over a shared coordinator.
+#[derive(Clone, Debug)]
+pub struct SiteApi(pub Arc<Coordinator>);
+
+type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SiteService for SiteApi {
+    async fn hello(
+        &self,
+        req: Request<pb::HelloRequest>,
+    ) -> Result<Response<pb::HelloResponse>, Status> {
+        let id = identity_of(&req)?;
+        let c = &self.0;
+        let body = req.into_inner();
+        let _w = c.write.lock().await;
+        let mut site = c.store.site(&id.name).map_err(ServiceError::from)?.unwrap_or_else(|| {
+            tracing::info!(site = %id.name, "new site registered; it gets tasks once approved");
+            SiteRecord { name: id.name.clone(), ..Default::default() }
+        });
+        site.last_seen = now_s();
+        site.cert_not_after = id.not_after;
+        site.capabilities = body.capabilities.map(|m| m.encode_to_vec()).unwrap_or_default();
+        site.dataset = body.dataset.map(|m| m.encode_to_vec()).unwrap_or_default();
+        c.store.put_site(&site).map_err(ServiceError::from)?;
+        c.store.flush().await.map_err(ServiceError::from)?;
+        Ok(Response::new(pb::HelloResponse {
+            site: id.name,
+            approved: site.approved,
+            certificate_days_left: (id.not_after - now_s()) / 86_400,
+        }))
+    }
+
+    async fn next_task(
+        &self,
+        req: Request<pb::NextTaskRequest>,
+    ) -> Result<Response<pb::NextTaskResponse>, Status> {
+        let id = identity_of(&req)?;
+        let c = &self.0;
+        let site = c.store.site(&id.name).map_err(ServiceError::from)?;
+        if !site.as_ref().is_some_and(|s| s.approved) {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "site \"{}\" is not approved; the study lead runs `coordinator site approve {}`",
+                id.name, id.name
+            ))
+            .into());
+        }
+        let wait = req.get_ref().wait_seconds.min(c.limits.max_poll_seconds);
+        let until = tokio::time::Instant::now() + Duration::from_secs(u64::from(wait));
+        let mut changed = c.changed.subscribe();
+        loop {
+            if let Some(task) = c.lease_next(&id.name).await? {
+                return Ok(Response::new(pb::NextTaskResponse { task: Some(task) }));
+            }
+            if tokio::time::timeout_at(until, changed.changed()).await.is_err() {
+                return Ok(Response::new(pb::NextTaskResponse { task: None }));
+            }
+        }
+    }
+
+    type FetchModelStream = ChunkStream;
+
+    async fn fetch_model(
+        &self,
+        req: Request<pb::FetchModelRequest>,
+    ) -> Result<Response<Self::FetchModelStream>, Status> {
+        let id = identity_of(&req)?;
+        let c = self.0.clone();
+        let pb::FetchModelRequest { sha256, offset } = req.into_inner();
+        // A site may fetch a model only while it holds a task that uses it.
+        let allowed = c.store.tasks().map_err(ServiceError::from)?.into_iter().any(|t| {
+            t.site == id.name
+                && matches!(t.state, TaskState::Leased { .. })
+                && c.store.round(&t.round_id).ok().flatten().and_then(|r| r.base_sha256).as_deref()
+                    == Some(sha256.as_str())
+        });
+        if !allowed {
+            return Err(ServiceError::PermissionDenied(format!(
+                "site \"{}\" holds no task that uses model {sha256}",
+                id.name
+            ))
+            .into());
+        }
+        let path = c.blob_path(&sha256);
+        let mut file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|source| ServiceError::Io { path: path.clone(), source })?;
+        let total = file
+            .metadata()
+            .await
+            .map_err(|source| ServiceError::Io { path: path.clone(), source })?
+            .len();
+        if offset > total {
+            return Err(ServiceError::InvalidArgument(format!(
+                "offset {offset} is past the end of model {sha256} ({total} bytes)"
+            ))
+            .into());
+        }
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|source| ServiceError::Io { path: path.clone(), source })?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut pos = offset;
+            let mut buf = vec![0u8; limits::CHUNK_BYTES];
+            while pos < total {
+                let n = match file.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!("reading the model: {e}"))))
+                            .await;
+                        return;
+                    }
+                };
+                let chunk =
+                    pb::ModelChunk { offset: pos, data: buf[..n].to_vec(), total_size: total };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return; // the site went away
+                }
+                pos += n as u64;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let id = identity_of(&req)?;
+        let c = &self.0;
+        let body = req.into_inner();
+        let _w = c.write.lock().await;
+        let (mut task, round) = c.owned_task(&id.name, &body.task_id)?;
+        let lease = c.limits.lease_seconds;
+        let current =
+            matches!(task.state, TaskState::Leased { .. }) && task.attempt == body.attempt;
+        if !current || round.state != RoundState::Running {
+            return Ok(Response::new(pb::HeartbeatResponse { lease_seconds: 0, stop: true }));
+        }
+        task.state = TaskState::Leased { deadline_ms: now_ms() + i64::from(lease) * 1000 };
+        if let Some(p) = body.progress {
+            task.progress = p.encode_to_vec();
+        }
+        c.store.commit(None, &[&task], None).map_err(ServiceError::from)?;
+        c.store.flush().await.map_err(ServiceError::from)?;
+        c.notify();
+        Ok(Response::new(pb::HeartbeatResponse { lease_seconds: lease, stop: false }))
+    }
+
+    async fn submit_result(
+        &self,
+        req: Request<pb::SubmitResultRequest>,
+    ) -> Result<Response<pb::SubmitResultResponse>, Status> {
+        let id = identity_of(&req)?;
+        let c = &self.0;
+        let body = req.into_inner();
+        let _w = c.write.lock().await;
+        let (mut task, mut round) = c.owned_task(&id.name, &body.task_id)?;
+        if task.state.is_final() {
+            // A retried submission (or a late one from an earlier lease): counted once.
+            return Ok(Response::new(pb::SubmitResultResponse { recorded: false }));
+        }
+        if body.attempt == 0 || body.attempt > task.attempt {
+            return Err(ServiceError::InvalidArgument(format!(
+                "attempt {} of task {} was never leased",
+                body.attempt, task.id
+            ))
+            .into());
+        }
+        let mut result_bytes = None;
+        match body.outcome {
+            Some(pb::submit_result_request::Outcome::Result(r)) => {
+                check_result(&r)?;
+                result_bytes = Some(r.encode_to_vec());
+                task.state = TaskState::Succeeded;
+            }
+            Some(pb::submit_result_request::Outcome::Failure(code)) => {
+                let code = pb::FailureCode::try_from(code).unwrap_or(pb::FailureCode::Unspecified);
+                task.state = if code == pb::FailureCode::AgentShutdown {
+                    // Released, not failed: the lease does not count as an attempt.
+                    task.attempt -= 1;
+                    TaskState::Pending
+                } else {
+                    TaskState::Failed { reason: reason_name(code.as_str_name(), "FAILURE_CODE_") }
+                };
+            }
+            Some(pb::submit_result_request::Outcome::Refusal(code)) => {
+                let code = pb::RefusalCode::try_from(code).unwrap_or(pb::RefusalCode::Unspecified);
+                task.state =
+                    TaskState::Refused { reason: reason_name(code.as_str_name(), "REFUSAL_CODE_") };
+            }
+            None => {
+                return Err(
+                    ServiceError::InvalidArgument("a submission needs an outcome".into()).into()
+                );
+            }
+        }
+        let mut tasks = c.store.round_tasks(&round).map_err(ServiceError::from)?;
+        if let Some(t) = tasks.iter_mut().find(|t| t.id == task.id) {
+            *t = task.clone();
+        }
+        let settled = rounds::settle(&mut round, &tasks);
+        c.store
+            .commit(
+                settled.then_some(&round),
+                &[&task],
+                result_bytes.as_deref().map(|b| (task.id.as_str(), b)),
+            )
+            .map_err(ServiceError::from)?;
+        c.store.flush().await.map_err(ServiceError::from)?;
+        c.notify();
+        tracing::info!(task = %task.id, site = %id.name, state = ?task.state, "result recorded");
+        Ok(Response::new(pb::SubmitResultResponse { recorded: true }))
+    }
+}
