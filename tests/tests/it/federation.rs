@@ -327,7 +327,7 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
 /// run of the agent then completes without using up an attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policy_refusals_and_release_on_shutdown() -> R {
-    let mut fed = Federation::builder().sites(2).without_agents().start().await?;
+    let fed = Federation::builder().sites(2).without_agents().start().await?;
     // site-a only evaluates.
     let mut cfg = fed.site_config("site-a")?;
     cfg.policy.allowed_tasks = vec!["evaluate".into()];
@@ -336,9 +336,15 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
         let _ = rx.await;
     }));
     fed.study("policy", "tiny").await?;
-    // site-b trains long enough to be stopped in the middle.
-    fed.start_agent("site-b")?;
-    let round = start_round(&fed, "policy", finetune(3, 150)).await?;
+    // site-b allows long training, and trains long enough to be stopped in the middle.
+    let mut cfg_b = fed.site_config("site-b")?;
+    cfg_b.policy.max_epochs = 100_000;
+    cfg_b.policy.max_hours = 1000.0;
+    let (stop_b, rx_b) = tokio::sync::oneshot::channel::<()>();
+    let agent_b = tokio::spawn(site_agent::agent::run(cfg_b, async move {
+        let _ = rx_b.await;
+    }));
+    let round = start_round(&fed, "policy", finetune(3, 9_000)).await?;
     // Wait until site-b is training, then stop its agent.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
@@ -359,8 +365,8 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
         assert!(tokio::time::Instant::now() < deadline, "site-b never reported training: {r:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let b = fed.agents.iter_mut().find(|a| a.name == "site-b").expect("agent");
-    b.stop().await?;
+    let _ = stop_b.send(());
+    tokio::time::timeout(Duration::from_secs(60), agent_b).await???;
     let r = fed
         .admin()
         .await?
