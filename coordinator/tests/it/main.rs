@@ -1,0 +1,52 @@
+//! The coordinator's configuration file and its binary's command line.
+//!
+//! (This integration test also makes `cargo test --workspace` build the `coordinator` binary,
+//! which the whole-system tests in `tests/` run.)
+
+use std::path::Path;
+
+use coordinator::server::ServerConfig;
+
+const GOOD: &str = r#"
+version = 1
+[tls]
+cert = "pki/server/cert.pem"
+key = "pki/server/key.pem"
+client_ca = "/etc/fedtune/ca.pem"
+"#;
+
+#[test]
+fn defaults_and_relative_paths() {
+    let cfg = ServerConfig::parse(GOOD, Path::new("/srv/fedtune/coordinator.toml")).expect("valid");
+    assert_eq!(cfg.listen, "127.0.0.1:7443");
+    assert_eq!(cfg.data_dir, Path::new("/srv/fedtune/coordinator-data"));
+    assert_eq!(cfg.tls.cert, Path::new("/srv/fedtune/pki/server/cert.pem"));
+    assert_eq!(cfg.tls.client_ca, Path::new("/etc/fedtune/ca.pem"), "absolute paths stay");
+    assert_eq!(cfg.tls.revocation_list, None);
+    assert_eq!(cfg.limits.lease_seconds, 120);
+    assert_eq!(cfg.limits.max_attempts, 3);
+}
+
+#[test]
+fn bad_files_are_refused_with_the_file_and_the_reason() {
+    let path = Path::new("c.toml");
+    for (text, expect) in [
+        (GOOD.replace("version = 1", "version = 2"), "this coordinator reads version 1"),
+        (format!("{GOOD}\nlisten_port = 1\n"), "unknown field"),
+        (format!("{GOOD}\n[limits]\nlease_seconds = 1\n"), "lease_seconds >= 2"),
+        (GOOD.replace("client_ca = \"/etc/fedtune/ca.pem\"", ""), "client_ca"),
+    ] {
+        let err = ServerConfig::parse(&text, path).expect_err(expect).to_string();
+        assert!(err.starts_with("c.toml: "), "{err}");
+        assert!(err.contains(expect), "{err} should say {expect}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_64() {
+    let bin = env!("CARGO_BIN_EXE_coordinator");
+    let out = std::process::Command::new(bin).args(["serve"]).output().expect("run coordinator");
+    assert_eq!(out.status.code(), Some(64));
+    let out = std::process::Command::new(bin).arg("--version").output().expect("run coordinator");
+    assert_eq!(out.status.code(), Some(0));
+}
