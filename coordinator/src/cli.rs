@@ -23,18 +23,8 @@ use crate::pki::{LEAF_DAYS, Pki};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// More log detail (-v: debug, -vv: trace); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    /// Log format on stderr.
-    #[arg(long, global = true, value_enum, default_value = "text")]
-    pub log_format: LogFormat,
-}
-
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+    #[command(flatten)]
+    pub log: shared::cli::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]

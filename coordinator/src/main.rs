@@ -3,31 +3,14 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
-use coordinator::cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use coordinator::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match shared::cli::parse() {
         Ok(cli) => cli,
-        Err(e) => {
-            let usage = e.use_stderr();
-            let _ = e.print();
-            // Usage errors exit 64 (EX_USAGE); --help and --version exit 0.
-            return if usage { ExitCode::from(64) } else { ExitCode::SUCCESS };
-        }
+        Err(code) => return code,
     };
-    let level = match cli.verbose {
-        0 => "info",
-        1 => "debug",
-        _ => "trace",
-    };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    shared::cli::init_tracing(&cli.log);
     // One crypto provider for every TLS connection of the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {

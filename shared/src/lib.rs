@@ -8,12 +8,14 @@
 //!   the loss, and the frozen-prefix split.
 //! - [`weights`]: safetensors files whose `__metadata__` carries the model manifest.
 //! - [`metrics`]: Dice, HD95 and the paired statistics used by every report.
+//! - [`cli`]: the logging flags, exit codes and tracing set-up both binaries share.
 //!
 //! # Invariants
 //! This crate has no async runtime, no network and no database: it never depends on tokio,
 //! tonic or sled.
 //! Nothing in here sends anything anywhere; it only computes.
 
+pub mod cli;
 pub mod data;
 pub mod metrics;
 pub mod model;
