@@ -33,6 +33,29 @@ pub fn apply_deadline(round: &RoundRecord, tasks: &mut [TaskRecord], now_s: i64)
     changed
 }
 
+/// Moves a transfer round's waiting target tasks on once its source task is final: to
+/// Pending when the source succeeded and Model_S is known (`round.base_sha256`), else to
+/// Failed. Returns whether any task changed.
+pub fn release_waiting(round: &RoundRecord, tasks: &mut [TaskRecord]) -> bool {
+    let Some(source) = tasks.iter().find(|t| t.source) else { return false };
+    if !source.state.is_final() {
+        return false;
+    }
+    let next = if source.state == TaskState::Succeeded && round.base_sha256.is_some() {
+        TaskState::Pending
+    } else {
+        TaskState::Failed {
+            reason: format!("the source site {} did not deliver Model_S", source.site),
+        }
+    };
+    let mut changed = false;
+    for t in tasks.iter_mut().filter(|t| t.state == TaskState::Waiting) {
+        t.state = next.clone();
+        changed = true;
+    }
+    changed
+}
+
 /// Settles a running round once every task is final: Completed when at least `quorum` tasks
 /// succeeded, Failed otherwise. Returns whether the round changed.
 pub fn settle(round: &mut RoundRecord, tasks: &[TaskRecord]) -> bool {
@@ -66,6 +89,7 @@ mod tests {
             state,
             attempt,
             progress: Vec::new(),
+            source: false,
         }
     }
 
@@ -81,7 +105,33 @@ mod tests {
             deadline,
             state: RoundState::Running,
             tasks: vec!["t".into()],
+            source_spec: None,
         }
+    }
+
+    #[test]
+    fn waiting_targets_follow_their_source() {
+        let mut r = round(3, 1000);
+        let mut src = task(TaskState::Leased { deadline_ms: 5 }, 1);
+        src.source = true;
+        let mut tasks = vec![src, task(TaskState::Waiting, 0), task(TaskState::Waiting, 0)];
+        assert!(!release_waiting(&r, &mut tasks), "the source is still running");
+        assert!(!settle(&mut r, &tasks), "waiting tasks are not final");
+        tasks[0].state = TaskState::Succeeded;
+        r.base_sha256 = Some("ab".into());
+        assert!(release_waiting(&r, &mut tasks));
+        assert!(tasks[1..].iter().all(|t| t.state == TaskState::Pending));
+        assert!(!release_waiting(&r, &mut tasks), "released once");
+
+        let mut tasks = vec![tasks[0].clone(), task(TaskState::Waiting, 0)];
+        tasks[0].state = TaskState::Refused { reason: "sharing not allowed".into() };
+        assert!(release_waiting(&r, &mut tasks));
+        assert!(
+            matches!(&tasks[1].state, TaskState::Failed { reason } if reason.contains("Model_S"))
+        );
+        let mut r2 = round(2, 1000);
+        assert!(settle(&mut r2, &tasks));
+        assert!(matches!(r2.state, RoundState::Failed { .. }));
     }
 
     #[test]

@@ -17,7 +17,13 @@ use tonic::{Request, Status};
 
 use crate::identity::{self, Identity, Role};
 use crate::rounds;
-use crate::store::{RoundRecord, RoundState, Store, StoreError, TaskRecord, TaskState};
+use crate::store::{
+    ModelRecord, RoundRecord, RoundState, Store, StoreError, TaskRecord, TaskState,
+};
+use proto::limits;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio_stream::{Stream, StreamExt};
 
 /// Service errors, each mapped to one gRPC status in [`ServiceError::status`].
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +194,103 @@ impl Coordinator {
         Ok(id)
     }
 
+    /// Receives a weights file from `chunks` (at most 1 MiB each): checks the header, writes
+    /// a temp file while hashing, verifies size, sha256 and that it is a fedtune weights file,
+    /// fsyncs and renames it under `blobs/<sha256>`. Nothing is stored on any error.
+    pub(crate) async fn receive_blob<S>(
+        &self,
+        name: String,
+        header: &pb::ModelRef,
+        mut chunks: S,
+    ) -> SResult<ModelRecord>
+    where
+        S: Stream<Item = SResult<Vec<u8>>> + Unpin,
+    {
+        let c = self;
+        if header.size == 0 || header.size > limits::MAX_MODEL_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "model size {} is outside 1..={}",
+                header.size,
+                limits::MAX_MODEL_BYTES
+            )));
+        }
+        if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ServiceError::InvalidArgument("sha256 must be 64 hex digits".into()));
+        }
+        let sha = header.sha256.to_ascii_lowercase();
+        let tmp_dir = c.blobs.join("tmp");
+        let io = |path: &std::path::Path| {
+            let path = path.to_owned();
+            move |source| ServiceError::Io { path, source }
+        };
+        tokio::fs::create_dir_all(&tmp_dir).await.map_err(io(&tmp_dir))?;
+        let tmp = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
+            let mut hasher = Sha256::new();
+            let mut size = 0u64;
+            let mut bytes = Vec::new();
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk?;
+                if chunk.len() > limits::CHUNK_BYTES {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "chunk of {} bytes; at most {}",
+                        chunk.len(),
+                        limits::CHUNK_BYTES
+                    )));
+                }
+                size += chunk.len() as u64;
+                if size > header.size {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "more bytes than the header's size {}",
+                        header.size
+                    )));
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).await.map_err(io(&tmp))?;
+                bytes.extend_from_slice(&chunk);
+            }
+            if size != header.size {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "upload ended at {size} of {} bytes",
+                    header.size
+                )));
+            }
+            let got = hex::encode(hasher.finalize());
+            if got != sha {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "sha256 of the upload is {got}, the header said {sha}"
+                )));
+            }
+            let manifest = shared::weights::read_manifest(&bytes).map_err(|e| {
+                ServiceError::InvalidArgument(format!("not a fedtune weights file: {e}"))
+            })?;
+            file.sync_all().await.map_err(io(&tmp))?;
+            Ok(manifest)
+        }
+        .await;
+        let manifest = match result {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&tmp).await;
+                return Err(e);
+            }
+        };
+        let dest = c.blob_path(&sha);
+        tokio::fs::rename(&tmp, &dest).await.map_err(io(&dest))?;
+        if let Ok(dir) = tokio::fs::File::open(&c.blobs).await {
+            let _ = dir.sync_all().await;
+        }
+        Ok(ModelRecord {
+            sha256: sha,
+            size: header.size,
+            name,
+            created: now_s(),
+            config: manifest.config.name.clone(),
+            layers: manifest.layers.len() as u32,
+        })
+    }
+
     fn blob_path(&self, sha256: &str) -> PathBuf {
         self.blobs.join(sha256)
     }
@@ -211,7 +314,9 @@ impl Coordinator {
                     dirty.push(i);
                 }
             }
-            if rounds::apply_deadline(&round, &mut tasks, now_s) {
+            if rounds::apply_deadline(&round, &mut tasks, now_s)
+                | rounds::release_waiting(&round, &mut tasks)
+            {
                 dirty = (0..tasks.len()).collect();
             }
             let settled = rounds::settle(&mut round, &tasks);
@@ -245,6 +350,7 @@ impl Coordinator {
                 .iter()
                 .map(|t| {
                     let (state, reason) = match &t.state {
+                        TaskState::Waiting => (pb::TaskState::Waiting, String::new()),
                         TaskState::Pending => (pb::TaskState::Pending, String::new()),
                         TaskState::Leased { .. } => (pb::TaskState::Leased, String::new()),
                         TaskState::Succeeded => (pb::TaskState::Succeeded, String::new()),
@@ -261,6 +367,7 @@ impl Coordinator {
                             .ok()
                             .filter(|_| !t.progress.is_empty()),
                         reason,
+                        source: t.source,
                     }
                 })
                 .collect(),
@@ -268,7 +375,26 @@ impl Coordinator {
             created_unix: round.created,
             deadline_unix: round.deadline,
             reason,
+            source_spec: round.source_spec.as_deref().and_then(|b| pb::TaskSpec::decode(b).ok()),
         })
+    }
+
+    /// A round with the results of its succeeded tasks.
+    fn round_results(&self, round: &RoundRecord) -> SResult<pb::RoundResults> {
+        let mut results = Vec::new();
+        for t in self.store.round_tasks(round)? {
+            if let Some(bytes) = self.store.result(&t.id)? {
+                let result = pb::TaskResult::decode(bytes.as_slice()).map_err(|e| {
+                    ServiceError::Store(StoreError::Corrupt {
+                        tree: "results",
+                        key: t.id.clone(),
+                        error: e.to_string(),
+                    })
+                })?;
+                results.push(pb::SiteResult { site: t.site, result: Some(result) });
+            }
+        }
+        Ok(pb::RoundResults { round: Some(self.round_info(round)?), results })
     }
 
     fn model_ref(&self, sha256: &str) -> SResult<pb::ModelRef> {
@@ -286,7 +412,9 @@ impl Coordinator {
             .store
             .tasks()?
             .into_iter()
-            .filter(|t| t.site == site && !t.state.is_final())
+            .filter(|t| {
+                t.site == site && matches!(t.state, TaskState::Pending | TaskState::Leased { .. })
+            })
             .collect();
         tasks.sort_by(|a, b| a.id.cmp(&b.id));
         for mut task in tasks {
@@ -300,13 +428,19 @@ impl Coordinator {
             self.store.commit(None, &[&task], None)?;
             self.store.flush().await?;
             self.notify();
-            let base = round.base_sha256.as_deref().map(|s| self.model_ref(s)).transpose()?;
+            // A transfer round's source task trains Model_S from scratch: no base.
+            let (spec, base) = if task.source {
+                (round.source_spec.as_deref().unwrap_or_default(), None)
+            } else {
+                (round.spec.as_slice(), round.base_sha256.as_deref())
+            };
+            let base = base.map(|s| self.model_ref(s)).transpose()?;
             tracing::info!(task = %task.id, site, attempt = task.attempt, "task leased");
             return Ok(Some(pb::Task {
                 task_id: task.id,
                 attempt: task.attempt,
                 round_id: round.id,
-                spec: pb::TaskSpec::decode(round.spec.as_slice()).ok(),
+                spec: pb::TaskSpec::decode(spec).ok(),
                 base,
                 lease_seconds: lease,
             }));
@@ -335,12 +469,12 @@ impl Coordinator {
     }
 }
 
-fn check_result(r: &pb::TaskResult) -> SResult<()> {
+fn check_scores(organs: &[pb::OrganScores]) -> SResult<()> {
     let bad = |m: String| Err(ServiceError::InvalidArgument(m));
-    if r.organs.len() > 256 {
-        return bad(format!("{} organs in a result; at most 256", r.organs.len()));
+    if organs.len() > 256 {
+        return bad(format!("{} organs in a result; at most 256", organs.len()));
     }
-    for o in &r.organs {
+    for o in organs {
         if o.organ.is_empty() || o.organ.len() > 64 {
             return bad("organ names are 1 to 64 characters".into());
         }
@@ -358,14 +492,41 @@ fn check_result(r: &pb::TaskResult) -> SResult<()> {
             }
         }
     }
-    for (name, v) in [
+    Ok(())
+}
+
+fn check_durations(d: [(&str, f64); 3]) -> SResult<()> {
+    for (name, v) in d {
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(ServiceError::InvalidArgument(format!("{name} = {v} is not a duration")));
+        }
+    }
+    Ok(())
+}
+
+/// The most arms one transfer task may run (and report).
+pub const MAX_ARMS: usize = 64;
+
+fn check_result(r: &pb::TaskResult) -> SResult<()> {
+    check_scores(&r.organs)?;
+    check_durations([
         ("train_seconds", r.train_seconds),
         ("cache_seconds", r.cache_seconds),
         ("eval_seconds", r.eval_seconds),
-    ] {
-        if !(v.is_finite() && v >= 0.0) {
-            return bad(format!("{name} = {v} is not a duration"));
-        }
+    ])?;
+    if r.arms.len() > MAX_ARMS {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} arms in a result; at most {MAX_ARMS}",
+            r.arms.len()
+        )));
+    }
+    for a in &r.arms {
+        check_scores(&a.organs)?;
+        check_durations([
+            ("train_seconds", a.train_seconds),
+            ("cache_seconds", a.cache_seconds),
+            ("eval_seconds", a.eval_seconds),
+        ])?;
     }
     Ok(())
 }
@@ -386,4 +547,5 @@ mod admin;
 mod site;
 
 pub use admin::AdminApi;
+use admin::model_info;
 pub use site::SiteApi;

@@ -48,6 +48,7 @@ pub struct ModelRecord {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StudyRecord {
     pub name: String,
+    /// Empty for a study without a pushed base model (its transfer rounds train Model_S).
     pub base_sha256: String,
     pub sites: Vec<String>,
     pub created: i64,
@@ -76,12 +77,17 @@ pub struct RoundRecord {
     pub deadline: i64,
     pub state: RoundState,
     pub tasks: Vec<String>,
+    /// Transfer rounds with a source site: the source task's `pb::TaskSpec` bytes.
+    #[serde(default)]
+    pub source_spec: Option<Vec<u8>>,
 }
 
 /// Task lifecycle: Pending -> Leased -> Succeeded | Failed | Refused; Cancelled with its
 /// round; an expired lease returns to Pending while attempts remain.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskState {
+    /// A transfer round's target task, until the source site uploads Model_S.
+    Waiting,
     Pending,
     /// `deadline_ms`: Unix milliseconds when the lease ends unless renewed.
     Leased {
@@ -99,7 +105,7 @@ pub enum TaskState {
 
 impl TaskState {
     pub fn is_final(&self) -> bool {
-        !matches!(self, TaskState::Pending | TaskState::Leased { .. })
+        !matches!(self, TaskState::Waiting | TaskState::Pending | TaskState::Leased { .. })
     }
 }
 
@@ -114,6 +120,9 @@ pub struct TaskRecord {
     /// `pb::Progress` bytes from the last heartbeat.
     #[serde(default)]
     pub progress: Vec<u8>,
+    /// The source site's task of a transfer round (it runs the round's `source_spec`).
+    #[serde(default)]
+    pub source: bool,
 }
 
 /// The database and its trees.

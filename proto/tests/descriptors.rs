@@ -29,7 +29,7 @@ fn only_weights_chunks_are_bytes() {
         .map(|(m, f, _)| format!("{m}.{f}"))
         .collect();
     bytes.sort();
-    assert_eq!(bytes, ["ModelChunk.data", "PushModelRequest.chunk"]);
+    assert_eq!(bytes, ["ModelChunk.data", "PushModelRequest.chunk", "UploadModelRequest.chunk"]);
 }
 
 #[test]

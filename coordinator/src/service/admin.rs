@@ -4,10 +4,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use prost::Message;
-use proto::limits;
 use proto::pb::{self, admin_service_server::AdminService};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -15,8 +12,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Coordinator, SResult, ServiceError, identity_of, now_s};
 use crate::identity::{Identity, valid_name};
 use crate::store::{
-    ModelRecord, RoundRecord, RoundState, SiteRecord, StoreError, StudyRecord, TaskRecord,
-    TaskState,
+    ModelRecord, RoundRecord, RoundState, SiteRecord, StudyRecord, TaskRecord, TaskState,
 };
 
 type RoundStream = Pin<Box<dyn Stream<Item = Result<pb::RoundInfo, Status>> + Send>>;
@@ -43,7 +39,7 @@ fn site_info(s: &SiteRecord) -> pb::SiteInfo {
     }
 }
 
-fn model_info(m: &ModelRecord) -> pb::ModelInfo {
+pub(super) fn model_info(m: &ModelRecord) -> pb::ModelInfo {
     pb::ModelInfo {
         model: Some(pb::ModelRef { sha256: m.sha256.clone(), size: m.size, name: m.name.clone() }),
         created_unix: m.created,
@@ -57,7 +53,6 @@ impl AdminApi {
         &self,
         mut stream: Streaming<pb::PushModelRequest>,
     ) -> SResult<ModelRecord> {
-        let c = &self.0;
         let header = match stream.next().await {
             Some(Ok(pb::PushModelRequest {
                 part: Some(pb::push_model_request::Part::Header(h)),
@@ -75,97 +70,38 @@ impl AdminApi {
                 header.name
             )));
         }
-        if header.size == 0 || header.size > limits::MAX_MODEL_BYTES {
-            return Err(ServiceError::InvalidArgument(format!(
-                "model size {} is outside 1..={}",
-                header.size,
-                limits::MAX_MODEL_BYTES
-            )));
-        }
-        if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ServiceError::InvalidArgument("sha256 must be 64 hex digits".into()));
-        }
-        let sha = header.sha256.to_ascii_lowercase();
-        let tmp_dir = c.blobs.join("tmp");
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| ServiceError::Io { path, source }
-        };
-        tokio::fs::create_dir_all(&tmp_dir).await.map_err(io(&tmp_dir))?;
-        let tmp = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
-        let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            let mut bytes = Vec::new();
-            while let Some(msg) = stream.next().await {
-                let msg = msg.map_err(|s| ServiceError::InvalidArgument(format!("upload: {s}")))?;
-                let Some(pb::push_model_request::Part::Chunk(chunk)) = msg.part else {
-                    return Err(ServiceError::InvalidArgument(
-                        "a second header in one upload".into(),
-                    ));
-                };
-                if chunk.len() > limits::CHUNK_BYTES {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "chunk of {} bytes; at most {}",
-                        chunk.len(),
-                        limits::CHUNK_BYTES
-                    )));
-                }
-                size += chunk.len() as u64;
-                if size > header.size {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "more bytes than the header's size {}",
-                        header.size
-                    )));
-                }
-                hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(io(&tmp))?;
-                bytes.extend_from_slice(&chunk);
+        let chunks = stream.map(|m| match m {
+            Ok(pb::PushModelRequest { part: Some(pb::push_model_request::Part::Chunk(c)) }) => {
+                Ok(c)
             }
-            if size != header.size {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "upload ended at {size} of {} bytes",
-                    header.size
-                )));
-            }
-            let got = hex::encode(hasher.finalize());
-            if got != sha {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "sha256 of the upload is {got}, the header said {sha}"
-                )));
-            }
-            let manifest = shared::weights::read_manifest(&bytes).map_err(|e| {
-                ServiceError::InvalidArgument(format!("not a fedtune weights file: {e}"))
-            })?;
-            file.sync_all().await.map_err(io(&tmp))?;
-            Ok(manifest)
-        }
-        .await;
-        let manifest = match result {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
-            }
-        };
-        let dest = c.blob_path(&sha);
-        tokio::fs::rename(&tmp, &dest).await.map_err(io(&dest))?;
-        if let Ok(dir) = tokio::fs::File::open(&c.blobs).await {
-            let _ = dir.sync_all().await;
-        }
-        Ok(ModelRecord {
-            sha256: sha,
-            size: header.size,
-            name: header.name,
-            created: now_s(),
-            config: manifest.config.name.clone(),
-            layers: manifest.layers.len() as u32,
-        })
+            Ok(_) => Err(ServiceError::InvalidArgument("a second header in one upload".into())),
+            Err(s) => Err(ServiceError::InvalidArgument(format!("upload: {s}"))),
+        });
+        self.0.receive_blob(header.name.clone(), &header, chunks).await
     }
 
     fn round(&self, id: &str) -> SResult<RoundRecord> {
         self.0.store.round(id)?.ok_or_else(|| ServiceError::NotFound(format!("no round {id}")))
+    }
+}
+
+/// Epochs, batch size and learning rate within sane bounds.
+fn check_spec_numbers(spec: &pb::TaskSpec) -> Result<(), String> {
+    if spec.epochs > 10_000 || spec.batch_size > 4096 {
+        return Err("epochs <= 10000 and batch_size <= 4096".into());
+    }
+    if !(spec.learning_rate.is_finite() && spec.learning_rate >= 0.0 && spec.learning_rate < 10.0) {
+        return Err(format!("learning_rate = {} is not a learning rate", spec.learning_rate));
+    }
+    Ok(())
+}
+
+fn study_info(c: &Coordinator, s: StudyRecord) -> pb::StudyInfo {
+    pb::StudyInfo {
+        base: (!s.base_sha256.is_empty()).then(|| c.model_ref(&s.base_sha256).ok()).flatten(),
+        name: s.name,
+        sites: s.sites,
+        created_unix: s.created,
     }
 }
 
@@ -278,15 +214,19 @@ impl AdminService for AdminApi {
                 ServiceError::AlreadyExists(format!("study \"{}\" exists", body.name)).into()
             );
         }
-        let model =
-            c.store.model_by_ref(&body.base_model).map_err(ServiceError::from)?.ok_or_else(
+        // No base model: the study's transfer rounds train Model_S at a source site.
+        let model = if body.base_model.is_empty() {
+            None
+        } else {
+            Some(c.store.model_by_ref(&body.base_model).map_err(ServiceError::from)?.ok_or_else(
                 || {
                     ServiceError::NotFound(format!(
                         "no model \"{}\"; push it with `coordinator model push FILE --name NAME`",
                         body.base_model
                     ))
                 },
-            )?;
+            )?)
+        };
         if body.sites.is_empty() {
             return Err(
                 ServiceError::InvalidArgument("a study needs at least one site".into()).into()
@@ -305,18 +245,13 @@ impl AdminService for AdminApi {
         }
         let study = StudyRecord {
             name: body.name,
-            base_sha256: model.sha256.clone(),
+            base_sha256: model.map(|m| m.sha256).unwrap_or_default(),
             sites,
             created: now_s(),
         };
         c.store.put_study(&study).map_err(ServiceError::from)?;
         c.store.flush().await.map_err(ServiceError::from)?;
-        Ok(Response::new(pb::StudyInfo {
-            name: study.name,
-            base: Some(c.model_ref(&model.sha256)?),
-            sites: study.sites,
-            created_unix: study.created,
-        }))
+        Ok(Response::new(study_info(c, study)))
     }
 
     async fn list_studies(
@@ -327,15 +262,7 @@ impl AdminService for AdminApi {
         let c = &self.0;
         let studies = c.store.studies().map_err(ServiceError::from)?;
         Ok(Response::new(pb::ListStudiesResponse {
-            studies: studies
-                .into_iter()
-                .map(|s| pb::StudyInfo {
-                    base: c.model_ref(&s.base_sha256).ok(),
-                    name: s.name,
-                    sites: s.sites,
-                    created_unix: s.created,
-                })
-                .collect(),
+            studies: studies.into_iter().map(|s| study_info(c, s)).collect(),
         }))
     }
 
@@ -356,23 +283,90 @@ impl AdminService for AdminApi {
             .spec
             .ok_or_else(|| ServiceError::InvalidArgument("a round needs a task spec".into()))?;
         let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
-        let base =
-            c.store.model(&study.base_sha256).map_err(ServiceError::from)?.ok_or_else(|| {
-                ServiceError::NotFound(format!(
-                    "the study's base model {} is gone",
-                    study.base_sha256
-                ))
-            })?;
         let bad = |m: String| Status::from(ServiceError::InvalidArgument(m));
+        // Model_S is the study's base model, or is trained by the round's source site when the
+        // study has none yet. A source site never runs the target arms.
+        let source = (!body.source_site.is_empty()).then_some(body.source_site.as_str());
+        if let Some(site) = source {
+            if kind != pb::TaskKind::TransferTarget {
+                return Err(bad("a source site is for transfer rounds".into()));
+            }
+            if !study.sites.iter().any(|s| s == site) {
+                return Err(bad(format!(
+                    "source site \"{site}\" is not one of study {}'s sites ({})",
+                    study.name,
+                    study.sites.join(", ")
+                )));
+            }
+            if study.sites.len() < 2 {
+                return Err(bad("a transfer round needs a target site besides the source".into()));
+            }
+        }
+        let trains_source = source.is_some() && study.base_sha256.is_empty();
+        let source_spec = if trains_source {
+            let mut ss = body.source_spec.clone().unwrap_or_default();
+            ss.kind = pb::TaskKind::TransferSource as i32;
+            ss.arms.clear();
+            if ss.config.is_empty() {
+                ss.config = spec.config.clone();
+            }
+            check_spec_numbers(&ss).map_err(bad)?;
+            Some(ss)
+        } else {
+            None
+        };
+        // Model_S's config, to check the arms' k against (and to default it).
+        let config_name = match &source_spec {
+            Some(ss) => {
+                Some(if ss.config.is_empty() { "small".to_owned() } else { ss.config.clone() })
+            }
+            None if kind == pb::TaskKind::Train => None,
+            None => {
+                if study.base_sha256.is_empty() {
+                    return Err(bad(format!(
+                        "study {} has no base model: push one and create the study with --base, or name a --source site that trains Model_S",
+                        study.name
+                    )));
+                }
+                let base =
+                    c.store.model(&study.base_sha256).map_err(ServiceError::from)?.ok_or_else(
+                        || {
+                            ServiceError::NotFound(format!(
+                                "the study's base model {} is gone",
+                                study.base_sha256
+                            ))
+                        },
+                    )?;
+                Some(base.config)
+            }
+        };
+        let config = config_name
+            .map(|name| {
+                shared::model::ModelConfig::preset(&name)
+                    .map_err(|_| bad(format!("config \"{name}\": use tiny, small or resnet103")))
+            })
+            .transpose()?;
+        let base_layers = config.as_ref().map_or(0, |c| c.num_layers() as u32);
+        let mut spec = spec;
+        if let Some(config) = &config {
+            // k = 0: the paper's share of the layers.
+            for arm in spec
+                .arms
+                .iter_mut()
+                .filter(|a| a.kind == pb::ArmKind::Finetune as i32 && a.trainable_layers == 0)
+            {
+                arm.trainable_layers = config.default_trainable_layers() as u32;
+            }
+        }
         match kind {
-            pb::TaskKind::Unspecified => {
-                return Err(bad("task kind: use evaluate, finetune or train".into()));
+            pb::TaskKind::Unspecified | pb::TaskKind::TransferSource => {
+                return Err(bad("task kind: use evaluate, finetune, train or transfer".into()));
             }
             pb::TaskKind::Finetune => {
-                if spec.trainable_layers == 0 || spec.trainable_layers > base.layers {
+                if spec.trainable_layers == 0 || spec.trainable_layers > base_layers {
                     return Err(bad(format!(
-                        "trainable_layers = {}; the base model has {} layers",
-                        spec.trainable_layers, base.layers
+                        "trainable_layers = {}; the base model has {base_layers} layers",
+                        spec.trainable_layers
                     )));
                 }
             }
@@ -386,24 +380,45 @@ impl AdminService for AdminApi {
                     )));
                 }
             }
+            pb::TaskKind::TransferTarget => {
+                if spec.arms.is_empty() || spec.arms.len() > super::MAX_ARMS {
+                    return Err(bad(format!(
+                        "a transfer round runs 1 to {} arms, not {}",
+                        super::MAX_ARMS,
+                        spec.arms.len()
+                    )));
+                }
+                for (i, arm) in spec.arms.iter().enumerate() {
+                    let ak = pb::ArmKind::try_from(arm.kind).unwrap_or(pb::ArmKind::Unspecified);
+                    if ak == pb::ArmKind::Unspecified {
+                        return Err(bad(format!("arm {i}: kind is base, scratch or finetune")));
+                    }
+                    if ak == pb::ArmKind::Finetune
+                        && (arm.trainable_layers == 0 || arm.trainable_layers > base_layers)
+                    {
+                        return Err(bad(format!(
+                            "arm {i}: trainable_layers = {}; Model_S has {base_layers} layers",
+                            arm.trainable_layers
+                        )));
+                    }
+                    check_spec_numbers(&pb::TaskSpec {
+                        epochs: arm.epochs,
+                        learning_rate: arm.learning_rate,
+                        ..Default::default()
+                    })
+                    .map_err(|m| bad(format!("arm {i}: {m}")))?;
+                }
+            }
             pb::TaskKind::Evaluate => {}
         }
-        if spec.epochs > 10_000 || spec.batch_size > 4096 {
-            return Err(bad("epochs <= 10000 and batch_size <= 4096".into()));
-        }
-        if !(spec.learning_rate.is_finite()
-            && spec.learning_rate >= 0.0
-            && spec.learning_rate < 10.0)
-        {
-            return Err(bad(format!(
-                "learning_rate = {} is not a learning rate",
-                spec.learning_rate
-            )));
-        }
-        let n = study.sites.len() as u32;
+        check_spec_numbers(&spec).map_err(bad)?;
+        // One task per study site; a source site that does not train Model_S has none.
+        let sites: Vec<&String> =
+            study.sites.iter().filter(|s| trains_source || source != Some(s.as_str())).collect();
+        let n = sites.len() as u32;
         let quorum = if body.quorum == 0 { n } else { body.quorum };
         if quorum > n {
-            return Err(bad(format!("quorum {quorum} is more than the study's {n} sites")));
+            return Err(bad(format!("quorum {quorum} is more than the round's {n} sites")));
         }
         let deadline = if body.deadline_seconds == 0 {
             c.limits.round_deadline_seconds
@@ -413,29 +428,39 @@ impl AdminService for AdminApi {
         let max_attempts =
             if body.max_attempts == 0 { c.limits.max_attempts } else { body.max_attempts.min(100) };
         let id = format!("r{}-{:06x}", now_s(), rand::random::<u32>() & 0xff_ffff);
-        let tasks: Vec<TaskRecord> = study
-            .sites
+        let tasks: Vec<TaskRecord> = sites
             .iter()
-            .map(|s| TaskRecord {
-                id: format!("{id}.{s}"),
-                round_id: id.clone(),
-                site: s.clone(),
-                state: TaskState::Pending,
-                attempt: 0,
-                progress: Vec::new(),
+            .map(|s| {
+                let is_source = trains_source && source == Some(s.as_str());
+                TaskRecord {
+                    id: format!("{id}.{s}"),
+                    round_id: id.clone(),
+                    site: (*s).clone(),
+                    state: if trains_source && !is_source {
+                        TaskState::Waiting
+                    } else {
+                        TaskState::Pending
+                    },
+                    attempt: 0,
+                    progress: Vec::new(),
+                    source: is_source,
+                }
             })
             .collect();
         let round = RoundRecord {
             id: id.clone(),
             study: study.name.clone(),
             spec: spec.encode_to_vec(),
-            base_sha256: (kind != pb::TaskKind::Train).then(|| study.base_sha256.clone()),
+            // Set when the source site uploads Model_S.
+            base_sha256: (kind != pb::TaskKind::Train && !trains_source)
+                .then(|| study.base_sha256.clone()),
             quorum,
             max_attempts,
             created: now_s(),
             deadline: now_s() + i64::from(deadline),
             state: RoundState::Running,
             tasks: tasks.iter().map(|t| t.id.clone()).collect(),
+            source_spec: source_spec.map(|s| s.encode_to_vec()),
         };
         c.store
             .commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)
@@ -532,19 +557,30 @@ impl AdminService for AdminApi {
         admin(&req)?;
         let c = &self.0;
         let round = self.round(&req.get_ref().round_id)?;
-        let mut results = Vec::new();
-        for t in c.store.round_tasks(&round).map_err(ServiceError::from)? {
-            if let Some(bytes) = c.store.result(&t.id).map_err(ServiceError::from)? {
-                let result = pb::TaskResult::decode(bytes.as_slice()).map_err(|e| {
-                    ServiceError::Store(StoreError::Corrupt {
-                        tree: "results",
-                        key: t.id.clone(),
-                        error: e.to_string(),
-                    })
-                })?;
-                results.push(pb::SiteResult { site: t.site, result: Some(result) });
-            }
-        }
-        Ok(Response::new(pb::RoundResults { round: Some(c.round_info(&round)?), results }))
+        Ok(Response::new(c.round_results(&round)?))
+    }
+
+    async fn get_study_results(
+        &self,
+        req: Request<pb::StudyRequest>,
+    ) -> Result<Response<pb::StudyResults>, Status> {
+        admin(&req)?;
+        let c = &self.0;
+        let name = &req.get_ref().name;
+        let study = c
+            .store
+            .study(name)
+            .map_err(ServiceError::from)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no study \"{name}\"")))?;
+        let mut rounds: Vec<RoundRecord> = c
+            .store
+            .rounds()
+            .map_err(ServiceError::from)?
+            .into_iter()
+            .filter(|r| &r.study == name)
+            .collect();
+        rounds.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        let rounds = rounds.iter().map(|r| c.round_results(r)).collect::<SResult<Vec<_>>>()?;
+        Ok(Response::new(pb::StudyResults { study: Some(study_info(c, study)), rounds }))
     }
 }

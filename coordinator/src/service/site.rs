@@ -9,12 +9,12 @@ use proto::limits;
 use proto::pb::{self, site_service_server::SiteService};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
-use tokio_stream::{Stream, wrappers::ReceiverStream};
-use tonic::{Request, Response, Status};
+use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, ServiceError, check_result, identity_of, now_ms, now_s, reason_name};
 use crate::rounds;
-use crate::store::{RoundState, SiteRecord, TaskState};
+use crate::store::{RoundState, SiteRecord, TaskRecord, TaskState};
 
 // === impl SiteService ===
 
@@ -194,6 +194,18 @@ impl SiteService for SiteApi {
         match body.outcome {
             Some(pb::submit_result_request::Outcome::Result(r)) => {
                 check_result(&r)?;
+                if task.source {
+                    // Model_S must have arrived (UploadModel) before the source's result.
+                    let uploaded = c.store.model(&r.weights_sha256).map_err(ServiceError::from)?;
+                    if r.weights_sha256.is_empty() || uploaded.is_none() {
+                        return Err(ServiceError::FailedPrecondition(format!(
+                            "task {} trains Model_S: upload its weights ({}) before the result",
+                            task.id, r.weights_sha256
+                        ))
+                        .into());
+                    }
+                    round.base_sha256 = Some(r.weights_sha256.clone());
+                }
                 result_bytes = Some(r.encode_to_vec());
                 task.state = TaskState::Succeeded;
             }
@@ -222,17 +234,99 @@ impl SiteService for SiteApi {
         if let Some(t) = tasks.iter_mut().find(|t| t.id == task.id) {
             *t = task.clone();
         }
+        // A source's outcome releases (or fails) the targets waiting for Model_S.
+        let released = rounds::release_waiting(&round, &mut tasks);
         let settled = rounds::settle(&mut round, &tasks);
+        let changed: Vec<&TaskRecord> = if released { tasks.iter().collect() } else { vec![&task] };
         c.store
             .commit(
-                settled.then_some(&round),
-                &[&task],
+                (settled || task.source).then_some(&round),
+                &changed,
                 result_bytes.as_deref().map(|b| (task.id.as_str(), b)),
             )
             .map_err(ServiceError::from)?;
+        if task.source
+            && let Some(sha) = &round.base_sha256
+            && let Some(mut study) = c.store.study(&round.study).map_err(ServiceError::from)?
+            && study.base_sha256.is_empty()
+        {
+            // The study's first Model_S becomes its base model for later rounds.
+            study.base_sha256 = sha.clone();
+            c.store.put_study(&study).map_err(ServiceError::from)?;
+        }
         c.store.flush().await.map_err(ServiceError::from)?;
         c.notify();
         tracing::info!(task = %task.id, site = %id.name, state = ?task.state, "result recorded");
         Ok(Response::new(pb::SubmitResultResponse { recorded: true }))
+    }
+
+    async fn upload_model(
+        &self,
+        req: Request<Streaming<pb::UploadModelRequest>>,
+    ) -> Result<Response<pb::ModelInfo>, Status> {
+        let id = identity_of(&req)?;
+        let c = &self.0;
+        let mut stream = req.into_inner();
+        let header = match stream.next().await {
+            Some(Ok(pb::UploadModelRequest {
+                part: Some(pb::upload_model_request::Part::Header(h)),
+            })) => h,
+            Some(Err(s)) => {
+                return Err(ServiceError::InvalidArgument(format!("upload: {s}")).into());
+            }
+            _ => {
+                return Err(ServiceError::InvalidArgument(
+                    "an upload starts with its header".into(),
+                )
+                .into());
+            }
+        };
+        let model = header.model.clone().unwrap_or_default();
+        // Only the lessee of a source task, whose own policy (as its Hello said) shares
+        // weights, may upload, and only before the task's result.
+        {
+            let (task, round) = c.owned_task(&id.name, &header.task_id)?;
+            let leased = matches!(task.state, TaskState::Leased { .. })
+                && task.attempt == header.attempt
+                && round.state == RoundState::Running;
+            if !task.source || !leased {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "task {} (attempt {}) is not a source task leased to \"{}\"; nothing to upload",
+                    header.task_id, header.attempt, id.name
+                ))
+                .into());
+            }
+            let site = c.store.site(&id.name).map_err(ServiceError::from)?.unwrap_or_default();
+            let shares = pb::Capabilities::decode(site.capabilities.as_slice())
+                .map(|cap| cap.share_weights)
+                .unwrap_or(false);
+            if !shares {
+                return Err(ServiceError::PermissionDenied(format!(
+                    "site \"{}\" said in its hello that its policy does not share weights",
+                    id.name
+                ))
+                .into());
+            }
+        }
+        if let Some(m) =
+            c.store.model(&model.sha256.to_ascii_lowercase()).map_err(ServiceError::from)?
+        {
+            // A retried upload of the same bytes.
+            return Ok(Response::new(super::model_info(&m)));
+        }
+        let chunks = stream.map(|m| match m {
+            Ok(pb::UploadModelRequest { part: Some(pb::upload_model_request::Part::Chunk(c)) }) => {
+                Ok(c)
+            }
+            Ok(_) => Err(ServiceError::InvalidArgument("a second header in one upload".into())),
+            Err(s) => Err(ServiceError::InvalidArgument(format!("upload: {s}"))),
+        });
+        let name = format!("model-s-{}", header.task_id.split('.').next().unwrap_or_default());
+        let record = c.receive_blob(name, &model, chunks).await?;
+        let _w = c.write.lock().await;
+        c.store.put_model(&record).map_err(ServiceError::from)?;
+        c.store.flush().await.map_err(ServiceError::from)?;
+        tracing::info!(site = %id.name, task = %header.task_id, sha256 = %record.sha256, "Model_S uploaded");
+        Ok(Response::new(super::model_info(&record)))
     }
 }

@@ -65,7 +65,8 @@ impl Default for StorageConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
-    /// Task kinds this site runs. Default: evaluate, finetune, train.
+    /// Task kinds this site runs. Default: evaluate, finetune, train, transfer (a transfer
+    /// source also needs `share_weights`).
     pub allowed_tasks: Vec<String>,
     /// Most epochs a task may ask for. Default 200.
     pub max_epochs: u32,
@@ -78,7 +79,12 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
-            allowed_tasks: vec!["evaluate".into(), "finetune".into(), "train".into()],
+            allowed_tasks: vec![
+                "evaluate".into(),
+                "finetune".into(),
+                "train".into(),
+                "transfer".into(),
+            ],
             max_epochs: 200,
             max_hours: 24.0,
             share_weights: false,
@@ -143,9 +149,9 @@ impl SiteConfig {
             ));
         }
         for kind in &cfg.policy.allowed_tasks {
-            if !["evaluate", "finetune", "train"].contains(&kind.as_str()) {
+            if !["evaluate", "finetune", "train", "transfer"].contains(&kind.as_str()) {
                 problems.push(format!(
-                    "policy.allowed_tasks: unknown kind \"{kind}\" (evaluate, finetune, train)"
+                    "policy.allowed_tasks: unknown kind \"{kind}\" (evaluate, finetune, train, transfer)"
                 ));
             }
         }

@@ -6,9 +6,9 @@ use std::time::Instant;
 
 use candle_core::Device;
 use proto::pb;
-use shared::data::{Manifest, Split};
+use shared::data::{Dataset, Manifest, Split};
 use shared::model::{ModelConfig, Net};
-use shared::weights;
+use shared::weights::{self, WeightsManifest};
 
 use super::config::{Policy, SiteConfig};
 use crate::evaluate::evaluate;
@@ -33,11 +33,13 @@ impl Outcome {
     }
 }
 
+/// The policy's name for a task kind (`policy.allowed_tasks`).
 pub fn kind_name(kind: pb::TaskKind) -> &'static str {
     match kind {
         pb::TaskKind::Evaluate => "evaluate",
         pb::TaskKind::Finetune => "finetune",
         pb::TaskKind::Train => "train",
+        pb::TaskKind::TransferSource | pb::TaskKind::TransferTarget => "transfer",
         pb::TaskKind::Unspecified => "unspecified",
     }
 }
@@ -56,15 +58,27 @@ pub fn check_policy(
     if !policy.allowed_tasks.iter().any(|k| k == kind_name(kind)) {
         return Some(pb::RefusalCode::KindNotAllowed);
     }
-    let epochs = effective_epochs(spec);
-    if kind != pb::TaskKind::Evaluate {
-        if epochs > policy.max_epochs {
-            return Some(pb::RefusalCode::TooManyEpochs);
-        }
-        let hours = epochs as f64 * train_slices as f64 * SECONDS_PER_SLICE_EPOCH / 3600.0;
-        if hours > policy.max_hours {
-            return Some(pb::RefusalCode::TooLong);
-        }
+    if kind == pb::TaskKind::TransferSource && !policy.share_weights {
+        return Some(pb::RefusalCode::SharingNotAllowed);
+    }
+    // Epochs of every model the task trains.
+    let trainings: Vec<u32> = match kind {
+        pb::TaskKind::Evaluate => Vec::new(),
+        pb::TaskKind::TransferTarget => spec
+            .arms
+            .iter()
+            .filter(|a| a.kind != pb::ArmKind::Base as i32)
+            .map(|a| if a.epochs == 0 { effective_epochs(spec) } else { a.epochs })
+            .collect(),
+        _ => vec![effective_epochs(spec)],
+    };
+    if trainings.iter().any(|&e| e > policy.max_epochs) {
+        return Some(pb::RefusalCode::TooManyEpochs);
+    }
+    let epochs: u32 = trainings.iter().sum();
+    let hours = f64::from(epochs) * train_slices as f64 * SECONDS_PER_SLICE_EPOCH / 3600.0;
+    if hours > policy.max_hours {
+        return Some(pb::RefusalCode::TooLong);
     }
     None
 }
@@ -120,6 +134,162 @@ impl Site {
     }
 }
 
+/// Where a task's trained weights stay at the site (and, for a transfer source, what is
+/// uploaded).
+pub fn weights_path(site: &Site, task_id: &str, arm: Option<usize>) -> PathBuf {
+    let name = match arm {
+        None => format!("{task_id}.safetensors"),
+        Some(i) => format!("{task_id}.arm{i}.safetensors"),
+    };
+    site.storage.join("weights").join(name)
+}
+
+/// Logs `e` (details stay in this site's log) and fails with `code`.
+fn fail<E: std::fmt::Display>(
+    code: pb::FailureCode,
+    what: &'static str,
+) -> impl FnOnce(E) -> pb::FailureCode {
+    move |e| {
+        tracing::error!(error = %e, "{what}");
+        code
+    }
+}
+
+/// Training one model: what to train, on which slices, and where its weights go.
+struct Training<'a> {
+    net: &'a Net,
+    k: usize,
+    slices: &'a SliceSet,
+    opts: TrainOptions,
+    parent: Option<String>,
+    out: PathBuf,
+}
+
+/// What running a task needs besides the work itself.
+struct Runner<'a> {
+    progress: &'a mut dyn FnMut(pb::Progress),
+    stop: &'a dyn Fn() -> bool,
+    /// The share of the task's progress this step covers.
+    span: (f64, f64),
+}
+
+impl Runner<'_> {
+    fn phase(&mut self, name: &str, at: f64) {
+        let fraction = self.span.0 + (self.span.1 - self.span.0) * at;
+        (self.progress)(pb::Progress { phase: name.into(), fraction, ..Default::default() });
+    }
+
+    /// Trains, saves the weights at the site, and returns the arm's training figures.
+    fn train(&mut self, t: Training<'_>) -> Result<pb::ArmResult, pb::FailureCode> {
+        let epochs = t.opts.epochs as u32;
+        let (lo, hi) = self.span;
+        let progress = &mut *self.progress;
+        let mut on_event = |e: &TrainEvent| match *e {
+            TrainEvent::Caching { done, total } => progress(pb::Progress {
+                phase: "cache".into(),
+                fraction: lo + (hi - lo) * 0.1 * done as f64 / total.max(1) as f64,
+                epochs,
+                ..Default::default()
+            }),
+            TrainEvent::Step { epoch, step, steps_per_epoch, loss } => progress(pb::Progress {
+                phase: "train".into(),
+                epoch: epoch as u32 + 1,
+                epochs,
+                loss,
+                fraction: lo
+                    + (hi - lo)
+                        * (0.1
+                            + 0.8
+                                * (epoch as f64
+                                    + (step + 1) as f64 / steps_per_epoch.max(1) as f64)
+                                / f64::from(epochs.max(1))),
+            }),
+            TrainEvent::Epoch { .. } => {}
+        };
+        let report = match train_until(t.net, t.k, t.slices, &t.opts, &mut on_event, self.stop) {
+            Ok(r) => r,
+            Err(TrainError::Stopped) => {
+                return Err(pb::FailureCode::AgentShutdown);
+            }
+            Err(TrainError::Diverged(..)) => {
+                return Err(pb::FailureCode::Diverged);
+            }
+            Err(e) => return Err(fail(pb::FailureCode::Internal, "training")(e)),
+        };
+        let prov = report.provenance(t.parent, t.net.num_layers(), &t.opts);
+        if let Some(dir) = t.out.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(fail(pb::FailureCode::Internal, "creating the weights folder"))?;
+        }
+        let sha = weights::save(t.net, &prov, &t.out)
+            .map_err(fail(pb::FailureCode::Internal, "saving the trained weights"))?;
+        tracing::info!(path = %t.out.display(), "trained weights kept at this site");
+        Ok(pb::ArmResult {
+            train_seconds: report.seconds,
+            cache_seconds: report.cache_seconds,
+            epoch_losses: report.epoch_losses,
+            weights_sha256: sha,
+            train_slices: report.slices as u32,
+            trainable_layers: t.k as u32,
+            ..Default::default()
+        })
+    }
+
+    /// Scores `net` on the test split: per organ, per case index.
+    fn evaluate(
+        &mut self,
+        net: &Net,
+        test: &Dataset,
+        arm: &mut pb::ArmResult,
+    ) -> Result<(), pb::FailureCode> {
+        self.phase("evaluate", 0.92);
+        let started = Instant::now();
+        let cases = evaluate(net, test).map_err(fail(pb::FailureCode::Internal, "evaluation"))?;
+        arm.eval_seconds = started.elapsed().as_secs_f64();
+        let organs = &test.organs;
+        arm.organs = organs
+            .labels()
+            .into_iter()
+            .map(|label| pb::OrganScores {
+                organ: organs.name(label).unwrap_or("?").to_owned(),
+                cases: cases
+                    .iter()
+                    .filter_map(|c| {
+                        c.scores.iter().find(|s| s.label == label).map(|s| pb::CaseScore {
+                            case_index: c.case_index as u32,
+                            dice: s.dice,
+                            hd95_mm: s.hd95_mm,
+                        })
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(())
+    }
+}
+
+fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
+    site.manifest.load_split(split).map_err(|e| {
+        tracing::error!(error = %e, ?split, "the split failed validation");
+        pb::FailureCode::DataInvalid
+    })
+}
+
+/// Base weights that fit this site's organ map: the net, its manifest and sha256.
+fn load_base(bytes: &[u8], site: &Site) -> Result<(Net, WeightsManifest, String), pb::FailureCode> {
+    let (net, manifest, sha) = weights::from_bytes(bytes, &Device::Cpu)
+        .map_err(fail(pb::FailureCode::ModelMismatch, "loading the base weights"))?;
+    if manifest.organs != site.manifest.organs {
+        tracing::error!(
+            model = ?manifest.organs.names(),
+            site = ?site.manifest.organs.names(),
+            "the base model's organ map differs from this site's manifest"
+        );
+        return Err(pb::FailureCode::ModelMismatch);
+    }
+    Ok((net, manifest, sha))
+}
+
 /// Runs a task whose base weights (if any) are at `base`. `progress` gets phase and training
 /// events; `stop` is polled after every optimizer step.
 pub fn run_task(
@@ -131,163 +301,176 @@ pub fn run_task(
 ) -> Outcome {
     let spec = task.spec.clone().unwrap_or_default();
     let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
-    let device = Device::Cpu;
+    let mut runner = Runner { progress, stop, span: (0.05, 1.0) };
+    let result = match kind {
+        pb::TaskKind::TransferTarget => run_arms(site, task, &spec, base, &mut runner),
+        pb::TaskKind::Unspecified => Err(pb::FailureCode::Internal),
+        _ => run_single(site, task, kind, &spec, base, &mut runner),
+    };
+    runner.span = (0.0, 1.0);
+    runner.phase("done", 1.0);
+    match result {
+        Ok(r) => Outcome::Result(r),
+        Err(code) => Outcome::Failure(code),
+    }
+}
+
+/// Evaluate, finetune, train and transfer-source: one model, trained or not, then scored.
+fn run_single(
+    site: &Site,
+    task: &pb::Task,
+    kind: pb::TaskKind,
+    spec: &pb::TaskSpec,
+    base: Option<&Path>,
+    runner: &mut Runner<'_>,
+) -> Result<pb::TaskResult, pb::FailureCode> {
     let organs = &site.manifest.organs;
-    let phase = |name: &str, fraction: f64| pb::Progress {
-        phase: name.into(),
-        fraction,
-        ..Default::default()
-    };
-
-    // The base model, or a new one for `train`.
+    let opts = train_options(spec);
     let (net, parent) = match (kind, base) {
-        (pb::TaskKind::Train, _) => {
+        (pb::TaskKind::Train | pb::TaskKind::TransferSource, _) => {
             let name = if spec.config.is_empty() { "small" } else { spec.config.as_str() };
-            let config = match ModelConfig::preset(name) {
-                Ok(c) => c,
-                Err(_) => return Outcome::Failure(pb::FailureCode::ModelMismatch),
-            };
-            match Net::new(&config, organs, train_options(&spec).seed, &device) {
-                Ok(n) => (n, None),
-                Err(e) => {
-                    tracing::error!(error = %e, "building the model");
-                    return Outcome::Failure(pb::FailureCode::Internal);
-                }
-            }
+            let config = ModelConfig::preset(name)
+                .map_err(fail(pb::FailureCode::ModelMismatch, "the task's model config"))?;
+            let net = Net::new(&config, organs, opts.seed, &Device::Cpu)
+                .map_err(fail(pb::FailureCode::Internal, "building the model"))?;
+            (net, None)
         }
-        (_, Some(path)) => match weights::load(path, &device) {
-            Ok((net, manifest, sha)) => {
-                if &manifest.organs != organs {
-                    tracing::error!(
-                        model = ?manifest.organs.names(),
-                        site = ?organs.names(),
-                        "the base model's organ map differs from this site's manifest"
-                    );
-                    return Outcome::Failure(pb::FailureCode::ModelMismatch);
-                }
-                (net, Some(sha))
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "loading the base weights");
-                return Outcome::Failure(pb::FailureCode::ModelMismatch);
-            }
-        },
-        (_, None) => return Outcome::Failure(pb::FailureCode::Internal),
-    };
-
-    // Validate and load the data (details stay in this site's log, never in the result).
-    progress(phase("load", 0.05));
-    let test = match site.manifest.load_split(Split::Test) {
-        Ok(d) => d,
-        Err(e) => {
-            tracing::error!(error = %e, "the test split failed validation");
-            return Outcome::Failure(pb::FailureCode::DataInvalid);
+        (_, Some(path)) => {
+            let bytes = std::fs::read(path)
+                .map_err(fail(pb::FailureCode::Internal, "reading the base weights"))?;
+            let (net, _, sha) = load_base(&bytes, site)?;
+            (net, Some(sha))
         }
+        (_, None) => return Err(pb::FailureCode::Internal),
     };
-
-    let mut result = pb::TaskResult { device: "cpu".into(), ..Default::default() };
+    runner.phase("load", 0.0);
+    let test = load_split(site, Split::Test)?;
+    let mut arm = pb::ArmResult::default();
     if kind != pb::TaskKind::Evaluate {
-        let train = match site.manifest.load_split(Split::Train) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(error = %e, "the training split failed validation");
-                return Outcome::Failure(pb::FailureCode::DataInvalid);
-            }
-        };
+        let train = load_split(site, Split::Train)?;
         let k = match kind {
             pb::TaskKind::Finetune => spec.trainable_layers as usize,
             _ => net.num_layers(),
         };
         if k == 0 || k > net.num_layers() {
-            return Outcome::Failure(pb::FailureCode::ModelMismatch);
+            return Err(pb::FailureCode::ModelMismatch);
         }
-        let opts = train_options(&spec);
-        let slices = match SliceSet::from_dataset(&train, &net) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "preparing training slices");
-                return Outcome::Failure(pb::FailureCode::Internal);
-            }
-        };
-        let epochs = opts.epochs as u32;
-        let mut on_event = |e: &TrainEvent| match *e {
-            TrainEvent::Caching { done, total } => progress(pb::Progress {
-                phase: "cache".into(),
-                fraction: 0.1 * done as f64 / total.max(1) as f64,
-                epochs,
-                ..Default::default()
-            }),
-            TrainEvent::Step { epoch, step, steps_per_epoch, loss } => progress(pb::Progress {
-                phase: "train".into(),
-                epoch: epoch as u32 + 1,
-                epochs,
-                loss,
-                fraction: 0.1
-                    + 0.8 * (epoch as f64 + (step + 1) as f64 / steps_per_epoch.max(1) as f64)
-                        / f64::from(epochs.max(1)),
-            }),
-            TrainEvent::Epoch { .. } => {}
-        };
-        let report = match train_until(&net, k, &slices, &opts, &mut on_event, stop) {
-            Ok(r) => r,
-            Err(TrainError::Stopped) => return Outcome::Failure(pb::FailureCode::AgentShutdown),
-            Err(TrainError::Diverged(..)) => return Outcome::Failure(pb::FailureCode::Diverged),
-            Err(e) => {
-                tracing::error!(error = %e, "training");
-                return Outcome::Failure(pb::FailureCode::Internal);
-            }
-        };
-        let prov = report.provenance(parent, net.num_layers(), &opts);
-        let out = site.storage.join("weights").join(format!("{}.safetensors", task.task_id));
-        if let Some(dir) = out.parent()
-            && let Err(e) = std::fs::create_dir_all(dir)
-        {
-            tracing::error!(error = %e, dir = %dir.display(), "creating the weights folder");
-            return Outcome::Failure(pb::FailureCode::Internal);
-        }
-        match weights::save(&net, &prov, &out) {
-            Ok(sha) => {
-                tracing::info!(path = %out.display(), "trained weights kept at this site");
-                result.weights_sha256 = sha;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "saving the trained weights");
-                return Outcome::Failure(pb::FailureCode::Internal);
-            }
-        }
-        result.train_seconds = report.seconds;
-        result.cache_seconds = report.cache_seconds;
-        result.epoch_losses = report.epoch_losses;
-        result.train_slices = report.slices as u32;
+        let slices = SliceSet::from_dataset(&train, &net)
+            .map_err(fail(pb::FailureCode::Internal, "preparing training slices"))?;
+        arm = runner.train(Training {
+            net: &net,
+            k,
+            slices: &slices,
+            opts,
+            parent,
+            out: weights_path(site, &task.task_id, None),
+        })?;
+        arm.train_cases = train.cases.len() as u32;
     }
+    runner.evaluate(&net, &test, &mut arm)?;
+    Ok(pb::TaskResult {
+        organs: arm.organs,
+        train_seconds: arm.train_seconds,
+        cache_seconds: arm.cache_seconds,
+        eval_seconds: arm.eval_seconds,
+        epoch_losses: arm.epoch_losses,
+        device: "cpu".into(),
+        weights_sha256: arm.weights_sha256,
+        train_slices: arm.train_slices,
+        arms: Vec::new(),
+    })
+}
 
-    progress(phase("evaluate", 0.92));
-    let started = Instant::now();
-    let cases = match evaluate(&net, &test) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "evaluation");
-            return Outcome::Failure(pb::FailureCode::Internal);
-        }
+/// A transfer target: every arm of the spec against the base model (Model_S), in order.
+fn run_arms(
+    site: &Site,
+    task: &pb::Task,
+    spec: &pb::TaskSpec,
+    base: Option<&Path>,
+    runner: &mut Runner<'_>,
+) -> Result<pb::TaskResult, pb::FailureCode> {
+    let organs = &site.manifest.organs;
+    let path = base.ok_or(pb::FailureCode::Internal)?;
+    let bytes =
+        std::fs::read(path).map_err(fail(pb::FailureCode::Internal, "reading the base weights"))?;
+    let (base_net, base_manifest, base_sha) = load_base(&bytes, site)?;
+    runner.phase("load", 0.0);
+    let test = load_split(site, Split::Test)?;
+    let train = if spec.arms.iter().any(|a| a.kind != pb::ArmKind::Base as i32) {
+        load_split(site, Split::Train)?
+    } else {
+        Dataset { organs: organs.clone(), cases: Vec::new() }
     };
-    result.eval_seconds = started.elapsed().as_secs_f64();
-    result.organs = organs
-        .labels()
-        .into_iter()
-        .map(|label| pb::OrganScores {
-            organ: organs.name(label).unwrap_or("?").to_owned(),
-            cases: cases
-                .iter()
-                .filter_map(|c| {
-                    c.scores.iter().find(|s| s.label == label).map(|s| pb::CaseScore {
-                        case_index: c.case_index as u32,
-                        dice: s.dice,
-                        hd95_mm: s.hd95_mm,
-                    })
-                })
-                .collect(),
-        })
-        .collect();
-    progress(phase("done", 1.0));
-    Outcome::Result(result)
+    // Slices per training-set size (the cases-sweep trains on the first n cases).
+    let mut slice_sets: Vec<(usize, SliceSet)> = Vec::new();
+    let mut arms = Vec::with_capacity(spec.arms.len());
+    let total = spec.arms.len().max(1) as f64;
+    for (i, arm_spec) in spec.arms.iter().enumerate() {
+        let _span = tracing::info_span!("arm", index = i).entered();
+        runner.span = (0.05 + 0.95 * i as f64 / total, 0.05 + 0.95 * (i + 1) as f64 / total);
+        let arm_kind = pb::ArmKind::try_from(arm_spec.kind).unwrap_or(pb::ArmKind::Unspecified);
+        let mut opts = train_options(spec);
+        if arm_spec.epochs > 0 {
+            opts.epochs = arm_spec.epochs as usize;
+        }
+        if arm_spec.learning_rate > 0.0 {
+            opts.learning_rate = arm_spec.learning_rate;
+        }
+        let n = match arm_spec.train_cases as usize {
+            0 => train.cases.len(),
+            n => n.min(train.cases.len()),
+        };
+        let (net, k, parent) = match arm_kind {
+            pb::ArmKind::Base => (None, 0, None),
+            pb::ArmKind::Scratch => {
+                let net = Net::new(&base_manifest.config, organs, opts.seed, &Device::Cpu)
+                    .map_err(fail(pb::FailureCode::Internal, "building the model"))?;
+                let k = net.num_layers();
+                (Some(net), k, None)
+            }
+            pb::ArmKind::Finetune => {
+                let (net, _, _) = load_base(&bytes, site)?;
+                let k = arm_spec.trainable_layers as usize;
+                if k == 0 || k > net.num_layers() {
+                    return Err(pb::FailureCode::ModelMismatch);
+                }
+                (Some(net), k, Some(base_sha.clone()))
+            }
+            pb::ArmKind::Unspecified => return Err(pb::FailureCode::Internal),
+        };
+        let mut result = match &net {
+            None => pb::ArmResult::default(),
+            Some(net) => {
+                if !slice_sets.iter().any(|(m, _)| *m == n) {
+                    let subset =
+                        Dataset { organs: organs.clone(), cases: train.cases[..n].to_vec() };
+                    let set = SliceSet::from_dataset(&subset, net)
+                        .map_err(fail(pb::FailureCode::Internal, "preparing training slices"))?;
+                    slice_sets.push((n, set));
+                }
+                let slices = &slice_sets.iter().find(|(m, _)| *m == n).expect("just built").1;
+                let mut r = runner.train(Training {
+                    net,
+                    k,
+                    slices,
+                    opts,
+                    parent,
+                    out: weights_path(site, &task.task_id, Some(i)),
+                })?;
+                r.train_cases = n as u32;
+                r
+            }
+        };
+        runner.evaluate(net.as_ref().unwrap_or(&base_net), &test, &mut result)?;
+        result.spec = Some(*arm_spec);
+        tracing::info!(
+            arm = arm_kind.as_str_name(),
+            k,
+            train_cases = n,
+            seconds = result.train_seconds,
+            "arm done"
+        );
+        arms.push(result);
+    }
+    Ok(pb::TaskResult { device: "cpu".into(), arms, ..Default::default() })
 }

@@ -140,6 +140,39 @@ impl Link {
         Ok(self.client.submit_result(req).await?.into_inner().recorded)
     }
 
+    /// Uploads the weights a source task trained (Model_S), each message audited. Safe to
+    /// repeat: the coordinator accepts the same bytes again.
+    pub async fn upload_model(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        path: &Path,
+    ) -> Result<pb::ModelInfo, CallError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| CallError::Io { path: path.to_owned(), source })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let mut msgs = vec![pb::UploadModelRequest {
+            part: Some(pb::upload_model_request::Part::Header(pb::UploadHeader {
+                task_id: task_id.into(),
+                attempt,
+                model: Some(pb::ModelRef {
+                    sha256: sha256.clone(),
+                    size: bytes.len() as u64,
+                    name: String::new(),
+                }),
+            })),
+        }];
+        msgs.extend(bytes.chunks(limits::CHUNK_BYTES).map(|c| pb::UploadModelRequest {
+            part: Some(pb::upload_model_request::Part::Chunk(c.to_vec())),
+        }));
+        for m in &msgs {
+            self.audit("UploadModel", m)?;
+        }
+        tracing::info!(task = task_id, sha256 = %sha256, bytes = bytes.len(), "uploading Model_S (policy share_weights = true)");
+        Ok(self.client.upload_model(tokio_stream::iter(msgs)).await?.into_inner())
+    }
+
     /// Downloads a model into `dir/<sha256>`, resuming from `dir/<sha256>.part`, and verifies
     /// its hash. `stop_after` cuts the download after that many bytes of this call (tests use
     /// it to simulate a broken connection). Returns the file and the bytes received.
@@ -239,6 +272,7 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
         .map(|k| match k.as_str() {
             "evaluate" => pb::TaskKind::Evaluate as i32,
             "finetune" => pb::TaskKind::Finetune as i32,
+            "transfer" => pb::TaskKind::TransferTarget as i32,
             _ => pb::TaskKind::Train as i32,
         })
         .collect();
@@ -271,6 +305,8 @@ struct Pending {
     task_id: String,
     attempt: u32,
     outcome: Outcome,
+    /// Weights to upload before the result (a transfer source's Model_S).
+    upload: Option<PathBuf>,
 }
 
 /// Runs the agent until `shutdown` resolves, or until the coordinator refuses this site.
@@ -358,6 +394,12 @@ async fn session(
     }
     loop {
         if let Some(p) = pending.take() {
+            if let Some(path) = &p.upload
+                && let Err(e) = link.upload_model(&p.task_id, p.attempt, path).await
+            {
+                *pending = Some(p);
+                return Err(e);
+            }
             let req = pb::SubmitResultRequest {
                 task_id: p.task_id.clone(),
                 attempt: p.attempt,
@@ -393,8 +435,16 @@ async fn session(
         let Some(task) = task else { continue };
         let outcome = run_leased(cfg, site, &mut link, &task, stopping).await?;
         if let Some(outcome) = outcome {
-            *pending =
-                Some(Pending { task_id: task.task_id.clone(), attempt: task.attempt, outcome });
+            let source =
+                task.spec.as_ref().is_some_and(|s| s.kind == pb::TaskKind::TransferSource as i32);
+            let upload = (source && matches!(outcome, Outcome::Result(_)))
+                .then(|| exec::weights_path(site, &task.task_id, None));
+            *pending = Some(Pending {
+                task_id: task.task_id.clone(),
+                attempt: task.attempt,
+                outcome,
+                upload,
+            });
         }
     }
 }
