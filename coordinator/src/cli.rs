@@ -11,8 +11,11 @@ use proto::pb::{self, admin_service_client::AdminServiceClient};
 use sha2::{Digest, Sha256};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
+use crate::demo::DemoArgs;
 use crate::identity::Role;
 use crate::pki::{LEAF_DAYS, Pki};
+use crate::report::{self, Format};
+use crate::templates::{self, Template, TemplateOptions};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -50,6 +53,21 @@ pub enum Command {
     /// Rounds: one task per site of a study.
     #[command(subcommand)]
     Round(RoundCommand),
+    /// A study's report: per organ and arm, Dice mean ± SD, median, n, paired p-values of
+    /// Model_ST vs Model_S and vs Model_T, per site and pooled; training times; the sweeps.
+    Report {
+        study: String,
+        #[arg(long, value_enum, default_value_t = Format::Table)]
+        format: Format,
+        /// Write here instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// The transfer study end to end on phantom data: a CA, a coordinator and site agents as
+    /// processes on loopback with mutual TLS, the rounds, the report.
+    Demo(DemoArgs),
     /// Per-site, per-organ scores of a round.
     Results {
         round: String,
@@ -151,8 +169,9 @@ pub enum SiteCommand {
 pub enum StudyCommand {
     Create {
         name: String,
-        /// The base model's name or sha256.
-        #[arg(long)]
+        /// The base model's name or sha256 (Model_S); leave it out when a transfer round's
+        /// source site trains Model_S.
+        #[arg(long, default_value = "")]
         base: String,
         /// Comma-separated site names.
         #[arg(long, value_delimiter = ',', required = true)]
@@ -171,8 +190,16 @@ pub enum TaskArg {
     Evaluate,
     Finetune,
     Train,
+    /// The published experiment at every target: Model_S, Model_T, Model_ST.
+    Transfer,
+    /// Model_S and Model_ST for each of --trainable-layers K1,K2,...
+    Sweep,
+    /// Model_S, then Model_T and Model_ST for each of --train-cases N1,N2,...
+    CasesSweep,
 }
 
+// Parsed once per run: boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum RoundCommand {
     /// Start a round: one task per site of the study.
@@ -180,18 +207,36 @@ pub enum RoundCommand {
         study: String,
         #[arg(long, value_enum)]
         task: TaskArg,
-        /// Layers to fine-tune (finetune).
+        /// Layers to fine-tune (finetune; Model_ST of transfer and cases-sweep, default the
+        /// paper's share); a list for sweep.
+        #[arg(long, value_delimiter = ',')]
+        trainable_layers: Vec<u32>,
+        /// cases-sweep: training-set sizes (the first N cases of each target's training split).
+        #[arg(long, value_delimiter = ',')]
+        train_cases: Vec<u32>,
+        /// Transfer templates: the study site that trains Model_S and uploads it (its policy
+        /// must share weights); without it, the study's base model is Model_S.
         #[arg(long)]
-        trainable_layers: Option<u32>,
+        source: Option<String>,
+        /// Epochs of Model_S at the source site.
+        #[arg(long)]
+        source_epochs: Option<u32>,
+        /// Epochs (Model_T for the transfer templates).
         #[arg(long)]
         epochs: Option<u32>,
+        /// Epochs of Model_ST (default: --epochs).
+        #[arg(long)]
+        finetune_epochs: Option<u32>,
+        /// Peak learning rate of Model_ST (default: --lr).
+        #[arg(long)]
+        finetune_lr: Option<f64>,
         #[arg(long)]
         batch_size: Option<u32>,
         #[arg(long)]
         lr: Option<f64>,
         #[arg(long)]
         seed: Option<u64>,
-        /// Model config for `train` (default: the base model's).
+        /// Model config for `train` and for a source's Model_S (default: small).
         #[arg(long)]
         config: Option<String>,
         /// Sites that must succeed (default: all).
@@ -303,6 +348,7 @@ pub async fn push_model(
 
 fn task_state(s: i32) -> &'static str {
     match pb::TaskState::try_from(s).unwrap_or(pb::TaskState::Unspecified) {
+        pb::TaskState::Waiting => "waiting",
         pb::TaskState::Pending => "pending",
         pb::TaskState::Leased => "running",
         pb::TaskState::Succeeded => "succeeded",
@@ -577,7 +623,12 @@ pub async fn run_admin(command: Command) -> Result<()> {
             study,
             task,
             trainable_layers,
+            train_cases,
+            source,
+            source_epochs,
             epochs,
+            finetune_epochs,
+            finetune_lr,
             batch_size,
             lr,
             seed,
@@ -588,22 +639,59 @@ pub async fn run_admin(command: Command) -> Result<()> {
             watch: follow,
             conn,
         }) => {
-            let kind = match task {
-                TaskArg::Evaluate => pb::TaskKind::Evaluate,
-                TaskArg::Finetune => pb::TaskKind::Finetune,
-                TaskArg::Train => pb::TaskKind::Train,
+            let template = match task {
+                TaskArg::Transfer => Some(Template::Transfer),
+                TaskArg::Sweep => Some(Template::Sweep),
+                TaskArg::CasesSweep => Some(Template::CasesSweep),
+                _ => None,
             };
-            if matches!(task, TaskArg::Finetune) && trainable_layers.is_none() {
-                bail!("--task finetune needs --trainable-layers K");
-            }
-            let spec = pb::TaskSpec {
-                kind: kind as i32,
-                trainable_layers: trainable_layers.unwrap_or(0),
-                epochs: epochs.unwrap_or(0),
-                batch_size: batch_size.unwrap_or(0),
-                learning_rate: lr.unwrap_or(0.0),
-                seed: seed.unwrap_or(0),
-                config: config.unwrap_or_default(),
+            let (spec, source_spec) = match template {
+                Some(t) => {
+                    let o = TemplateOptions {
+                        trainable_layers,
+                        train_cases,
+                        epochs: epochs.unwrap_or(0),
+                        finetune_epochs: finetune_epochs.or(epochs).unwrap_or(0),
+                        learning_rate: lr.unwrap_or(0.0),
+                        finetune_learning_rate: finetune_lr.or(lr).unwrap_or(0.0),
+                        batch_size: batch_size.unwrap_or(0),
+                        seed: seed.unwrap_or(0),
+                        config: config.unwrap_or_default(),
+                    };
+                    let spec = templates::target_spec(t, &o).map_err(anyhow::Error::msg)?;
+                    let ss = source
+                        .is_some()
+                        .then(|| templates::source_spec(&o, source_epochs.or(epochs).unwrap_or(0)));
+                    (spec, ss)
+                }
+                None => {
+                    if source.is_some() {
+                        bail!("--source is for --task transfer, sweep or cases-sweep");
+                    }
+                    let kind = match task {
+                        TaskArg::Evaluate => pb::TaskKind::Evaluate,
+                        TaskArg::Finetune => pb::TaskKind::Finetune,
+                        _ => pb::TaskKind::Train,
+                    };
+                    let k = match (task, trainable_layers.as_slice()) {
+                        (TaskArg::Finetune, [k]) => *k,
+                        (TaskArg::Finetune, _) => {
+                            bail!("--task finetune needs one --trainable-layers K")
+                        }
+                        _ => 0,
+                    };
+                    let spec = pb::TaskSpec {
+                        kind: kind as i32,
+                        trainable_layers: k,
+                        epochs: epochs.unwrap_or(0),
+                        batch_size: batch_size.unwrap_or(0),
+                        learning_rate: lr.unwrap_or(0.0),
+                        seed: seed.unwrap_or(0),
+                        config: config.unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    (spec, None)
+                }
             };
             let mut c = connect(&conn).await?;
             let r = c
@@ -613,6 +701,8 @@ pub async fn run_admin(command: Command) -> Result<()> {
                     quorum: quorum.unwrap_or(0),
                     deadline_seconds: deadline_seconds.unwrap_or(0),
                     max_attempts: max_attempts.unwrap_or(0),
+                    source_site: source.unwrap_or_default(),
+                    source_spec,
                 })
                 .await
                 .map_err(status)?
@@ -647,6 +737,28 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .map_err(status)?
                 .into_inner();
             print_round(&r);
+            Ok(())
+        }
+        Command::Report { study, format, out: path, conn } => {
+            let results = connect(&conn)
+                .await?
+                .get_study_results(pb::StudyRequest { name: study })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let text = report::render(&report::build(&results), format);
+            match path {
+                Some(p) => {
+                    std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+                    out(&format!("report written to {}", p.display()));
+                }
+                None => out(text.trim_end()),
+            }
+            Ok(())
+        }
+        Command::Demo(a) => {
+            let rep = crate::demo::run(&a).await?;
+            out(report::render(&rep, Format::Table).trim_end());
             Ok(())
         }
         Command::Results { round, json, conn } => {

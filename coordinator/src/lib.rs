@@ -9,6 +9,8 @@
 //! - [`store`]: records in sled; [`rounds`]: the round and task state machine, pure.
 //! - [`service`]: `SiteService` and `AdminService`; [`server`]: configuration, TLS, health,
 //!   reflection and the lease ticker; [`cli`]: the `coordinator` command line.
+//! - [`templates`]: the transfer study's arms; [`report`]: statistics, tables and plots from
+//!   a study's results; [`demo`]: the whole study on phantoms, as real processes.
 //!
 //! # Invariants
 //! The coordinator never receives images, labels, contours, file names or case identifiers:
@@ -16,11 +18,15 @@
 //! Identity and role come from the client certificate, never from a request field.
 
 pub mod cli;
+pub mod demo;
 pub mod identity;
 pub mod pki;
+mod plots;
+pub mod report;
 pub mod rounds;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod templates;
 
 pub use proto::PACKAGE;

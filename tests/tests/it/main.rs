@@ -1,4 +1,5 @@
 //! Whole-system tests: the real binaries, run as an operator would.
 
 mod cli;
+mod demo;
 mod federation;

@@ -1,0 +1,221 @@
+//! The report's statistics against scipy, and its output formats.
+//!
+//! Reference values: `python3 coordinator/tests/reference/report_reference.py` (scipy 1.17.1),
+//! which builds the same per-case Dice from the same formulas.
+
+use coordinator::report::{self, Format, MODEL_S, MODEL_ST, MODEL_T};
+use proto::pb;
+
+const SITES: [(&str, u32); 2] = [("target-a", 7), ("target-b", 9)];
+const ORGANS: [&str; 2] = ["brainstem", "parotid_l"];
+const ARMS: [(&str, f64, u64, i32); 3] = [
+    (MODEL_S, 0.50, 11, pb::ArmKind::Base as i32),
+    (MODEL_T, 0.56, 23, pb::ArmKind::Scratch as i32),
+    (MODEL_ST, 0.62, 37, pb::ArmKind::Finetune as i32),
+];
+
+type Reference = (&'static str, &'static str, f64, f64, f64, f64, f64, f64, f64);
+
+/// scope/organ/comparison, Wilcoxon method, W, p, t, t-test p, then Model_ST's mean, SD and
+/// median in that scope.
+#[rustfmt::skip]
+const SCIPY: [Reference; 12] = [
+    ("pooled/brainstem/st_vs_s", "exact", 16.0, 0.005157470703125, 3.3726933025655206, 0.004185858805296444, 0.5974331740547907, 0.08813010039417042, 0.5863960552408416),
+    ("pooled/brainstem/st_vs_t", "exact", 59.0, 0.668548583984375, 0.4559938297210598, 0.6549265768240605, 0.5974331740547907, 0.08813010039417042, 0.5863960552408416),
+    ("pooled/parotid_l/st_vs_s", "asymptotic", 9.0, 0.032854219928643694, 2.3781460984043967, 0.03112492772735261, 0.5711035478111166, 0.10882938872719992, 0.5507091417957826),
+    ("pooled/parotid_l/st_vs_t", "exact", 50.0, 0.375457763671875, 0.8833892865888702, 0.39096480308690496, 0.5711035478111166, 0.10882938872719992, 0.5507091417957826),
+    ("target-a/brainstem/st_vs_s", "exact", 3.0, 0.078125, 1.8132451807088181, 0.11973554209834257, 0.6201933307132039, 0.09843268806410904, 0.563932004849273),
+    ("target-a/brainstem/st_vs_t", "exact", 5.0, 0.15625, 1.570511293798929, 0.16735095315273368, 0.6201933307132039, 0.09843268806410904, 0.563932004849273),
+    ("target-a/parotid_l/st_vs_s", "asymptotic", 0.0, 0.043114446783075355, 2.053655845043524, 0.08580666358030863, 0.6067239245133227, 0.09384889528399114, 0.5718214899765026),
+    ("target-a/parotid_l/st_vs_t", "exact", 0.0, 0.015625, 4.149746076092852, 0.006012794453393517, 0.6067239245133227, 0.09384889528399114, 0.5718214899765026),
+    ("target-b/brainstem/st_vs_s", "exact", 5.0, 0.0390625, 2.781841588850499, 0.023856674591859146, 0.579730829987136, 0.08056303779333757, 0.5874787831770236),
+    ("target-b/brainstem/st_vs_t", "exact", 15.0, 0.42578125, -0.8571262988015762, 0.4163111745433944, 0.579730829987136, 0.08056303779333757, 0.5874787831770236),
+    ("target-b/parotid_l/st_vs_s", "asymptotic", 5.0, 0.24886387493792206, 1.3032962085404969, 0.22872963236156973, 0.5433988103760674, 0.11673805931600242, 0.5269275595320492),
+    ("target-b/parotid_l/st_vs_t", "exact", 16.0, 0.49609375, -0.663059257995497, 0.5259326633330299, 0.5433988103760674, 0.11673805931600242, 0.5269275595320492),
+];
+
+fn lcg(seed: u64, n: u32) -> Vec<f64> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 11) as f64 / (1u64 << 53) as f64
+        })
+        .collect()
+}
+
+fn dice(site_i: usize, organ_i: usize, arm_i: usize) -> Vec<f64> {
+    let (_, base, seed, _) = ARMS[arm_i];
+    let u = lcg(seed * (site_i as u64 + 1) * 7919 + 1000 * organ_i as u64, SITES[site_i].1);
+    u.into_iter().map(|v| base + (v - 0.5) * 0.3).collect()
+}
+
+fn values(site_i: usize, organ_i: usize, arm_i: usize) -> Vec<f64> {
+    let v = dice(site_i, organ_i, arm_i);
+    if arm_i == 2 && organ_i == 1 {
+        let s = dice(site_i, organ_i, 0);
+        return v.iter().enumerate().map(|(i, x)| if i % 4 == 0 { s[i] } else { *x }).collect();
+    }
+    v
+}
+
+fn study() -> pb::StudyResults {
+    let results = SITES
+        .iter()
+        .enumerate()
+        .map(|(si, (site, _))| pb::SiteResult {
+            site: (*site).into(),
+            result: Some(pb::TaskResult {
+                device: "cpu".into(),
+                arms: ARMS
+                    .iter()
+                    .enumerate()
+                    .map(|(ai, (_, _, _, kind))| pb::ArmResult {
+                        spec: Some(pb::ArmSpec { kind: *kind, ..Default::default() }),
+                        trainable_layers: [0, 22, 3][ai],
+                        train_cases: [0, 5, 5][ai],
+                        train_seconds: [0.0, 30.0, 6.0][ai],
+                        organs: ORGANS
+                            .iter()
+                            .enumerate()
+                            .map(|(oi, organ)| pb::OrganScores {
+                                organ: (*organ).into(),
+                                cases: values(si, oi, ai)
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(i, d)| pb::CaseScore {
+                                        case_index: i as u32,
+                                        dice: d,
+                                        hd95_mm: Some(2.0),
+                                    })
+                                    .collect(),
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            }),
+        })
+        .collect();
+    let round = pb::RoundInfo {
+        round_id: "r1".into(),
+        study: "npc".into(),
+        spec: Some(pb::TaskSpec { template: "transfer".into(), ..Default::default() }),
+        state: pb::RoundState::Completed as i32,
+        ..Default::default()
+    };
+    pb::StudyResults {
+        study: Some(pb::StudyInfo { name: "npc".into(), ..Default::default() }),
+        rounds: vec![pb::RoundResults { round: Some(round), results }],
+    }
+}
+
+fn close(a: f64, b: f64, what: &str) {
+    assert!((a - b).abs() <= 1e-9 * b.abs().max(1e-3), "{what}: {a} vs scipy {b}");
+}
+
+#[test]
+fn statistics_match_scipy() {
+    let r = report::build(&study());
+    let t = r.transfer.as_ref().expect("a transfer section");
+    assert_eq!(t.pooled.test_cases, 16);
+    assert_eq!((t.trainable_layers, t.total_layers), (3, 22));
+    assert!((t.st_over_t_time["target-a"] - 0.2).abs() < 1e-12);
+    let mut checked = 0;
+    for (key, method, w, p, tt, tp, mean, sd, median) in SCIPY {
+        let mut parts = key.split('/');
+        let (scope, organ, cmp) =
+            (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let sc = if scope == "pooled" {
+            &t.pooled
+        } else {
+            t.sites.iter().find(|s| s.scope == scope).unwrap()
+        };
+        let row = sc.organs.iter().find(|o| o.organ == organ).unwrap();
+        let c = if cmp == "st_vs_s" { &row.st_vs_s } else { &row.st_vs_t };
+        let wil = c.wilcoxon.as_ref().unwrap_or_else(|| panic!("{key}: no Wilcoxon"));
+        assert_eq!(wil.method.to_string(), method, "{key}");
+        close(wil.statistic, w, &format!("{key} W"));
+        close(wil.p_value, p, &format!("{key} p"));
+        let ttest = c.ttest.as_ref().unwrap();
+        close(ttest.t, tt, &format!("{key} t"));
+        close(ttest.p_value, tp, &format!("{key} t-test p"));
+        let st = &row.dice[MODEL_ST];
+        close(st.mean, mean, &format!("{key} mean"));
+        close(st.sd.unwrap(), sd, &format!("{key} sd"));
+        close(st.median, median, &format!("{key} median"));
+        checked += 1;
+    }
+    assert_eq!(checked, 12);
+}
+
+#[test]
+fn json_reproduces_every_p_value() {
+    let r = report::build(&study());
+    let json: serde_json::Value =
+        serde_json::from_str(&report::render(&r, Format::Json)).expect("JSON");
+    let cases = json["cases"].as_array().expect("per-case scores");
+    assert_eq!(cases.len(), 3 * 2 * 16);
+    // Recompute the pooled brainstem ST vs S test from the JSON alone.
+    let pick = |arm: &str| -> Vec<f64> {
+        let mut v: Vec<(String, u64, f64)> = cases
+            .iter()
+            .filter(|c| c["arm"] == arm && c["organ"] == "brainstem")
+            .map(|c| {
+                (
+                    c["site"].as_str().unwrap().to_owned(),
+                    c["case_index"].as_u64().unwrap(),
+                    c["dice"].as_f64().unwrap(),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        v.into_iter().map(|x| x.2).collect()
+    };
+    let w = shared::metrics::stats::wilcoxon(&pick(MODEL_ST), &pick(MODEL_S)).unwrap();
+    let p =
+        json["transfer"]["pooled"]["organs"][0]["st_vs_s"]["wilcoxon"]["p_value"].as_f64().unwrap();
+    assert_eq!(w.p_value, p);
+    close(p, SCIPY[0].3, "pooled brainstem p from JSON");
+}
+
+#[test]
+fn csv_md_table_and_html_render() {
+    let r = report::build(&study());
+    let csv = report::render(&r, Format::Csv);
+    let mut rd = csv::Reader::from_reader(csv.as_bytes());
+    let header = rd.headers().unwrap().clone();
+    assert_eq!(&header[0], "section");
+    let rows: Vec<csv::StringRecord> = rd.records().map(|r| r.expect("a CSV row")).collect();
+    // 3 scopes x 2 organs x 3 arms.
+    assert_eq!(rows.len(), 18);
+    let pooled_s = rows
+        .iter()
+        .find(|r| &r[1] == "pooled" && &r[2] == "brainstem" && &r[3] == MODEL_S)
+        .unwrap();
+    let p: f64 = pooled_s[10].parse().unwrap();
+    close(p, SCIPY[0].3, "CSV p");
+
+    let html = report::render(&r, Format::Html);
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    assert_eq!(html.matches("<svg").count(), ORGANS.len(), "one box plot per organ");
+    for organ in ORGANS {
+        assert!(html.contains(&format!(">\n{organ}\n</text>")), "{organ}'s plot is titled");
+    }
+    assert!(!html.contains("could not be drawn"));
+    let md = report::render(&r, Format::Md);
+    assert!(md.contains("| brainstem") && md.contains("0.0052 (exact)"), "{md}");
+    let table = report::render(&r, Format::Table);
+    assert!(table.contains("Site target-b (n = 9 test cases)"));
+}
+
+#[test]
+fn a_study_without_rounds_says_what_to_do() {
+    let mut s = study();
+    s.rounds.clear();
+    let r = report::build(&s);
+    assert!(r.transfer.is_none());
+    assert!(report::render(&r, Format::Table).contains("--task transfer"));
+    assert_eq!(report::render(&r, Format::Html).matches("<svg").count(), 0);
+}

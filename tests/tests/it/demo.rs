@@ -1,0 +1,74 @@
+//! `coordinator demo` as CI runs it: the tiny preset with the sweeps, real processes on
+//! loopback with mutual TLS, and the report files it writes.
+
+use anyhow::Result;
+
+#[test]
+fn the_demo_runs_the_study_and_writes_a_report_that_parses() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("demo");
+    let run = tests::coordinator(&[
+        "demo",
+        "--preset",
+        "tiny",
+        "--sweeps",
+        "--out",
+        out.to_str().unwrap(),
+        "--site-agent",
+        tests::bin("site-agent")?.to_str().unwrap(),
+    ])?
+    .ok()?;
+    // The table on stdout: every organ, pooled and per site.
+    assert!(run.stdout.contains("Dice, all target sites pooled"), "{}", run.stdout);
+    assert!(run.stdout.contains("Site target-a") && run.stdout.contains("Site target-b"));
+    assert!(run.stderr.contains("report written to"), "{}", run.stderr);
+    let organs =
+        shared::data::Manifest::load(&out.join("target-a/data/manifest.toml"))?.organs.len();
+
+    let report = out.join("report");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json"))?)?;
+    let transfer = &json["transfer"];
+    assert_eq!(transfer["sites"].as_array().unwrap().len(), 2);
+    assert_eq!(transfer["source_site"], "source-hospital");
+    assert_eq!(transfer["pooled"]["organs"].as_array().unwrap().len(), organs);
+    assert!(!json["sweep"].as_array().unwrap().is_empty(), "the sweep round is reported");
+    assert!(!json["cases_sweep"].as_array().unwrap().is_empty());
+    // Per-case Dice by case index only: no names or paths of the sites' files.
+    let cases = json["cases"].as_array().unwrap();
+    assert!(!cases.is_empty());
+    for c in cases {
+        let keys: Vec<&String> = c.as_object().unwrap().keys().collect();
+        assert_eq!(
+            keys,
+            [
+                "arm",
+                "case_index",
+                "dice",
+                "hd95_mm",
+                "organ",
+                "round",
+                "site",
+                "template",
+                "train_cases",
+                "trainable_layers"
+            ]
+        );
+    }
+    let text = serde_json::to_string(&json)?;
+    for secret in tests::federation::site_secrets(&out.join("target-a").join("data"))? {
+        assert!(!text.contains(&secret), "the report carries {secret}");
+    }
+
+    let csv = std::fs::read_to_string(report.join("report.csv"))?;
+    let mut rd = csv::Reader::from_reader(csv.as_bytes());
+    let rows = rd.records().collect::<Result<Vec<_>, _>>()?;
+    // (2 sites + pooled) x organs x 3 arms, then the sweep points.
+    assert!(rows.len() > 3 * organs * 3, "{} CSV rows", rows.len());
+
+    let html = std::fs::read_to_string(report.join("report.html"))?;
+    // One box plot per organ, and one line plot per sweep.
+    assert_eq!(html.matches("<svg").count(), organs + 2);
+    assert!(!html.contains("could not be drawn"));
+    Ok(())
+}
