@@ -25,7 +25,7 @@ use crate::templates::{self, Template, TemplateOptions};
 pub enum Preset {
     /// The `tiny` model on a few small cases: seconds; what CI runs.
     Tiny,
-    /// The `small` model: the measured demo (about 3 minutes on 2 cores).
+    /// The `small` model: the measured demo (README and bench/RESULTS.md give its time).
     Small,
 }
 
@@ -39,6 +39,8 @@ struct Sizes {
     finetune_epochs: u32,
     lr: f64,
     batch: u32,
+    /// k of Model_ST in the transfer round.
+    trainable_layers: u32,
     sweep_layers: Vec<u32>,
     sweep_cases: Vec<u32>,
 }
@@ -56,6 +58,7 @@ impl Preset {
                 finetune_epochs: 2,
                 lr: 1e-2,
                 batch: 8,
+                trainable_layers: 2,
                 sweep_layers: vec![1, 2, 4],
                 sweep_cases: vec![1, 2],
             },
@@ -65,10 +68,11 @@ impl Preset {
                 target_train: 5,
                 target_test: 8,
                 source_epochs: 12,
-                epochs: 6,
+                epochs: 10,
                 finetune_epochs: 10,
                 lr: 1e-2,
                 batch: 8,
+                trainable_layers: 3,
                 sweep_layers: vec![1, 3, 6, 10],
                 sweep_cases: vec![1, 3, 5],
             },
@@ -234,10 +238,10 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
         a.seed,
         &root.join(&source).join("data"),
     )?;
+    // Every target contours with the target-a protocol; each has its own patients.
     for (i, t) in targets.iter().enumerate() {
-        let center = if i % 2 == 0 { Center::TargetA } else { Center::TargetB };
         phantom::write_center(
-            center,
+            Center::TargetA,
             sizes.target_train + sizes.target_test,
             sizes.target_test,
             a.seed + 1 + i as u64,
@@ -256,11 +260,17 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
     let (_coordinator, addr) = start_coordinator(&root, &pki)?;
     say(&format!("coordinator listening on {addr} (mutual TLS)"));
     let mut agents = Vec::new();
+    // The targets train at the same time on one machine: share the cores between them rather
+    // than let every agent's thread pool claim all of them (the source runs alone).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let target_threads = (cores / targets.len()).max(1);
     for s in std::iter::once(&source).chain(&targets) {
         let cfg = site_toml(&root, &pki, &addr, s, s == &source)?;
+        let threads = if s == &source { cores } else { target_threads };
         let child = Command::new(&agent_bin)
             .args(["run", "--config"])
             .arg(&cfg)
+            .env("RAYON_NUM_THREADS", threads.to_string())
             .stdout(Stdio::null())
             .stderr(log_file(&root.join("logs"), s)?)
             .spawn()
@@ -304,6 +314,7 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
         })
         .await?;
     let opts = TemplateOptions {
+        trainable_layers: vec![sizes.trainable_layers],
         epochs: sizes.epochs,
         finetune_epochs: sizes.finetune_epochs,
         learning_rate: sizes.lr,

@@ -10,7 +10,7 @@
 //! | profile | grid (in-plane, mm) | slice | noise | HU offset | patients | contouring protocol |
 //! |---|---|---|---|---|---|---|
 //! | `source` | 72 x 72, 3.2 | 3.0 mm | 15 HU | 0 | size 1.00 | brainstem down to z = 52 mm (cord below); parotid superficial lobe only; temporal lobe as drawn; mandible with condyles; eye globe |
-//! | `target-a` | 80 x 80, 3.0 | 2.5 mm | 24 HU | +8 | size 1.07 | brainstem down to z = 38 mm (includes the medulla); whole parotid with a 2 mm margin; temporal lobe extended 4 mm medially and inferiorly, below z = 84 mm only; mandible with a 2 mm margin (contoured in a soft-tissue window); globe with a 2.5 mm margin |
+//! | `target-a` | 80 x 80, 3.0 | 2.5 mm | 24 HU | +8 | size 1.07 | brainstem down to z = 44 mm (includes the medulla); whole parotid with a 2 mm margin; temporal lobe extended 4 mm medially and inferiorly; mandible with a 2 mm margin (contoured in a soft-tissue window); globe with a 2.5 mm margin |
 //! | `target-b` | 64 x 64, 3.6 | 4.0 mm | 22 HU | -6 | size 0.94 | brainstem down to z = 47 mm and up to z = 88 mm; whole parotid; temporal lobe below z = 80 mm only; mandible with condyles; globe with 1 mm margin |
 
 use std::path::{Path, PathBuf};
@@ -143,12 +143,12 @@ impl Center {
                 hu_offset: 8.0,
                 size_mean: 1.07,
                 protocol: Protocol {
-                    brainstem_inferior_mm: 38.0,
+                    brainstem_inferior_mm: 44.0,
                     brainstem_superior_mm: 96.0,
                     parotid_deep_lobe: true,
                     parotid_margin_mm: 2.0,
                     temporal_medial_mm: 4.0,
-                    temporal_superior_mm: 84.0,
+                    temporal_superior_mm: 200.0,
                     mandible_superior_mm: 200.0,
                     mandible_margin_mm: 2.0,
                     eye_margin_mm: 2.5,

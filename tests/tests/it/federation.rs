@@ -417,3 +417,75 @@ async fn health_checking() -> R {
     }
     fed.shutdown().await
 }
+
+/// Weights leave a site only where its own policy shares them: a source site with the default
+/// policy (`share_weights = false`) refuses the transfer source task before any work, the
+/// targets waiting for Model_S fail without running, and no site can upload weights for a task
+/// that is not its leased source task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weights_leave_a_site_only_where_its_policy_shares_them() -> R {
+    use coordinator::templates::{self, Template, TemplateOptions};
+    let fed = Federation::builder().sites(2).start().await?;
+    let mut admin = fed.admin().await?;
+    for s in &fed.sites {
+        admin.approve_site(pb::SiteRequest { name: s.clone() }).await?;
+    }
+    admin
+        .create_study(pb::CreateStudyRequest {
+            name: "xfer".into(),
+            base_model: String::new(),
+            sites: fed.sites.clone(),
+        })
+        .await?;
+    let o = TemplateOptions {
+        epochs: 1,
+        finetune_epochs: 1,
+        config: "tiny".into(),
+        ..Default::default()
+    };
+    let no_source = admin
+        .start_round(pb::StartRoundRequest {
+            study: "xfer".into(),
+            spec: Some(templates::target_spec(Template::Transfer, &o).map_err(anyhow::Error::msg)?),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no base model and no source site");
+    assert!(no_source.message().contains("--source"), "{no_source:?}");
+    let round = admin
+        .start_round(pb::StartRoundRequest {
+            study: "xfer".into(),
+            spec: Some(templates::target_spec(Template::Transfer, &o).map_err(anyhow::Error::msg)?),
+            source_site: fed.sites[0].clone(),
+            source_spec: Some(templates::source_spec(&o, 1)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let waiting = round.tasks.iter().find(|t| !t.source).expect("a target task");
+    assert_eq!(waiting.state, pb::TaskState::Waiting as i32);
+    let info = fed.wait_round(&round.round_id, 120).await?;
+    assert_eq!(info.state, pb::RoundState::Failed as i32, "{info:?}");
+    let source = info.tasks.iter().find(|t| t.source).expect("the source task");
+    assert_eq!(source.state, pb::TaskState::Refused as i32);
+    assert_eq!(source.reason, "sharing not allowed");
+    let target = info.tasks.iter().find(|t| !t.source).expect("the target task");
+    assert_eq!(target.state, pb::TaskState::Failed as i32);
+    assert!(target.reason.contains("did not deliver Model_S"), "{}", target.reason);
+    assert_eq!(target.attempt, 0, "the target never ran");
+    let audit = std::fs::read_to_string(fed.storage(&fed.sites[0]).join("audit.jsonl"))?;
+    assert!(!audit.contains("UploadModel"), "nothing was uploaded");
+
+    // An upload for a task that is not the caller's leased source task is refused.
+    let weights = fed.base_model("tiny")?;
+    let mut link = site_link(&fed, &fed.sites[1]).await?;
+    let task = format!("{}.{}", round.round_id, fed.sites[0]);
+    match link.upload_model(&task, 1, &weights).await {
+        Err(site_agent::agent::CallError::Status(s)) => {
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}")
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(admin.list_models(pb::ListModelsRequest {}).await?.into_inner().models.is_empty());
+    fed.shutdown().await
+}
