@@ -35,6 +35,10 @@ pub(crate) fn boxplot(organ: &str, series: &[(&str, Vec<f64>)]) -> String {
                 .configure_mesh()
                 .disable_x_mesh()
                 .light_line_style(TRANSPARENT)
+                .x_label_formatter(&|v| match v {
+                    SegmentValue::CenterOf(s) | SegmentValue::Exact(s) => (**s).to_owned(),
+                    SegmentValue::Last => String::new(),
+                })
                 .y_desc("Dice")
                 .draw()?;
             let colour = |arm: &str| match arm {
@@ -71,7 +75,6 @@ pub(crate) fn sweep(title: &str, points: &[SweepPoint], by_cases: bool) -> Strin
                 .margin(10)
                 .x_label_area_size(30)
                 .y_label_area_size(44)
-                .right_y_label_area_size(10)
                 .build_cartesian_2d(0f64..x_max * 1.05, 0f64..1f64)?;
             chart
                 .configure_mesh()

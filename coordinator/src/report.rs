@@ -35,6 +35,8 @@ pub struct OrganRow {
     pub organ: String,
     /// Keyed by arm name (Model_S, Model_T, Model_ST).
     pub dice: BTreeMap<String, Summary>,
+    /// HD95 in mm over the cases where it is defined (both masks non-empty), by arm.
+    pub hd95_mm: BTreeMap<String, Summary>,
     pub st_vs_s: Comparison,
     pub st_vs_t: Comparison,
 }
@@ -212,14 +214,24 @@ fn scope(name: &str, cases: &[&CaseScore], organs: &[String]) -> Scope {
             let t = by_case(cases.iter().copied(), MODEL_T, organ);
             let st = by_case(cases.iter().copied(), MODEL_ST, organ);
             let mut dice = BTreeMap::new();
+            let mut hd95_mm = BTreeMap::new();
             for (arm, m) in [(MODEL_S, &s), (MODEL_T, &t), (MODEL_ST, &st)] {
                 if let Some(sum) = stats::summary(&m.values().copied().collect::<Vec<_>>()) {
                     dice.insert(arm.to_owned(), sum);
+                }
+                let hd: Vec<f64> = cases
+                    .iter()
+                    .filter(|c| c.arm == arm && &c.organ == organ)
+                    .filter_map(|c| c.hd95_mm)
+                    .collect();
+                if let Some(sum) = stats::summary(&hd) {
+                    hd95_mm.insert(arm.to_owned(), sum);
                 }
             }
             OrganRow {
                 organ: organ.clone(),
                 dice,
+                hd95_mm,
                 st_vs_s: compare(&st, &s),
                 st_vs_t: compare(&st, &t),
             }
@@ -481,6 +493,21 @@ const SCOPE_HEADER: [&str; 8] = [
     "ST vs T t-test p",
 ];
 
+fn hd95_rows(s: &Scope) -> Vec<Vec<String>> {
+    s.organs
+        .iter()
+        .map(|o| {
+            let cell = |arm: &str| match o.hd95_mm.get(arm) {
+                Some(h) => format!("{:.1} ± {:.1} (n = {})", h.mean, h.sd.unwrap_or(0.0), h.n),
+                None => "-".into(),
+            };
+            vec![o.organ.clone(), cell(MODEL_S), cell(MODEL_T), cell(MODEL_ST)]
+        })
+        .collect()
+}
+
+const HD95_HEADER: [&str; 4] = ["organ", "Model_S HD95 mm", "Model_T HD95 mm", "Model_ST HD95 mm"];
+
 fn training_rows(t: &Transfer) -> Vec<Vec<String>> {
     t.training
         .iter()
@@ -557,6 +584,8 @@ fn text(r: &Report, md: bool) -> String {
                 ),
             );
             table(&mut s, md, &SCOPE_HEADER, &scope_rows(&t.pooled));
+            h(&mut s, 3, "HD95, all target sites pooled (cases where both masks are non-empty)");
+            table(&mut s, md, &HD95_HEADER, &hd95_rows(&t.pooled));
             for site in &t.sites {
                 h(&mut s, 3, &format!("Site {} (n = {} test cases)", site.scope, site.test_cases));
                 table(&mut s, md, &SCOPE_HEADER, &scope_rows(site));
@@ -607,6 +636,9 @@ fn csv(r: &Report) -> String {
         "st_vs_arm_wilcoxon_p",
         "wilcoxon_method",
         "st_vs_arm_ttest_p",
+        "hd95_mean_mm",
+        "hd95_sd_mm",
+        "hd95_n",
     ]
     .map(String::from)
     .to_vec());
@@ -640,6 +672,9 @@ fn csv(r: &Report) -> String {
                         opt(w.map(|w| w.p_value)),
                         w.map_or(String::new(), |w| w.method.to_string()),
                         opt(cmp.and_then(|c| c.ttest.as_ref()).map(|t| t.p_value)),
+                        opt(o.hd95_mm.get(arm).map(|h| h.mean)),
+                        opt(o.hd95_mm.get(arm).and_then(|h| h.sd)),
+                        o.hd95_mm.get(arm).map_or(String::new(), |h| h.n.to_string()),
                     ]);
                 }
             }
@@ -658,6 +693,9 @@ fn csv(r: &Report) -> String {
                 p.dice.mean.to_string(),
                 opt(p.dice.sd),
                 p.dice.median.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
                 String::new(),
                 String::new(),
                 String::new(),
@@ -710,6 +748,8 @@ fn html(r: &Report) -> String {
                     .map_or(String::new(), |s| format!("; Model_S trained at {}", esc(s)))
             );
             body.push_str(&html_table(&SCOPE_HEADER, &scope_rows(&t.pooled)));
+            body.push_str("<h3>HD95 (mm), pooled, cases where both masks are non-empty</h3>");
+            body.push_str(&html_table(&HD95_HEADER, &hd95_rows(&t.pooled)));
             body.push_str("<h2>Dice per organ (box plots, pooled)</h2><div class=\"plots\">");
             for o in &t.pooled.organs {
                 let series: Vec<(&str, Vec<f64>)> = [MODEL_S, MODEL_T, MODEL_ST]

@@ -208,6 +208,10 @@ fn csv_md_table_and_html_render() {
     assert!(md.contains("| brainstem") && md.contains("0.0052 (exact)"), "{md}");
     let table = report::render(&r, Format::Table);
     assert!(table.contains("Site target-b (n = 9 test cases)"));
+    // Every case has HD95 2.0 mm here.
+    assert!(table.contains("2.0 ± 0.0 (n = 16)"), "{table}");
+    let hd_n: usize = pooled_s[15].parse().unwrap();
+    assert_eq!(hd_n, 16);
 }
 
 #[test]
