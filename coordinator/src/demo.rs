@@ -202,9 +202,9 @@ fn site_toml(root: &Path, pki: &Pki, addr: &str, name: &str, share: bool) -> Res
 
 /// Runs the demo; returns the report.
 pub async fn run(a: &DemoArgs) -> Result<report::Report> {
-    let started = Instant::now();
     let sizes = a.preset.sizes();
     let agent_bin = site_agent_binary(a.site_agent.as_deref())?;
+    let started = Instant::now();
     let (root, _tmp) = match &a.out {
         Some(p) => {
             std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
