@@ -23,7 +23,7 @@ use crate::store::{
 use proto::limits;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 
 /// Service errors, each mapped to one gRPC status in [`ServiceError::status`].
 #[derive(Debug, thiserror::Error)]
@@ -194,18 +194,17 @@ impl Coordinator {
         Ok(id)
     }
 
-    /// Receives a weights file from `chunks` (at most 1 MiB each): checks the header, writes
+    /// Receives a weights file from the messages after an upload's header (`chunk_of` takes a
+    /// message's chunk; anything else is a second header), at most 1 MiB each: checks the header, writes
     /// a temp file while hashing, verifies size, sha256 and that it is a fedtune weights file,
     /// fsyncs and renames it under `blobs/<sha256>`. Nothing is stored on any error.
-    pub(crate) async fn receive_blob<S>(
+    pub(crate) async fn receive_blob<M>(
         &self,
         name: String,
         header: &pb::ModelRef,
-        mut chunks: S,
-    ) -> SResult<ModelRecord>
-    where
-        S: Stream<Item = SResult<Vec<u8>>> + Unpin,
-    {
+        mut stream: tonic::Streaming<M>,
+        chunk_of: fn(M) -> Option<Vec<u8>>,
+    ) -> SResult<ModelRecord> {
         let c = self;
         if header.size == 0 || header.size > limits::MAX_MODEL_BYTES {
             return Err(ServiceError::InvalidArgument(format!(
@@ -230,8 +229,13 @@ impl Coordinator {
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             let mut bytes = Vec::new();
-            while let Some(chunk) = chunks.next().await {
-                let chunk = chunk?;
+            while let Some(msg) = stream.next().await {
+                let msg = msg.map_err(|s| ServiceError::InvalidArgument(format!("upload: {s}")))?;
+                let Some(chunk) = chunk_of(msg) else {
+                    return Err(ServiceError::InvalidArgument(
+                        "a second header in one upload".into(),
+                    ));
+                };
                 if chunk.len() > limits::CHUNK_BYTES {
                     return Err(ServiceError::InvalidArgument(format!(
                         "chunk of {} bytes; at most {}",

@@ -70,14 +70,12 @@ impl AdminApi {
                 header.name
             )));
         }
-        let chunks = stream.map(|m| match m {
-            Ok(pb::PushModelRequest { part: Some(pb::push_model_request::Part::Chunk(c)) }) => {
-                Ok(c)
-            }
-            Ok(_) => Err(ServiceError::InvalidArgument("a second header in one upload".into())),
-            Err(s) => Err(ServiceError::InvalidArgument(format!("upload: {s}"))),
-        });
-        self.0.receive_blob(header.name.clone(), &header, chunks).await
+        self.0
+            .receive_blob(header.name.clone(), &header, stream, |m| match m.part {
+                Some(pb::push_model_request::Part::Chunk(c)) => Some(c),
+                _ => None,
+            })
+            .await
     }
 
     fn round(&self, id: &str) -> SResult<RoundRecord> {

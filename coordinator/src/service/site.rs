@@ -314,15 +314,13 @@ impl SiteService for SiteApi {
             // A retried upload of the same bytes.
             return Ok(Response::new(super::model_info(&m)));
         }
-        let chunks = stream.map(|m| match m {
-            Ok(pb::UploadModelRequest { part: Some(pb::upload_model_request::Part::Chunk(c)) }) => {
-                Ok(c)
-            }
-            Ok(_) => Err(ServiceError::InvalidArgument("a second header in one upload".into())),
-            Err(s) => Err(ServiceError::InvalidArgument(format!("upload: {s}"))),
-        });
         let name = format!("model-s-{}", header.task_id.split('.').next().unwrap_or_default());
-        let record = c.receive_blob(name, &model, chunks).await?;
+        let record = c
+            .receive_blob(name, &model, stream, |m| match m.part {
+                Some(pb::upload_model_request::Part::Chunk(c)) => Some(c),
+                _ => None,
+            })
+            .await?;
         let _w = c.write.lock().await;
         c.store.put_model(&record).map_err(ServiceError::from)?;
         c.store.flush().await.map_err(ServiceError::from)?;
