@@ -618,7 +618,7 @@ fn text(r: &Report, md: bool) -> String {
 }
 
 fn csv(r: &Report) -> String {
-    let mut w = csv_writer();
+    let mut w = csv::Writer::from_writer(Vec::new());
     let mut row = |cells: Vec<String>| {
         let _ = w.write_record(&cells);
     };
@@ -703,10 +703,6 @@ fn csv(r: &Report) -> String {
         }
     }
     String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()
-}
-
-fn csv_writer() -> csv::Writer<Vec<u8>> {
-    csv::Writer::from_writer(Vec::new())
 }
 
 fn esc(s: &str) -> String {
