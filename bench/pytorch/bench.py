@@ -19,10 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 PRESETS = {
-    # in_channels, image_size, widths, encoder_blocks, decoder_blocks (as shared::model::config)
-    "tiny": (1, 32, [8, 16, 32], [1, 1, 1], [1, 1]),
-    "small": (3, 64, [16, 32, 64], [1, 2, 3], [2, 1]),
-    "resnet103": (3, 256, [32, 64, 128, 256], [3, 8, 24, 8], [2, 2, 2]),
+    # input channels (adjacent slices + 3 position channels), image_size, widths, encoder_blocks,
+    # decoder_blocks (as shared::model::config)
+    "tiny": (4, 32, [8, 16, 32], [1, 1, 1], [1, 1]),
+    "small": (6, 48, [16, 32, 64], [1, 2, 3], [2, 1]),
+    "resnet103": (6, 256, [32, 64, 128, 256], [3, 8, 24, 8], [2, 2, 2]),
 }
 CLASSES = 10  # background + the nine phantom organs
 

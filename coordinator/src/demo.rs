@@ -65,16 +65,16 @@ impl Preset {
             Preset::Small => Sizes {
                 config: "small",
                 source_cases: 6,
-                target_train: 5,
+                target_train: 4,
                 target_test: 8,
                 source_epochs: 12,
                 epochs: 10,
-                finetune_epochs: 10,
+                finetune_epochs: 16,
                 lr: 1e-2,
-                batch: 8,
+                batch: 4,
                 trainable_layers: 3,
                 sweep_layers: vec![1, 3, 6, 10],
-                sweep_cases: vec![1, 3, 5],
+                sweep_cases: vec![1, 2, 4],
             },
         }
     }

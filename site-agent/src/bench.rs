@@ -49,10 +49,10 @@ fn random_slices(net: &Net, n: usize, seed: u64) -> TrainResult<SliceSet> {
     let classes = net.organs().num_classes() as u32;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let images: Vec<f32> =
-        (0..n * c.in_channels * s * s).map(|_| rng.random_range(-1.0..1.0)).collect();
+        (0..n * c.slice_spec().channels() * s * s).map(|_| rng.random_range(-1.0..1.0)).collect();
     let labels: Vec<u32> = (0..n * s * s).map(|_| rng.random_range(0..classes)).collect();
     Ok(SliceSet {
-        images: Tensor::from_vec(images, (n, c.in_channels, s, s), net.device())?,
+        images: Tensor::from_vec(images, (n, c.slice_spec().channels(), s, s), net.device())?,
         labels: Tensor::from_vec(labels, (n, s, s), net.device())?,
     })
 }

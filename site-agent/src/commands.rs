@@ -103,7 +103,7 @@ pub struct CheckDataArgs {
 pub struct TrainFlags {
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 1e-2)]
     pub lr: f64,
@@ -225,15 +225,15 @@ pub struct ExperimentArgs {
     #[arg(long, default_value_t = 12)]
     pub source_epochs: usize,
     /// Epochs for Model_T.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 10)]
     pub epochs: usize,
     /// Epochs for Model_ST.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 16)]
     pub finetune_epochs: usize,
     /// Peak learning rate for Model_ST.
     #[arg(long, default_value_t = 1e-2)]
     pub finetune_lr: f64,
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Peak learning rate for Model_S and Model_T.
     #[arg(long, default_value_t = 1e-2)]
@@ -244,7 +244,7 @@ pub struct ExperimentArgs {
     #[arg(long, default_value_t = 6)]
     pub source_cases: usize,
     /// Demo: target training cases.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 4)]
     pub target_train_cases: usize,
     /// Demo: target test cases.
     #[arg(long, default_value_t = 8)]

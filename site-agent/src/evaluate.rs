@@ -20,7 +20,7 @@ pub fn predict(net: &Net, image: &Image) -> TrainResult<Labels> {
     let [nx, ny, nz] = image.dims;
     let s = spec.size;
     let stack = slice_stack(image, &spec);
-    let inputs = Tensor::from_vec(stack, (nz, spec.in_channels, s, s), net.device())?;
+    let inputs = Tensor::from_vec(stack, (nz, spec.channels(), s, s), net.device())?;
     let class_to_label = net.organs().class_to_label();
     let mut data = Vec::with_capacity(nx * ny * nz);
     let mut start = 0;

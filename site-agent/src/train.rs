@@ -70,7 +70,7 @@ pub type TrainResult<T> = Result<T, TrainError>;
 /// Axial slices of a dataset, resized and windowed for a model, on its device.
 #[derive(Debug)]
 pub struct SliceSet {
-    /// `[n, in_channels, size, size]` f32.
+    /// `[n, channels, size, size]` f32 (see `SliceSpec::channels`).
     pub images: Tensor,
     /// `[n, size, size]` u32 class indices.
     pub labels: Tensor,
@@ -90,7 +90,7 @@ impl SliceSet {
         }
         let s = spec.size;
         Ok(Self {
-            images: Tensor::from_vec(images, (n, spec.in_channels, s, s), net.device())?,
+            images: Tensor::from_vec(images, (n, spec.channels(), s, s), net.device())?,
             labels: Tensor::from_vec(labels, (n, s, s), net.device())?,
         })
     }

@@ -28,6 +28,21 @@ pub struct SliceSpec {
     /// 1 (the slice alone) or an odd count of adjacent slices centred on it (edges repeat).
     pub in_channels: usize,
     pub window: Window,
+    /// Three position channels (x, y, height) after the slices; see
+    /// [`crate::model::ModelConfig::position_channels`].
+    pub position: bool,
+}
+
+impl SliceSpec {
+    /// Input channels per slice: the adjacent slices, plus three when `position` is on.
+    pub fn channels(&self) -> usize {
+        self.in_channels + if self.position { 3 } else { 0 }
+    }
+}
+
+/// Pixel-centre coordinate `i` of `n` mapped to [-1, 1].
+fn unit_coord(i: usize, n: usize) -> f32 {
+    (i as f32 + 0.5) / n as f32 * 2.0 - 1.0
 }
 
 /// Source coordinate and weights for one output index of a linear resize.
@@ -74,7 +89,8 @@ pub fn resize_nearest<T: Copy>(src: &[T], h: usize, w: usize, oh: usize, ow: usi
     out
 }
 
-/// Every axial slice of `image` as model input: `[z][channel][size][size]`, flattened.
+/// Every axial slice of `image` as model input: `[z][channel][size][size]`, flattened. The
+/// channels are the adjacent slices, then (with `spec.position`) x, y and the slice's height.
 pub fn slice_stack(image: &Image, spec: &SliceSpec) -> Vec<f32> {
     let [nx, ny, nz] = image.dims;
     let s = spec.size;
@@ -85,11 +101,24 @@ pub fn slice_stack(image: &Image, spec: &SliceSpec) -> Vec<f32> {
             resize_bilinear(&plane, ny, nx, s, s)
         })
         .collect();
-    let mut out = Vec::with_capacity(nz * spec.in_channels * s * s);
+    let (xs, ys): (Vec<f32>, Vec<f32>) = if spec.position {
+        let row: Vec<f32> = (0..s).map(|x| unit_coord(x, s)).collect();
+        let xs = row.repeat(s);
+        let ys = (0..s).flat_map(|y| std::iter::repeat_n(unit_coord(y, s), s)).collect();
+        (xs, ys)
+    } else {
+        (Vec::new(), Vec::new())
+    };
+    let mut out = Vec::with_capacity(nz * spec.channels() * s * s);
     for z in 0..nz as isize {
         for dz in -half..=half {
             let zz = (z + dz).clamp(0, nz as isize - 1) as usize;
             out.extend_from_slice(&windowed[zz]);
+        }
+        if spec.position {
+            out.extend_from_slice(&xs);
+            out.extend_from_slice(&ys);
+            out.extend(std::iter::repeat_n(unit_coord(z as usize, nz), s * s));
         }
     }
     out

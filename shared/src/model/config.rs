@@ -23,6 +23,13 @@ pub struct ModelConfig {
     pub decoder_blocks: Vec<usize>,
     /// The HU window that maps CT to the network's input range.
     pub window: Window,
+    /// Three more input channels holding each pixel's position: x and y across the field of
+    /// view and the slice's height in the scanned range, each in [-1, 1]. Organs that differ
+    /// only by side (left and right eye) or by height (brainstem and cord) look the same to a
+    /// convolution; with these channels the network can tell them apart. Absent in weights
+    /// files written before the field existed, which load with it off.
+    #[serde(default)]
+    pub position_channels: bool,
 }
 
 /// What one layer computes.
@@ -57,6 +64,7 @@ impl ModelConfig {
     pub fn preset(name: &str) -> ModelResult<Self> {
         let c = |in_channels, image_size, widths: &[usize], enc: &[usize], dec: &[usize]| Self {
             name: name.to_owned(),
+            position_channels: true,
             in_channels,
             image_size,
             widths: widths.to_vec(),
@@ -66,7 +74,7 @@ impl ModelConfig {
         };
         let cfg = match name {
             "tiny" => c(1, 32, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
-            "small" => c(3, 64, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
+            "small" => c(3, 48, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
             "resnet103" => c(3, 256, &[32, 64, 128, 256], &[3, 8, 24, 8], &[2, 2, 2]),
             other => return Err(ModelError::UnknownPreset(other.to_owned())),
         };
@@ -110,7 +118,7 @@ impl ModelConfig {
         let mut out = Vec::new();
         let mut push = |name: String, kind| out.push(LayerSpec { name, kind });
         let w = &self.widths;
-        push("stem".into(), LayerKind::Stem { cin: self.in_channels, cout: w[0] });
+        push("stem".into(), LayerKind::Stem { cin: self.slice_spec().channels(), cout: w[0] });
         let mut c = w[0];
         for (level, (&width, &blocks)) in w.iter().zip(&self.encoder_blocks).enumerate() {
             for b in 0..blocks {
@@ -159,6 +167,11 @@ impl ModelConfig {
 
     /// How volumes are sliced for this model.
     pub fn slice_spec(&self) -> SliceSpec {
-        SliceSpec { size: self.image_size, in_channels: self.in_channels, window: self.window }
+        SliceSpec {
+            size: self.image_size,
+            in_channels: self.in_channels,
+            window: self.window,
+            position: self.position_channels,
+        }
     }
 }

@@ -1,4 +1,8 @@
-//! Cross-entropy plus soft Dice over the foreground classes.
+//! Cross-entropy plus soft Dice over the foreground classes present in the batch.
+//!
+//! Classes absent from a batch's targets are left to the cross-entropy: with them in the Dice
+//! mean, each would reward predicting nothing of it anywhere (its smoothed Dice is highest at
+//! zero probability), and small organs seen in few slices stopped being predicted at all.
 //!
 //! On the CPU the loss is one op ([`SegLoss`]) that computes the value and its gradient with
 //! respect to the logits in two passes over the pixels; elsewhere, and as the reference it is
@@ -22,8 +26,8 @@ pub fn one_hot(targets: &Tensor, classes: usize) -> ModelResult<Tensor> {
     Ok(targets.unsqueeze(1)?.broadcast_eq(&ids)?.to_dtype(DType::F32)?)
 }
 
-/// `cross_entropy + dice_weight * (1 - mean soft Dice of the foreground classes)`, with soft
-/// Dice pooled over the batch. `logits`: `[b, classes, h, w]`; `targets`: `[b, h, w]` u32.
+/// `cross_entropy + dice_weight * (1 - mean soft Dice of the foreground classes present in
+/// the targets)`, with soft Dice pooled over the batch. `logits`: `[b, classes, h, w]`; `targets`: `[b, h, w]` u32.
 pub fn loss(logits: &Tensor, targets: &Tensor, dice_weight: f64) -> ModelResult<Tensor> {
     if logits.device().is_cpu() && logits.dtype() == DType::F32 && targets.dtype() == DType::U32 {
         let op = SegLoss { dice_weight, grad: Arc::new(Mutex::new(Vec::new())) };
@@ -45,17 +49,25 @@ pub fn loss_reference(logits: &Tensor, targets: &Tensor, dice_weight: f64) -> Mo
     let inter = p.mul(&target)?.sum((0, 2, 3))?;
     let denom = (p.sum((0, 2, 3))? + target.sum((0, 2, 3))?)?;
     let dice = ((inter * 2.0)? + DICE_SMOOTH)?.div(&(denom + DICE_SMOOTH)?)?;
-    let fg = dice.narrow(D::Minus1, 1, classes - 1)?.mean_all()?;
+    // Only the foreground classes present in the batch's targets.
+    let present =
+        target.sum((0, 2, 3))?.narrow(D::Minus1, 1, classes - 1)?.gt(0f64)?.to_dtype(DType::F32)?;
+    let count = present.sum_all()?.to_scalar::<f32>()?;
+    if count == 0.0 {
+        return Ok(ce);
+    }
+    let fg = (dice.narrow(D::Minus1, 1, classes - 1)?.mul(&present)?.sum_all()? / count as f64)?;
     Ok((ce + ((1.0 - fg)? * dice_weight)?)?)
 }
 
 /// The fused loss: value in the forward pass, `d loss / d logits` kept for the backward pass.
 ///
-/// With `p = softmax(z)` per pixel, `t` the one-hot target, `N` pixels, `F` foreground classes,
-/// `I_c = sum p_c t_c`, `D_c = sum p_c + sum t_c` and `s` the smoothing:
+/// With `p = softmax(z)` per pixel, `t` the one-hot target, `N` pixels, `P` the foreground
+/// classes present in the targets and `F = |P|`, `I_c = sum p_c t_c`, `D_c = sum p_c + sum t_c`
+/// and `s` the smoothing:
 /// - cross-entropy `-(1/N) sum log p_t` has gradient `(p - t) / N`;
-/// - `w (1 - (1/F) sum_{c>=1} (2 I_c + s) / (D_c + s))` has `dL/dp_c = -(w/F) (2 t_c (D_c + s)
-///   - (2 I_c + s)) / (D_c + s)^2` for `c >= 1` (0 for the background), taken through the
+/// - `w (1 - (1/F) sum_{c in P} (2 I_c + s) / (D_c + s))` has `dL/dp_c = -(w/F) (2 t_c (D_c +
+///   s) - (2 I_c + s)) / (D_c + s)^2` for `c in P` (0 for the others), taken through the
 ///   softmax as `p_j (g_j - sum_c p_c g_c)`.
 #[derive(Debug)]
 struct SegLoss {
@@ -164,10 +176,11 @@ impl CustomOp2 for SegLoss {
         let mut value = sums.nll / n;
         // dL/dp_c for c >= 1 is a_c * t_c - b_c with these per-class constants.
         let (mut a, mut bc) = (vec![0f32; classes], vec![0f32; classes]);
-        if self.dice_weight != 0.0 && classes >= 2 {
-            let f = (classes - 1) as f64;
+        let present: Vec<usize> = (1..classes).filter(|&c| sums.count[c] > 0.0).collect();
+        if self.dice_weight != 0.0 && !present.is_empty() {
+            let f = present.len() as f64;
             let mut dice_sum = 0.0;
-            for c in 1..classes {
+            for &c in &present {
                 let d = sums.prob[c] + sums.count[c] + DICE_SMOOTH;
                 let num = 2.0 * sums.inter[c] + DICE_SMOOTH;
                 dice_sum += num / d;

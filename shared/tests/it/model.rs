@@ -30,9 +30,10 @@ fn tiny_net(seed: u64) -> Net {
 }
 
 fn input(n: usize) -> Tensor {
+    let c = ModelConfig::preset("tiny").expect("preset").slice_spec().channels();
     let data: Vec<f32> =
-        (0..n * 32 * 32).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
-    Tensor::from_vec(data, (n, 1, 32, 32), &Device::Cpu).expect("tensor")
+        (0..n * c * 32 * 32).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+    Tensor::from_vec(data, (n, c, 32, 32), &Device::Cpu).expect("tensor")
 }
 
 #[test]
@@ -124,4 +125,53 @@ fn the_frozen_prefix_has_no_graph_and_the_tail_has_only_k_layers_of_parameters()
         }
     }
     assert!(net.trainable_vars(net.num_layers() + 1).is_err());
+}
+
+/// The position channels follow the adjacent slices: x across the columns, y down the rows,
+/// the slice's height constant over the slice; every value a pixel centre in [-1, 1].
+#[test]
+fn position_channels_hold_x_y_and_height() {
+    use shared::data::{Volume, slice_stack};
+    let cfg = ModelConfig::preset("small").expect("preset");
+    let spec = cfg.slice_spec();
+    assert!(spec.position);
+    assert_eq!(spec.channels(), spec.in_channels + 3);
+    let (s, nz) = (spec.size, 5);
+    let image = Volume::filled([20, 24, nz], [1.0, 1.0, 2.0], 0f32);
+    let stack = slice_stack(&image, &spec);
+    assert_eq!(stack.len(), nz * spec.channels() * s * s);
+    let at =
+        |z: usize, c: usize, y: usize, x: usize| stack[((z * spec.channels() + c) * s + y) * s + x];
+    let unit = |i: usize, n: usize| (i as f32 + 0.5) / n as f32 * 2.0 - 1.0;
+    let c0 = spec.in_channels;
+    for z in 0..nz {
+        for (y, x) in [(0, 0), (3, s - 1), (s - 1, 7)] {
+            assert_eq!(at(z, c0, y, x), unit(x, s), "x channel at z={z} y={y} x={x}");
+            assert_eq!(at(z, c0 + 1, y, x), unit(y, s), "y channel");
+            assert_eq!(at(z, c0 + 2, y, x), unit(z, nz), "height channel");
+        }
+    }
+    // Mirroring the image left-right leaves the slices' x channel as it was: position is the
+    // one input that tells the left eye from the right one.
+    assert!(at(0, c0, 0, 0) < 0.0 && at(0, c0, 0, s - 1) > 0.0);
+}
+
+/// Weights written before the position channels existed carry no `position_channels` key;
+/// their config reads back with it off, and the stem then takes the slices alone.
+#[test]
+fn configs_without_position_channels_still_load() {
+    let cfg = ModelConfig::preset("small").expect("preset");
+    let mut json = serde_json::to_value(&cfg).expect("json");
+    json.as_object_mut().expect("object").remove("position_channels");
+    let old: ModelConfig = serde_json::from_value(json).expect("an older manifest parses");
+    assert!(!old.position_channels);
+    assert_eq!(old.slice_spec().channels(), old.in_channels);
+    let net = Net::new(&old, &phantom::organ_map(), 1, &Device::Cpu).expect("net");
+    let x = Tensor::zeros(
+        (1, old.in_channels, old.image_size, old.image_size),
+        candle_core::DType::F32,
+        &Device::Cpu,
+    )
+    .expect("input");
+    net.infer(&x).expect("an older model runs on slices alone");
 }

@@ -196,6 +196,53 @@ proptest! {
     }
 }
 
+/// The Dice term averages over the foreground classes present in the targets only: a batch of
+/// background alone costs its cross-entropy and nothing more, and a class absent from the batch
+/// adds no term that would push its probability towards zero.
+#[test]
+fn dice_counts_only_the_classes_present() {
+    use shared::model::loss::{loss, loss_reference};
+    let z = Var::from_tensor(&random(&[2, 4, 3, 3], 41)).expect("var");
+    let background = Tensor::zeros((2, 3, 3), candle_core::DType::U32, &Device::Cpu).expect("t");
+    for f in [loss, loss_reference] {
+        let ce = f(z.as_tensor(), &background, 0.0).expect("ce").to_scalar::<f32>().expect("s");
+        let both = f(z.as_tensor(), &background, 1.0).expect("l").to_scalar::<f32>().expect("s");
+        assert_eq!(ce, both, "no foreground class present: the loss is the cross-entropy");
+    }
+    // Classes 1 and 2 present, class 3 absent: the Dice term is the mean of two ratios.
+    let labels: Vec<u32> = (0..18).map(|i| [0, 1, 2][i % 3]).collect();
+    let t = Tensor::from_vec(labels.clone(), (2, 3, 3), &Device::Cpu).expect("targets");
+    let p = candle_nn::ops::softmax(z.as_tensor(), 1)
+        .expect("softmax")
+        .reshape((2, 4, 9))
+        .expect("reshape")
+        .to_vec3::<f32>()
+        .expect("probabilities");
+    let dice = |c: usize| {
+        let (mut inter, mut sum_p, mut sum_t) = (0f64, 0f64, 0f64);
+        for (b, image) in p.iter().enumerate() {
+            for i in 0..9 {
+                let pv = image[c][i] as f64;
+                let tv = if labels[b * 9 + i] as usize == c { 1.0 } else { 0.0 };
+                inter += pv * tv;
+                sum_p += pv;
+                sum_t += tv;
+            }
+        }
+        (2.0 * inter + 1.0) / (sum_p + sum_t + 1.0)
+    };
+    let expected_dice = 1.0 - (dice(1) + dice(2)) / 2.0;
+    for f in [loss, loss_reference] {
+        let ce = f(z.as_tensor(), &t, 0.0).expect("ce").to_scalar::<f32>().expect("s") as f64;
+        let all = f(z.as_tensor(), &t, 1.0).expect("l").to_scalar::<f32>().expect("s") as f64;
+        assert!(
+            ((all - ce) - expected_dice).abs() <= 1e-5,
+            "Dice term {} vs {expected_dice} over the two present classes",
+            all - ce
+        );
+    }
+}
+
 #[test]
 fn fused_loss_refuses_labels_outside_the_classes() {
     let z = random(&[1, 3, 2, 2], 5);
