@@ -1,6 +1,8 @@
 //! Tests of the shared crate: metrics against medpy and scipy, NIfTI against real files,
 //! manifests, the model and its weights, and the CPU training ops against candle's own.
+//! Hostile input: the readers and parsers answer damaged and arbitrary bytes without panicking.
 
+mod hostile;
 mod manifest;
 mod metrics;
 mod model;

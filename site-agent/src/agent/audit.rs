@@ -176,3 +176,75 @@ pub fn verify(entries: &[AuditEntry]) -> Vec<String> {
     }
     problems
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_with(n: usize) -> (tempfile::TempDir, AuditLog) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = AuditLog::open(dir.path()).expect("open");
+        for i in 0..n {
+            log.record("fedtune.v1.SiteService/Heartbeat", &[i as u8, 1, 2]).expect("record");
+        }
+        (dir, log)
+    }
+
+    fn rewrite(log: &AuditLog, seq: u64, change: impl FnOnce(&mut AuditEntry)) {
+        let v = log.tree.get(seq.to_be_bytes()).expect("get").expect("entry");
+        let mut e: AuditEntry = serde_json::from_slice(&v).expect("json");
+        change(&mut e);
+        let json = serde_json::to_vec(&e).expect("json");
+        log.tree.insert(seq.to_be_bytes(), json).expect("insert");
+    }
+
+    #[test]
+    fn an_intact_log_verifies_and_survives_reopening() {
+        let (dir, log) = log_with(4);
+        assert_eq!(log.verify().expect("verify"), Vec::<String>::new());
+        drop(log);
+        let again = AuditLog::open(dir.path()).expect("reopen");
+        again.record("fedtune.v1.SiteService/SubmitResult", b"r").expect("append after reopen");
+        let entries = again.entries().expect("entries");
+        assert_eq!(entries.len(), 5);
+        assert_eq!(entries[4].prev_hash, entries[3].hash, "the chain continues");
+        assert!(verify(&entries).is_empty());
+    }
+
+    /// Each kind of tampering is found and named by entry.
+    #[test]
+    fn altered_and_removed_entries_are_detected() {
+        // The message replaced (hash of the message no longer matches).
+        let (_d, log) = log_with(4);
+        rewrite(&log, 1, |e| e.message_hex = hex::encode([9u8, 9, 9]));
+        assert_eq!(log.verify().expect("verify"), ["entry 1: the message does not match its hash"]);
+
+        // The message and its sha256 replaced together: the entry's own hash no longer fits.
+        let (_d, log) = log_with(4);
+        rewrite(&log, 2, |e| {
+            e.message_hex = hex::encode([7u8]);
+            e.bytes = 1;
+            e.sha256 = hex::encode(Sha256::digest([7u8]));
+        });
+        assert_eq!(log.verify().expect("verify"), ["entry 2: altered"]);
+
+        // The RPC or time changed.
+        let (_d, log) = log_with(3);
+        rewrite(&log, 0, |e| e.time_ms += 1);
+        assert_eq!(log.verify().expect("verify"), ["entry 0: altered"]);
+
+        // An entry removed from the middle.
+        let (_d, log) = log_with(4);
+        log.tree.remove(2u64.to_be_bytes()).expect("remove");
+        let problems = log.verify().expect("verify");
+        assert!(problems.contains(&"entry 2 is missing (next is 3)".to_owned()), "{problems:?}");
+        assert!(problems.contains(&"entry 3: the chain is broken before it".to_owned()));
+
+        // The link to the previous entry changed: the link and the entry's own hash break.
+        let (_d, log) = log_with(2);
+        rewrite(&log, 1, |e| e.prev_hash = "f".repeat(64));
+        let problems = log.verify().expect("verify");
+        assert!(problems.contains(&"entry 1: the chain is broken before it".to_owned()));
+        assert!(problems.contains(&"entry 1: altered".to_owned()), "{problems:?}");
+    }
+}

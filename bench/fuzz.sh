@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the hostile-input property tests (the NIfTI reader, the manifest parser, the weights
+# parser, the decoding of every RPC request) for a fixed budget of cases each, and prints the
+# executions, the time and the outcome of each. A finding fails its test and proptest prints
+# the minimal failing input.
+# Usage: bench/fuzz.sh [CASES]   (default 100000 per target; CI runs 64 through cargo test)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cases=${1:-100000}
+cargo build --release -q -p shared -p proto --tests
+echo "machine: $(uname -m), $(nproc) cpus, $(date -u +%Y-%m-%dT%H:%MZ), $cases cases per target"
+printf '%-52s %10s %7s %s\n' target executions seconds outcome
+run() {
+  local pkg=$1 test=$2 name=$3
+  local start end rc=0
+  start=$(date +%s%N)
+  FEDTUNE_FUZZ_CASES=$cases cargo test --release -q -p "$pkg" --test "$test" -- --exact "$name" \
+    >/tmp/fedtune-fuzz.log 2>&1 || rc=$?
+  end=$(date +%s%N)
+  local outcome="no finding"
+  [ "$rc" -eq 0 ] || outcome="FINDING (see /tmp/fedtune-fuzz.log)"
+  local ms=$(((end - start) / 1000000))
+  printf '%-52s %10d %5d.%01d %s\n' "$name" "$cases" $((ms / 1000)) $((ms % 1000 / 100)) "$outcome"
+  [ "$rc" -eq 0 ] || cp /tmp/fedtune-fuzz.log "/tmp/fedtune-fuzz-${name//::/-}.log"
+}
+run shared it hostile::nifti_reader_answers_damaged_files
+run shared it hostile::nifti_reader_answers_arbitrary_bytes
+run shared it hostile::manifest_parser_answers_damaged_text
+run shared it hostile::weights_parser_answers_damaged_files
+run proto decode requests_decode_arbitrary_bytes_or_refuse
+run proto decode requests_decode_damaged_encodings_or_refuse
