@@ -547,6 +547,13 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 let days = (s.certificate_not_after_unix - now) / 86_400;
                 let cert = if s.certificate_not_after_unix == 0 {
                     String::new()
+                } else if s.certificate_not_after_unix < now {
+                    format!(
+                        "  EXPIRED: its certificate expired on {} and it cannot connect; issue \
+                         a new bundle (`pki revoke site {n}`, `pki issue-site {n}`)",
+                        shared::cert::utc(s.certificate_not_after_unix),
+                        n = s.name
+                    )
                 } else if days < 30 {
                     format!("  WARNING: certificate expires in {days} days")
                 } else {

@@ -15,6 +15,7 @@
 //! tonic or sled.
 //! Nothing in here sends anything anywhere; it only computes.
 
+pub mod cert;
 pub mod cli;
 pub mod data;
 pub mod metrics;

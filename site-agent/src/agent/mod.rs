@@ -66,12 +66,52 @@ pub enum CallError {
     Interrupted(String),
     #[error("model {sha256}: {message}")]
     Download { sha256: String, message: String },
+    /// The site's own certificate cannot be used (expired, not yet valid, unreadable).
+    #[error("{0}")]
+    Certificate(String),
 }
 
 impl CallError {
     /// Refusals the agent cannot fix by retrying: a revoked or unknown certificate.
     fn is_fatal(&self) -> bool {
-        matches!(self, CallError::Status(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+        matches!(self, CallError::Certificate(_))
+            || matches!(self, CallError::Status(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+    }
+}
+
+/// Refuses to dial with an expired or not yet valid site certificate, saying what to do (the
+/// coordinator would only drop the handshake); warns when it expires within 30 days.
+fn check_certificate(path: &Path) -> Result<(), CallError> {
+    use shared::cert::{Standing, Validity, now_unix, utc};
+    let v = Validity::from_file(path).map_err(|e| {
+        CallError::Certificate(format!(
+            "the site certificate cannot be read: {e}; [tls] bundle must be the folder from \
+             `coordinator pki issue-site NAME`"
+        ))
+    })?;
+    let renew = "ask the study lead for a new bundle (`coordinator pki revoke site NAME`, then \
+                 `coordinator pki issue-site NAME`) and point [tls] bundle at it";
+    match v.standing(now_unix()) {
+        Standing::Expired { days_ago } => Err(CallError::Certificate(format!(
+            "the site certificate {} expired on {} ({days_ago} days ago) and the coordinator \
+             will refuse it; {renew}",
+            path.display(),
+            utc(v.not_after)
+        ))),
+        Standing::NotYetValid => Err(CallError::Certificate(format!(
+            "the site certificate {} is not valid before {}; check this machine's clock",
+            path.display(),
+            utc(v.not_before)
+        ))),
+        Standing::Valid { days_left } if days_left < 30 => {
+            tracing::warn!(
+                days_left,
+                expires = %utc(v.not_after),
+                "the site certificate expires soon; {renew}"
+            );
+            Ok(())
+        }
+        Standing::Valid { .. } => Ok(()),
     }
 }
 
@@ -87,6 +127,7 @@ const SVC: &str = "fedtune.v1.SiteService";
 impl Link {
     pub async fn connect(cfg: &SiteConfig, audit: AuditLog) -> Result<Self, CallError> {
         let bundle = &cfg.tls.bundle;
+        check_certificate(&bundle.join("cert.pem"))?;
         let read = |f: &str| {
             let path = bundle.join(f);
             std::fs::read(&path).map_err(|source| CallError::Io { path, source })

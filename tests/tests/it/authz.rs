@@ -218,6 +218,19 @@ async fn every_rpc_for_every_identity() -> R {
     assert_eq!(mismatches, 0, "{mismatches} unexpected outcomes:\n{table}");
     assert_eq!(checked, 7 * 19);
     eprintln!("authorization matrix: {checked} identity x RPC pairs as expected");
+
+    // The agent with the expired certificate does not dial: it stops with what to do.
+    let mut cfg = fed.site_config("site-a")?;
+    cfg.tls.bundle = fed.bundle(Role::Site, "site-x");
+    cfg.storage.dir = fed.root.join("site-x-agent");
+    let err = site_agent::agent::run(cfg, std::future::pending())
+        .await
+        .expect_err("an expired certificate stops the agent");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("expired on") && msg.contains("pki issue-site") && msg.contains("site-x"),
+        "{msg}"
+    );
     fed.shutdown().await
 }
 
