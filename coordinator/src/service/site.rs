@@ -102,6 +102,31 @@ impl SiteService for SiteApi {
             .into());
         }
         let path = c.blob_path(&sha256);
+        // The stored copy must still be what was pushed: a damaged blob is never sent.
+        let stored = {
+            let blob = path.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+                use sha2::Digest;
+                let mut h = sha2::Sha256::new();
+                std::io::copy(&mut std::fs::File::open(blob)?, &mut h)?;
+                Ok(hex::encode(h.finalize()))
+            })
+            .await
+            .map_err(|e| Status::internal(format!("hashing the model: {e}")))?
+            .map_err(|source| ServiceError::Io { path: path.clone(), source })?
+        };
+        if stored != sha256 {
+            tracing::error!(
+                sha256 = %sha256,
+                found = %stored,
+                path = %path.display(),
+                "a stored model no longer matches its sha256; not sent. Push it again"
+            );
+            return Err(Status::data_loss(format!(
+                "the coordinator's copy of model {sha256} is damaged; the study lead must push \
+                 it again"
+            )));
+        }
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|source| ServiceError::Io { path: path.clone(), source })?;

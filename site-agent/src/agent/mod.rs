@@ -124,6 +124,9 @@ pub struct Link {
 
 const SVC: &str = "fedtune.v1.SiteService";
 
+/// How a download that resumed from a kept part and then failed verification is described.
+const RESUMED_MISMATCH: &str = "resumed download";
+
 impl Link {
     pub async fn connect(cfg: &SiteConfig, audit: AuditLog) -> Result<Self, CallError> {
         let bundle = &cfg.tls.bundle;
@@ -215,9 +218,27 @@ impl Link {
     }
 
     /// Downloads a model into `dir/<sha256>`, resuming from `dir/<sha256>.part`, and verifies
-    /// its hash. `stop_after` cuts the download after that many bytes of this call (tests use
-    /// it to simulate a broken connection). Returns the file and the bytes received.
+    /// its hash. A resumed download that does not verify (the kept part was damaged) is
+    /// discarded and fetched again from the start, once. `stop_after` cuts the download after
+    /// that many bytes of this call (tests use it to simulate a broken connection). Returns the
+    /// file and the bytes received.
     pub async fn fetch_model(
+        &mut self,
+        model: &pb::ModelRef,
+        dir: &Path,
+        stop_after: Option<u64>,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(PathBuf, u64), CallError> {
+        match self.fetch_once(model, dir, stop_after, progress).await {
+            Err(CallError::Download { message, .. }) if message.starts_with(RESUMED_MISMATCH) => {
+                tracing::warn!(sha256 = %model.sha256, "{message}; fetching it again from the start");
+                self.fetch_once(model, dir, stop_after, progress).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_once(
         &mut self,
         model: &pb::ModelRef,
         dir: &Path,
@@ -256,6 +277,7 @@ impl Link {
         if offset > 0 {
             tracing::info!(sha256 = %sha, offset, "resuming download");
         }
+        let resumed_from = offset;
         let mut file = tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -290,10 +312,11 @@ impl Link {
         let got = hex::encode(hasher.finalize());
         if offset != model.size || got != sha {
             let _ = tokio::fs::remove_file(&part).await;
+            let resumed = if resumed_from > 0 { RESUMED_MISMATCH } else { "download" };
             return Err(CallError::Download {
                 sha256: sha,
                 message: format!(
-                    "received {offset} of {} bytes with sha256 {got}; discarded, will fetch again",
+                    "{resumed}: received {offset} of {} bytes with sha256 {got}; discarded",
                     model.size
                 ),
             });
@@ -555,6 +578,10 @@ async fn run_leased(
                     Ok((path, _)) => Some(path),
                     Err(CallError::Download { sha256, message }) => {
                         tracing::error!(sha256 = %sha256, message = %message, "download failed verification");
+                        return Ok(Some(Outcome::Failure(pb::FailureCode::Download)));
+                    }
+                    Err(CallError::Status(s)) if s.code() == tonic::Code::DataLoss => {
+                        tracing::error!(sha256 = %model.sha256, message = %s.message(), "the coordinator's copy of the model is damaged");
                         return Ok(Some(Outcome::Failure(pb::FailureCode::Download)));
                     }
                     Err(e) => return Err(e),

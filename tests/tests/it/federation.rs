@@ -160,6 +160,59 @@ async fn a_cut_download_resumes_from_its_offset() -> R {
     fed.shutdown().await
 }
 
+/// A model altered by one byte is never loaded: a damaged kept part is found by its hash
+/// and fetched again from the start; a damaged copy in the coordinator's store is never sent
+/// (DataLoss), and the task fails with the download code instead of running on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
+    let mut fed = Federation::builder().sites(1).without_agents().start().await?;
+    fed.study("damage", "tiny").await?;
+    start_round(&fed, "damage", evaluate()).await?;
+    let mut link = site_link(&fed, "site-a").await?;
+    link.hello(pb::HelloRequest::default()).await?;
+    let task = link.next_task(2).await?.expect("a task for site-a");
+    let model = task.base.clone().expect("evaluate tasks carry their base model");
+    let good = std::fs::read(fed.root.join("coordinator-data/blobs").join(&model.sha256))?;
+
+    // The site's kept part: the right length of the first bytes, one of them altered.
+    let dir = fed.root.join("cache");
+    std::fs::create_dir_all(&dir)?;
+    let mut part = good[..good.len() / 2].to_vec();
+    part[10] ^= 0x01;
+    std::fs::write(dir.join(format!("{}.part", model.sha256)), &part)?;
+    let (path, received) = link.fetch_model(&model, &dir, None, &mut |_, _| {}).await?;
+    assert_eq!(received, model.size, "fetched again from the start");
+    assert_eq!(std::fs::read(&path)?, good);
+    assert!(!dir.join(format!("{}.part", model.sha256)).exists());
+
+    // The coordinator's stored copy altered by one byte.
+    let blob = fed.root.join("coordinator-data/blobs").join(&model.sha256);
+    let mut bad = good.clone();
+    bad[good.len() / 3] ^= 0x80;
+    std::fs::write(&blob, &bad)?;
+    let other = fed.root.join("cache2");
+    let r = link.fetch_model(&model, &other, None, &mut |_, _| {}).await;
+    match r {
+        Err(site_agent::agent::CallError::Status(s)) => {
+            assert_eq!(s.code(), tonic::Code::DataLoss, "{}", s.message());
+            assert!(s.message().contains("push it again"), "{}", s.message());
+        }
+        other => panic!("a damaged stored model must be refused, got {other:?}"),
+    }
+    assert!(!other.join(&model.sha256).exists(), "nothing verified was written");
+
+    // An agent given a task on the damaged model fails it with the download code.
+    drop(link);
+    let round = start_round(&fed, "damage", evaluate()).await?;
+    fed.start_agent("site-a")?;
+    let info = fed.wait_round(&round, 120).await?;
+    assert_eq!(info.state, pb::RoundState::Failed as i32, "{info:?}");
+    let t = info.tasks.first().expect("site-a's task");
+    assert_eq!(t.state, pb::TaskState::Failed as i32, "{t:?}");
+    assert!(t.reason.to_ascii_lowercase().contains("download"), "{}", t.reason);
+    fed.shutdown().await
+}
+
 /// What the coordinator refuses: another CA's certificate, a revoked site, a site touching
 /// another site's task or result, a site certificate on the admin service, an unapproved
 /// site.
