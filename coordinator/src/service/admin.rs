@@ -83,6 +83,9 @@ impl AdminApi {
     }
 }
 
+/// The longest round deadline a study lead may set: 90 days.
+const MAX_DEADLINE_SECONDS: u32 = 90 * 86_400;
+
 /// Epochs, batch size and learning rate within sane bounds.
 fn check_spec_numbers(spec: &pb::TaskSpec) -> Result<(), String> {
     if spec.epochs > 10_000 || spec.batch_size > 4096 {
@@ -417,6 +420,13 @@ impl AdminService for AdminApi {
         let quorum = if body.quorum == 0 { n } else { body.quorum };
         if quorum > n {
             return Err(bad(format!("quorum {quorum} is more than the round's {n} sites")));
+        }
+        if body.deadline_seconds > MAX_DEADLINE_SECONDS {
+            return Err(bad(format!(
+                "deadline_seconds = {} is more than {} days; a round that long is a mistake",
+                body.deadline_seconds,
+                MAX_DEADLINE_SECONDS / 86_400
+            )));
         }
         let deadline = if body.deadline_seconds == 0 {
             c.limits.round_deadline_seconds

@@ -4,3 +4,4 @@ mod authz;
 mod cli;
 mod demo;
 mod federation;
+mod hostile_rpc;
