@@ -213,6 +213,63 @@ async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
     fed.shutdown().await
 }
 
+/// Damaged data at one site (a truncated label file of a test case): its agent names the
+/// case in its own log, reports the task failed with a reason code and nothing that names a
+/// case or a file, and the other site's result is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
+    let mut fed = Federation::builder().sites(2).without_agents().start().await?;
+    let manifest = shared::data::Manifest::load(&fed.data_dir("site-b").join("manifest.toml"))?;
+    let case = manifest.cases_in(shared::data::Split::Test).next().expect("a test case").clone();
+    let bytes = std::fs::read(&case.label)?;
+    std::fs::write(&case.label, &bytes[..bytes.len() / 3])?;
+    fed.start_agent("site-a")?;
+    fed.start_agent("site-b")?;
+    fed.study("bad-data", "tiny").await?;
+    let round = fed
+        .admin()
+        .await?
+        .start_round(pb::StartRoundRequest {
+            study: "bad-data".into(),
+            spec: Some(evaluate()),
+            quorum: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .round_id;
+    let info = fed.wait_round(&round, 240).await?;
+    assert_eq!(info.state, pb::RoundState::Completed as i32, "quorum 1 is met: {info:?}");
+    let task = |site: &str| info.tasks.iter().find(|t| t.site == site).expect("task").clone();
+    assert_eq!(task("site-a").state, pb::TaskState::Succeeded as i32);
+    let failed = task("site-b");
+    assert_eq!(failed.state, pb::TaskState::Failed as i32, "{failed:?}");
+    assert!(failed.reason.to_ascii_lowercase().contains("data"), "{}", failed.reason);
+    let secrets = site_secrets(&fed.data_dir("site-b"))?;
+    for s in &secrets {
+        assert!(!failed.reason.contains(s.as_str()), "the reason names \"{s}\"");
+    }
+    let results =
+        fed.admin().await?.get_results(pb::RoundRequest { round_id: round }).await?.into_inner();
+    let a = results.results.iter().find(|r| r.site == "site-a").expect("site-a's result");
+    assert_eq!(organs_with_dice(a.result.as_ref().expect("result")), 9);
+    for ag in &mut fed.agents {
+        ag.stop().await?;
+    }
+    let (entries, _) = site_agent::agent::audit::AuditLog::read(&fed.storage("site-b"))?;
+    for e in &entries {
+        let bytes = hex_decode(&e.message_hex);
+        for s in &secrets {
+            assert!(
+                !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
+                "{} carries \"{s}\"",
+                e.rpc
+            );
+        }
+    }
+    fed.shutdown().await
+}
+
 /// What the coordinator refuses: another CA's certificate, a revoked site, a site touching
 /// another site's task or result, a site certificate on the admin service, an unapproved
 /// site.
