@@ -191,19 +191,22 @@ impl Runner<'_> {
                 epochs,
                 ..Default::default()
             }),
-            TrainEvent::Step { epoch, step, steps_per_epoch, loss } => progress(pb::Progress {
-                phase: "train".into(),
-                epoch: epoch as u32 + 1,
-                epochs,
-                loss,
-                fraction: lo
-                    + (hi - lo)
-                        * (0.1
-                            + 0.8
-                                * (epoch as f64
-                                    + (step + 1) as f64 / steps_per_epoch.max(1) as f64)
-                                / f64::from(epochs.max(1))),
-            }),
+            TrainEvent::Step { epoch, step, steps_per_epoch, loss } => {
+                super::faults::pause_at("train");
+                progress(pb::Progress {
+                    phase: "train".into(),
+                    epoch: epoch as u32 + 1,
+                    epochs,
+                    loss,
+                    fraction: lo
+                        + (hi - lo)
+                            * (0.1
+                                + 0.8
+                                    * (epoch as f64
+                                        + (step + 1) as f64 / steps_per_epoch.max(1) as f64)
+                                    / f64::from(epochs.max(1))),
+                })
+            }
             TrainEvent::Epoch { .. } => {}
         };
         let report = match train_until(t.net, t.k, t.slices, &t.opts, &mut on_event, self.stop) {

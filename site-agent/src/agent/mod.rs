@@ -16,6 +16,7 @@
 pub mod audit;
 pub mod config;
 pub mod exec;
+pub mod faults;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -181,6 +182,7 @@ impl Link {
 
     pub async fn submit(&mut self, req: pb::SubmitResultRequest) -> Result<bool, CallError> {
         self.audit("SubmitResult", &req)?;
+        faults::pause_at("submit");
         Ok(self.client.submit_result(req).await?.into_inner().recorded)
     }
 
@@ -300,6 +302,7 @@ impl Link {
             }
             file.write_all(&chunk.data).await.map_err(io(&part))?;
             file.flush().await.map_err(io(&part))?;
+            faults::pause_at("download");
             hasher.update(&chunk.data);
             offset += chunk.data.len() as u64;
             received += chunk.data.len() as u64;

@@ -3,5 +3,6 @@
 mod authz;
 mod cli;
 mod demo;
+mod faults;
 mod federation;
 mod hostile_rpc;
