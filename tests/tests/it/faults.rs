@@ -92,3 +92,135 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
     eprintln!("agent killed at {survived:?}: every task completed, each result counted once");
     fed.shutdown().await
 }
+
+async fn round_info(fed: &Federation, id: &str) -> anyhow::Result<pb::RoundInfo> {
+    Ok(fed.admin().await?.get_round(pb::RoundRequest { round_id: id.into() }).await?.into_inner())
+}
+
+/// Where a round stood when the coordinator was killed.
+fn phase_of(round: Option<&pb::RoundInfo>) -> &'static str {
+    let Some(r) = round else { return "registration" };
+    if r.state == pb::RoundState::Completed as i32 {
+        return "completion";
+    }
+    let states: Vec<i32> = r.tasks.iter().map(|t| t.state).collect();
+    let phase = |name: &str| {
+        r.tasks.iter().any(|t| {
+            t.state == pb::TaskState::Leased as i32
+                && t.progress.as_ref().is_some_and(|p| p.phase.contains(name))
+        })
+    };
+    if states.contains(&(pb::TaskState::Succeeded as i32)) {
+        "submission"
+    } else if phase("train") || phase("cache") || phase("evaluate") {
+        "training"
+    } else if states.contains(&(pb::TaskState::Leased as i32)) {
+        "download"
+    } else {
+        "registration"
+    }
+}
+
+/// The coordinator process is killed (SIGKILL) and restarted at seeded moments of two rounds
+/// with three agents: while they register, download, train, submit and after completion.
+/// At least 12 kills, and more until each of those five phases was hit. Every round completes,
+/// with one result per site, and a result seen before a kill is the same after it.
+/// `FEDTUNE_FAULT_SEED` picks other moments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_killed_at_seeded_points_loses_nothing() -> R {
+    use rand::{Rng, SeedableRng};
+    let seed = std::env::var("FEDTUNE_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut fed =
+        Federation::builder().sites(3).coordinator_process().without_agents().start().await?;
+    for s in ["site-a", "site-b", "site-c"] {
+        fed.start_agent(s)?;
+    }
+    let mut phases: Vec<&str> = Vec::new();
+    // Registration: the agents' first Hellos.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(rng.random_range(0..400))).await;
+        fed.restart_coordinator().await?;
+        phases.push("registration");
+    }
+    fed.study("kills", "tiny").await?;
+    let spec = pb::TaskSpec {
+        kind: pb::TaskKind::Finetune as i32,
+        trainable_layers: 3,
+        epochs: 4,
+        ..Default::default()
+    };
+    let mut rounds: Vec<String> = Vec::new();
+    let mut seen: std::collections::BTreeMap<(String, String), pb::TaskResult> = Default::default();
+    const ALL: [&str; 5] = ["registration", "download", "training", "submission", "completion"];
+    // At least 12 kills, and on until every phase was hit (at most 40).
+    while phases.len() < 12 || !ALL.iter().all(|p| phases.contains(p)) {
+        assert!(phases.len() < 40, "seed {seed}: phases not all reached: {phases:?}");
+        let need_round = match rounds.last() {
+            None => true,
+            // A completed round is killed once in that state before the next one starts.
+            Some(r) => {
+                rounds.len() < 8
+                    && phases.contains(&"completion")
+                    && round_info(&fed, r).await?.state == pb::RoundState::Completed as i32
+            }
+        };
+        if need_round {
+            let r = fed
+                .admin()
+                .await?
+                .start_round(pb::StartRoundRequest {
+                    study: "kills".into(),
+                    spec: Some(spec.clone()),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .round_id;
+            rounds.push(r);
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(50..900))).await;
+        let current = rounds.last().expect("a round");
+        let info = round_info(&fed, current).await?;
+        // Results recorded so far, to compare after the restart.
+        for r in &rounds {
+            let res =
+                fed.admin().await?.get_results(pb::RoundRequest { round_id: r.clone() }).await?;
+            for x in res.into_inner().results {
+                if let Some(tr) = x.result {
+                    seen.insert((r.clone(), x.site), tr);
+                }
+            }
+        }
+        fed.restart_coordinator().await?;
+        phases.push(phase_of(Some(&info)));
+    }
+    for r in &rounds {
+        let info = fed.wait_round(r, 300).await?;
+        assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
+        let res = fed
+            .admin()
+            .await?
+            .get_results(pb::RoundRequest { round_id: r.clone() })
+            .await?
+            .into_inner();
+        let mut sites: Vec<&str> = res.results.iter().map(|x| x.site.as_str()).collect();
+        sites.sort();
+        assert_eq!(sites, ["site-a", "site-b", "site-c"], "one result per site, once");
+        for x in &res.results {
+            if let Some(before) = seen.get(&(r.clone(), x.site.clone())) {
+                assert_eq!(x.result.as_ref(), Some(before), "a result changed across a kill");
+            }
+        }
+    }
+    let mut count: std::collections::BTreeMap<&str, usize> = Default::default();
+    for p in &phases {
+        *count.entry(p).or_default() += 1;
+    }
+    eprintln!(
+        "coordinator killed at {} points (seed {seed}), all survived: {count:?}; {} rounds completed",
+        phases.len(),
+        rounds.len()
+    );
+    fed.shutdown().await
+}
