@@ -224,3 +224,48 @@ async fn the_coordinator_killed_at_seeded_points_loses_nothing() -> R {
     );
     fed.shutdown().await
 }
+
+/// The coordinator's blob store made unwritable (its `tmp` folder replaced by a file; the
+/// tests run as root, where permissions would not stop a write): an upload fails with a
+/// status that says the coordinator cannot write, the server keeps answering, what was stored
+/// before is intact, and uploads work again once the folder is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_data_dir_fails_uploads_clearly_and_damages_nothing() -> R {
+    let fed = Federation::builder().sites(1).without_agents().start().await?;
+    let info = fed.study("disk", "tiny").await?;
+    let base = info.base.expect("the study's base model");
+    let blobs = fed.root.join("coordinator-data/blobs");
+    let stored = std::fs::read(blobs.join(&base.sha256))?;
+
+    let tmp = blobs.join("tmp");
+    std::fs::remove_dir_all(&tmp)?;
+    std::fs::write(&tmp, b"not a folder")?;
+    let other = fed.root.join("other.safetensors");
+    let cfg = shared::model::ModelConfig::preset("tiny")?;
+    let net = shared::model::Net::new(
+        &cfg,
+        &shared::data::phantom::organ_map(),
+        99,
+        &candle_core::Device::Cpu,
+    )?;
+    shared::weights::save(&net, &Default::default(), &other)?;
+    let mut admin = fed.admin().await?;
+    let err = coordinator::cli::push_model(&mut admin, &other, "other", false)
+        .await
+        .expect_err("the upload cannot be stored");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("cannot write its data"), "{msg}");
+
+    // Still serving; the stored model and the study are as they were.
+    let models = admin.list_models(pb::ListModelsRequest {}).await?.into_inner().models;
+    assert_eq!(models.len(), 1, "nothing half-stored: {models:?}");
+    assert_eq!(std::fs::read(blobs.join(&base.sha256))?, stored);
+    let studies = admin.list_studies(pb::ListStudiesRequest {}).await?.into_inner().studies;
+    assert_eq!(studies.len(), 1);
+
+    // Writable again: the same upload goes through.
+    std::fs::remove_file(&tmp)?;
+    coordinator::cli::push_model(&mut admin, &other, "other", false).await?;
+    assert_eq!(admin.list_models(pb::ListModelsRequest {}).await?.into_inner().models.len(), 2);
+    fed.shutdown().await
+}
