@@ -295,6 +295,11 @@ max_backoff_seconds = 2
 
     pub fn start_agent(&mut self, name: &str) -> Result<()> {
         let config = self.site_config(name)?;
+        self.start_agent_with(name, config)
+    }
+
+    /// Starts site `name`'s agent with a config the test changed (another address, ...).
+    pub fn start_agent_with(&mut self, name: &str, config: SiteConfig) -> Result<()> {
         let (stop, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(site_agent::agent::run(config.clone(), async move {
             let _ = rx.await;

@@ -269,3 +269,140 @@ async fn an_unwritable_data_dir_fails_uploads_clearly_and_damages_nothing() -> R
     assert_eq!(admin.list_models(pb::ListModelsRequest {}).await?.into_inner().models.len(), 2);
     fed.shutdown().await
 }
+
+/// A TCP proxy between the agents and the coordinator that the test can cut (close every
+/// connection and refuse new ones) or stall (keep connections open, forward nothing).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    mode: std::sync::Arc<std::sync::atomic::AtomicU8>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+const PASS: u8 = 0;
+const CUT: u8 = 1;
+const STALL: u8 = 2;
+
+impl Proxy {
+    async fn start(upstream: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mode = std::sync::Arc::new(std::sync::atomic::AtomicU8::new(PASS));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Default::default();
+        let (m, c) = (mode.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((down, _)) = listener.accept().await {
+                if m.load(Ordering::SeqCst) == CUT {
+                    drop(down);
+                    continue;
+                }
+                let m = m.clone();
+                let task = tokio::spawn(async move {
+                    let Ok(up) = tokio::net::TcpStream::connect(upstream).await else { return };
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
+                    let pump =
+                        |m: std::sync::Arc<std::sync::atomic::AtomicU8>,
+                         mut r: tokio::net::tcp::OwnedReadHalf,
+                         mut w: tokio::net::tcp::OwnedWriteHalf| async move {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buf = vec![0u8; 16 * 1024];
+                            loop {
+                                let n = match r.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                while m.load(Ordering::SeqCst) == STALL {
+                                    tokio::time::sleep(Duration::from_millis(20)).await;
+                                }
+                                if m.load(Ordering::SeqCst) == CUT
+                                    || w.write_all(&buf[..n]).await.is_err()
+                                {
+                                    return;
+                                }
+                            }
+                        };
+                    let a = tokio::spawn(pump(m.clone(), dr, uw));
+                    let b = pump(m, ur, dw);
+                    b.await;
+                    a.abort();
+                });
+                c.lock().expect("conns").push(task);
+            }
+        });
+        Ok(Self { addr, mode, conns })
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, std::sync::atomic::Ordering::SeqCst);
+        if mode == CUT {
+            for t in self.conns.lock().expect("conns").drain(..) {
+                t.abort();
+            }
+        }
+    }
+}
+
+/// The network between an agent and the coordinator is cut, then stalled, while the agent
+/// trains: the agent reconnects on its own, and its heartbeats keep the lease through training
+/// longer than the lease (a break shorter than the lease loses nothing: the task completes on
+/// its first attempt). A cut longer than the lease lets the lease expire; the task still
+/// completes once the network is back, and its result is counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
+    let mut fed = Federation::builder().sites(1).without_agents().start().await?;
+    fed.study("net", "tiny").await?;
+    let proxy = Proxy::start(fed.addr).await?;
+    let mut cfg = fed.site_config("site-a")?;
+    cfg.coordinator.address = format!("https://{}", proxy.addr);
+    fed.start_agent_with("site-a", cfg)?;
+    let spec = pb::TaskSpec {
+        kind: pb::TaskKind::Finetune as i32,
+        trainable_layers: 2,
+        epochs: 20,
+        ..Default::default()
+    };
+    // (mode, seconds, the attempts that may complete it). The harness's lease is 6 s: a short
+    // break keeps the lease; after a long one the task is either leased again (attempt 2) or,
+    // when training ended during the cut and nobody else took the task, the waiting result of
+    // attempt 1 is accepted on reconnection. Either way once.
+    for (mode, secs, attempts) in [(CUT, 2, 1..=1), (STALL, 2, 1..=1), (CUT, 9, 1..=2)] {
+        let round = fed
+            .admin()
+            .await?
+            .start_round(pb::StartRoundRequest {
+                study: "net".into(),
+                spec: Some(spec.clone()),
+                ..Default::default()
+            })
+            .await?
+            .into_inner()
+            .round_id;
+        // Wait for training, then break the network for `secs`.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let info = round_info(&fed, &round).await?;
+            if phase_of(Some(&info)) == "training" {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no training seen: {info:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        proxy.set(mode);
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        proxy.set(PASS);
+        let info = fed.wait_round(&round, 180).await?;
+        assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
+        let task = info.tasks.first().expect("the task");
+        assert!(attempts.contains(&task.attempt), "mode {mode} for {secs} s: {task:?}");
+        let results = fed
+            .admin()
+            .await?
+            .get_results(pb::RoundRequest { round_id: round })
+            .await?
+            .into_inner();
+        assert_eq!(results.results.len(), 1, "counted once");
+    }
+    fed.shutdown().await
+}
