@@ -22,6 +22,7 @@ pub mod demo;
 pub mod identity;
 pub mod pki;
 mod plots;
+pub mod ratelimit;
 pub mod report;
 pub mod rounds;
 pub mod server;

@@ -63,6 +63,11 @@ pub struct LimitsConfig {
     pub max_attempts: u32,
     /// How often leases and deadlines are checked. Default 1000 ms.
     pub tick_ms: u64,
+    /// Requests per second each identity (site or admin certificate) may make, sustained.
+    /// Default 50.
+    pub requests_per_second: u32,
+    /// Requests an identity may make at once before the sustained rate applies. Default 200.
+    pub request_burst: u32,
 }
 
 impl Default for LimitsConfig {
@@ -73,6 +78,8 @@ impl Default for LimitsConfig {
             round_deadline_seconds: 86_400,
             max_attempts: 3,
             tick_ms: 1000,
+            requests_per_second: 50,
+            request_burst: 200,
         }
     }
 }
@@ -238,8 +245,13 @@ pub async fn serve(
     let admin = AdminServiceServer::new(AdminApi(coord.clone()))
         .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
-    let site = InterceptedService::new(site, authenticator(coord.clone(), Role::Site));
-    let admin = InterceptedService::new(admin, authenticator(coord.clone(), Role::Admin));
+    let limiter = Arc::new(crate::ratelimit::RateLimiter::new(
+        cfg.limits.requests_per_second,
+        cfg.limits.request_burst,
+    ));
+    let site =
+        InterceptedService::new(site, authenticator(coord.clone(), Role::Site, limiter.clone()));
+    let admin = InterceptedService::new(admin, authenticator(coord.clone(), Role::Admin, limiter));
 
     // The lease ticker: expires leases and applies round deadlines.
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -281,13 +293,26 @@ pub async fn serve(
 }
 
 /// The interceptor of one service: reads the identity from the client certificate, checks
-/// revocation and role, and hands the identity to the handler.
+/// revocation and role, applies the identity's rate limit, and hands the identity to the
+/// handler.
 fn authenticator(
     coord: Arc<Coordinator>,
     role: Role,
+    limiter: Arc<crate::ratelimit::RateLimiter>,
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let id = coord.authenticate(&req, role).map_err(Status::from)?;
+        if !limiter.allow(&format!("{}/{}", id.role.as_str(), id.name)) {
+            tracing::warn!(role = id.role.as_str(), name = %id.name, "rate limit reached");
+            return Err(Status::resource_exhausted(format!(
+                "{} \"{}\" made more than {} requests at once ({} per second sustained); \
+                 slow down and retry",
+                id.role.as_str(),
+                id.name,
+                limiter.burst(),
+                limiter.per_second()
+            )));
+        }
         req.extensions_mut().insert(id);
         Ok(req)
     }

@@ -152,6 +152,7 @@ impl Federation {
             round_deadline_seconds: 600,
             max_attempts: 5,
             tick_ms: 200,
+            ..Default::default()
         };
         cfg
     }
@@ -172,7 +173,7 @@ impl Federation {
         let cfg = self.server_config();
         let l = &cfg.limits;
         let toml = format!(
-            "version = 1\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\nrevocation_list = \"{rev}\"\n[limits]\nlease_seconds = {lease}\nmax_poll_seconds = {poll}\nround_deadline_seconds = {dl}\nmax_attempts = {att}\ntick_ms = {tick}\n",
+            "version = 1\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\nrevocation_list = \"{rev}\"\n[limits]\nlease_seconds = {lease}\nmax_poll_seconds = {poll}\nround_deadline_seconds = {dl}\nmax_attempts = {att}\ntick_ms = {tick}\nrequests_per_second = {rps}\nrequest_burst = {burst}\n",
             addr = self.addr,
             data = cfg.data_dir.display(),
             cert = cfg.tls.cert.display(),
@@ -189,6 +190,8 @@ impl Federation {
             dl = l.round_deadline_seconds,
             att = l.max_attempts,
             tick = l.tick_ms,
+            rps = l.requests_per_second,
+            burst = l.request_burst,
         );
         let path = self.root.join("coordinator.toml");
         std::fs::write(&path, toml)?;

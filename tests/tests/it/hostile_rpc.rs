@@ -127,3 +127,36 @@ async fn hostile_requests_are_refused_and_the_server_stays_up() -> R {
     eprintln!("{} hostile requests refused, server still answering: {refused:?}", refused.len());
     fed.shutdown().await
 }
+
+/// A site that floods the coordinator is slowed down with ResourceExhausted after its burst,
+/// while the study lead (another identity) is served as usual; after a pause it is served
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_identity_is_rate_limited_alone() -> R {
+    let fed = Federation::builder().sites(1).without_agents().start().await?;
+    fed.study("flood", "tiny").await?;
+    let mut link = tests::federation::site_link(&fed, "site-a").await?;
+    let (mut ok, mut limited) = (0, 0);
+    let mut message = String::new();
+    for _ in 0..600 {
+        match link.hello(pb::HelloRequest::default()).await {
+            Ok(_) => ok += 1,
+            Err(site_agent::agent::CallError::Status(s))
+                if s.code() == tonic::Code::ResourceExhausted =>
+            {
+                limited += 1;
+                message = s.message().to_owned();
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    assert!(limited > 0, "600 calls at once were all served");
+    assert!(ok >= 200, "the burst of 200 is served: {ok}");
+    assert!(message.contains("site-a") && message.contains("slow down"), "{message}");
+    // The study lead is not affected by a site's flood.
+    fed.admin().await?.list_sites(pb::ListSitesRequest {}).await?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    link.hello(pb::HelloRequest::default()).await?;
+    eprintln!("flood: {ok} served, {limited} refused with ResourceExhausted");
+    fed.shutdown().await
+}
