@@ -170,33 +170,19 @@ fn read(path: &Path) -> Result<Vec<u8>, ServeError> {
 }
 
 /// Refuses to serve with an expired server certificate (every agent would drop the
-/// handshake); warns when it expires within 30 days.
+/// handshake); warns when it expires soon.
 fn check_server_certificate(path: &Path) -> Result<(), ServeError> {
-    use shared::cert::{Standing, Validity, now_unix, utc};
-    let v = Validity::from_file(path).map_err(ServeError::Tls)?;
-    match v.standing(now_unix()) {
-        Standing::Expired { .. } => Err(ServeError::Tls(format!(
-            "the server certificate {} expired on {}; site agents will refuse it. Put a new \
-             certificate signed by the consortium CA (and its key) in [tls] cert and key, and \
-             restart",
-            path.display(),
-            utc(v.not_after)
-        ))),
-        Standing::NotYetValid => Err(ServeError::Tls(format!(
-            "the server certificate {} is not valid before {}; check this machine's clock",
-            path.display(),
-            utc(v.not_before)
-        ))),
-        Standing::Valid { days_left } if days_left < 30 => {
-            tracing::warn!(
-                days_left,
-                expires = %utc(v.not_after),
-                "the server certificate expires soon; site agents will refuse it after that"
-            );
-            Ok(())
-        }
-        Standing::Valid { .. } => Ok(()),
+    let fix = "put a new certificate signed by the consortium CA (and its key) in [tls] cert \
+               and key, and restart";
+    if let Some(days_left) =
+        shared::cert::check_own(path, "server", fix).map_err(ServeError::Tls)?
+    {
+        tracing::warn!(
+            days_left,
+            "the server certificate expires soon; site agents will refuse it after that"
+        );
     }
+    Ok(())
 }
 
 /// Serves on `listener` until `shutdown` resolves, then drains open calls.

@@ -48,6 +48,33 @@ impl Validity {
     }
 }
 
+/// Days before expiry from which a party warns about its own certificate.
+pub const WARN_DAYS: i64 = 30;
+
+/// A party's own certificate, checked before it dials or serves: `Err` with the message when it
+/// cannot be read, has expired or is not yet valid (`fix` says what to do), `Ok(Some(days))`
+/// when it expires within [`WARN_DAYS`], `Ok(None)` otherwise. `role` names it ("site",
+/// "server").
+pub fn check_own(path: &Path, role: &str, fix: &str) -> Result<Option<i64>, String> {
+    let v = Validity::from_file(path)
+        .map_err(|e| format!("the {role} certificate cannot be read: {e}; {fix}"))?;
+    match v.standing(now_unix()) {
+        Standing::Expired { days_ago } => Err(format!(
+            "the {role} certificate {} expired on {} ({days_ago} days ago) and will be \
+             refused; {fix}",
+            path.display(),
+            utc(v.not_after)
+        )),
+        Standing::NotYetValid => Err(format!(
+            "the {role} certificate {} is not valid before {}; check this machine's clock",
+            path.display(),
+            utc(v.not_before)
+        )),
+        Standing::Valid { days_left } if days_left < WARN_DAYS => Ok(Some(days_left)),
+        Standing::Valid { .. } => Ok(None),
+    }
+}
+
 /// Now, in Unix seconds.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()

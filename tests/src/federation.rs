@@ -351,6 +351,21 @@ max_backoff_seconds = 2
             .into_inner())
     }
 
+    /// Starts a round of `study` with `spec` (every other field at its default); returns its id.
+    pub async fn start_round(&self, study: &str, spec: pb::TaskSpec) -> Result<String> {
+        let r = self
+            .admin()
+            .await?
+            .start_round(pb::StartRoundRequest {
+                study: study.into(),
+                spec: Some(spec),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        Ok(r.round_id)
+    }
+
     /// Waits until the round leaves Running; fails after `secs`.
     pub async fn wait_round(&self, round: &str, secs: u64) -> Result<pb::RoundInfo> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);

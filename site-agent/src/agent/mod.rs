@@ -81,38 +81,17 @@ impl CallError {
 }
 
 /// Refuses to dial with an expired or not yet valid site certificate, saying what to do (the
-/// coordinator would only drop the handshake); warns when it expires within 30 days.
+/// coordinator would only drop the handshake); warns when it expires soon.
 fn check_certificate(path: &Path) -> Result<(), CallError> {
-    use shared::cert::{Standing, Validity, now_unix, utc};
-    let v = Validity::from_file(path).map_err(|e| {
-        CallError::Certificate(format!(
-            "the site certificate cannot be read: {e}; [tls] bundle must be the folder from \
-             `coordinator pki issue-site NAME`"
-        ))
-    })?;
     let renew = "ask the study lead for a new bundle (`coordinator pki revoke site NAME`, then \
                  `coordinator pki issue-site NAME`) and point [tls] bundle at it";
-    match v.standing(now_unix()) {
-        Standing::Expired { days_ago } => Err(CallError::Certificate(format!(
-            "the site certificate {} expired on {} ({days_ago} days ago) and the coordinator \
-             will refuse it; {renew}",
-            path.display(),
-            utc(v.not_after)
-        ))),
-        Standing::NotYetValid => Err(CallError::Certificate(format!(
-            "the site certificate {} is not valid before {}; check this machine's clock",
-            path.display(),
-            utc(v.not_before)
-        ))),
-        Standing::Valid { days_left } if days_left < 30 => {
-            tracing::warn!(
-                days_left,
-                expires = %utc(v.not_after),
-                "the site certificate expires soon; {renew}"
-            );
+    match shared::cert::check_own(path, "site", renew) {
+        Err(e) => Err(CallError::Certificate(e)),
+        Ok(Some(days_left)) => {
+            tracing::warn!(days_left, "the site certificate expires soon; {renew}");
             Ok(())
         }
-        Standing::Valid { .. } => Ok(()),
+        Ok(None) => Ok(()),
     }
 }
 

@@ -164,14 +164,11 @@ async fn call_all(ch: Channel, t: &Target) -> BTreeMap<&'static str, &'static st
 async fn every_rpc_for_every_identity() -> R {
     let fed = Federation::builder().sites(3).without_agents().start().await?;
     fed.study("authz", "tiny").await?;
-    fed.admin()
-        .await?
-        .start_round(pb::StartRoundRequest {
-            study: "authz".into(),
-            spec: Some(pb::TaskSpec { kind: pb::TaskKind::Evaluate as i32, ..Default::default() }),
-            ..Default::default()
-        })
-        .await?;
+    fed.start_round(
+        "authz",
+        pb::TaskSpec { kind: pb::TaskKind::Evaluate as i32, ..Default::default() },
+    )
+    .await?;
     let task = tests::federation::site_link(&fed, "site-a")
         .await?
         .next_task(2)

@@ -36,21 +36,16 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
     let mut survived = Vec::new();
     for point in ["download", "train", "submit"] {
         let round = fed
-            .admin()
-            .await?
-            .start_round(pb::StartRoundRequest {
-                study: "kill".into(),
-                spec: Some(pb::TaskSpec {
+            .start_round(
+                "kill",
+                pb::TaskSpec {
                     kind: pb::TaskKind::Finetune as i32,
                     trainable_layers: 2,
                     epochs: 1,
                     ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .round_id;
+                },
+            )
+            .await?;
         // Start, wait until the agent stands at the point, kill it there.
         let mut child = agent(&fed, "site-a", Some(point))?;
         let marker = fed.root.join(point);
@@ -166,17 +161,7 @@ async fn the_coordinator_killed_at_seeded_points_loses_nothing() -> R {
             }
         };
         if need_round {
-            let r = fed
-                .admin()
-                .await?
-                .start_round(pb::StartRoundRequest {
-                    study: "kills".into(),
-                    spec: Some(spec.clone()),
-                    ..Default::default()
-                })
-                .await?
-                .into_inner()
-                .round_id;
+            let r = fed.start_round("kills", spec.clone()).await?;
             rounds.push(r);
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..900))).await;
@@ -368,17 +353,7 @@ async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
     // when training ended during the cut and nobody else took the task, the waiting result of
     // attempt 1 is accepted on reconnection. Either way once.
     for (mode, secs, attempts) in [(CUT, 2, 1..=1), (STALL, 2, 1..=1), (CUT, 9, 1..=2)] {
-        let round = fed
-            .admin()
-            .await?
-            .start_round(pb::StartRoundRequest {
-                study: "net".into(),
-                spec: Some(spec.clone()),
-                ..Default::default()
-            })
-            .await?
-            .into_inner()
-            .round_id;
+        let round = fed.start_round("net", spec.clone()).await?;
         // Wait for training, then break the network for `secs`.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {

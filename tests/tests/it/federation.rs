@@ -17,20 +17,6 @@ fn organs_with_dice(r: &pb::TaskResult) -> usize {
         .count()
 }
 
-async fn start_round(fed: &Federation, study: &str, spec: pb::TaskSpec) -> anyhow::Result<String> {
-    let r = fed
-        .admin()
-        .await?
-        .start_round(pb::StartRoundRequest {
-            study: study.into(),
-            spec: Some(spec),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(r.round_id)
-}
-
 fn evaluate() -> pb::TaskSpec {
     pb::TaskSpec { kind: pb::TaskKind::Evaluate as i32, ..Default::default() }
 }
@@ -53,7 +39,7 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
     fed.study("nasopharynx", "tiny").await?;
     for spec in [evaluate(), finetune(2, 1)] {
         let kind = spec.kind;
-        let round = start_round(&fed, "nasopharynx", spec).await?;
+        let round = fed.start_round("nasopharynx", spec).await?;
         let info = fed.wait_round(&round, 240).await?;
         assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
         let results = fed
@@ -140,7 +126,7 @@ async fn a_cut_download_resumes_from_its_offset() -> R {
     let fed = Federation::builder().sites(1).without_agents().start().await?;
     // `small` weights are about 1.3 MB: more than one 1 MiB chunk.
     fed.study("resume", "small").await?;
-    start_round(&fed, "resume", evaluate()).await?;
+    fed.start_round("resume", evaluate()).await?;
     let mut link = site_link(&fed, "site-a").await?;
     link.hello(pb::HelloRequest::default()).await?;
     let task = link.next_task(2).await?.expect("a task for site-a");
@@ -167,7 +153,7 @@ async fn a_cut_download_resumes_from_its_offset() -> R {
 async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
     let mut fed = Federation::builder().sites(1).without_agents().start().await?;
     fed.study("damage", "tiny").await?;
-    start_round(&fed, "damage", evaluate()).await?;
+    fed.start_round("damage", evaluate()).await?;
     let mut link = site_link(&fed, "site-a").await?;
     link.hello(pb::HelloRequest::default()).await?;
     let task = link.next_task(2).await?.expect("a task for site-a");
@@ -203,7 +189,7 @@ async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
 
     // An agent given a task on the damaged model fails it with the download code.
     drop(link);
-    let round = start_round(&fed, "damage", evaluate()).await?;
+    let round = fed.start_round("damage", evaluate()).await?;
     fed.start_agent("site-a")?;
     let info = fed.wait_round(&round, 120).await?;
     assert_eq!(info.state, pb::RoundState::Failed as i32, "{info:?}");
@@ -277,7 +263,7 @@ async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
 async fn refusals() -> R {
     let fed = Federation::builder().sites(3).without_agents().start().await?;
     fed.study("refusals", "tiny").await?;
-    start_round(&fed, "refusals", evaluate()).await?;
+    fed.start_round("refusals", evaluate()).await?;
 
     // A certificate from another consortium's CA: the TLS handshake fails.
     let other = coordinator::pki::Pki::init(&fed.root.join("other-pki"), &["localhost".into()])?;
@@ -398,7 +384,7 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
     fed.start_agent("site-a")?;
     fed.start_agent("site-b")?;
     fed.study("restart", "tiny").await?;
-    let round = start_round(&fed, "restart", finetune(3, 2)).await?;
+    let round = fed.start_round("restart", finetune(3, 2)).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
     let before = loop {
         let r = fed
@@ -454,7 +440,7 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
     let agent_b = tokio::spawn(site_agent::agent::run(cfg_b, async move {
         let _ = rx_b.await;
     }));
-    let round = start_round(&fed, "policy", finetune(3, 9_000)).await?;
+    let round = fed.start_round("policy", finetune(3, 9_000)).await?;
     // Wait until site-b is training, then stop its agent.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
