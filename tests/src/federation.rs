@@ -366,6 +366,19 @@ max_backoff_seconds = 2
         Ok(r.round_id)
     }
 
+    /// A round's state and tasks.
+    pub async fn round(&self, round: &str) -> Result<pb::RoundInfo> {
+        let r = self.admin().await?.get_round(pb::RoundRequest { round_id: round.into() }).await?;
+        Ok(r.into_inner())
+    }
+
+    /// A round's recorded results.
+    pub async fn results(&self, round: &str) -> Result<pb::RoundResults> {
+        let r =
+            self.admin().await?.get_results(pb::RoundRequest { round_id: round.into() }).await?;
+        Ok(r.into_inner())
+    }
+
     /// Waits until the round leaves Running; fails after `secs`.
     pub async fn wait_round(&self, round: &str, secs: u64) -> Result<pb::RoundInfo> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);

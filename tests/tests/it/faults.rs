@@ -73,12 +73,7 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
         );
         let task = info.tasks.first().expect("the task");
         assert_eq!(task.attempt, 2, "{point}: the killed lease expired and the task ran again");
-        let results = fed
-            .admin()
-            .await?
-            .get_results(pb::RoundRequest { round_id: round })
-            .await?
-            .into_inner();
+        let results = fed.results(&round).await?;
         assert_eq!(results.results.len(), 1, "{point}: one result, counted once");
         let res = results.results[0].result.as_ref().expect("result");
         assert_eq!(res.epoch_losses.len(), 1);
@@ -86,10 +81,6 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
     }
     eprintln!("agent killed at {survived:?}: every task completed, each result counted once");
     fed.shutdown().await
-}
-
-async fn round_info(fed: &Federation, id: &str) -> anyhow::Result<pb::RoundInfo> {
-    Ok(fed.admin().await?.get_round(pb::RoundRequest { round_id: id.into() }).await?.into_inner())
 }
 
 /// Where a round stood when the coordinator was killed.
@@ -157,7 +148,7 @@ async fn the_coordinator_killed_at_seeded_points_loses_nothing() -> R {
             Some(r) => {
                 rounds.len() < 8
                     && phases.contains(&"completion")
-                    && round_info(&fed, r).await?.state == pb::RoundState::Completed as i32
+                    && fed.round(r).await?.state == pb::RoundState::Completed as i32
             }
         };
         if need_round {
@@ -166,12 +157,11 @@ async fn the_coordinator_killed_at_seeded_points_loses_nothing() -> R {
         }
         tokio::time::sleep(Duration::from_millis(rng.random_range(50..900))).await;
         let current = rounds.last().expect("a round");
-        let info = round_info(&fed, current).await?;
+        let info = fed.round(current).await?;
         // Results recorded so far, to compare after the restart.
         for r in &rounds {
-            let res =
-                fed.admin().await?.get_results(pb::RoundRequest { round_id: r.clone() }).await?;
-            for x in res.into_inner().results {
+            let res = fed.results(r).await?;
+            for x in res.results {
                 if let Some(tr) = x.result {
                     seen.insert((r.clone(), x.site), tr);
                 }
@@ -183,12 +173,7 @@ async fn the_coordinator_killed_at_seeded_points_loses_nothing() -> R {
     for r in &rounds {
         let info = fed.wait_round(r, 300).await?;
         assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
-        let res = fed
-            .admin()
-            .await?
-            .get_results(pb::RoundRequest { round_id: r.clone() })
-            .await?
-            .into_inner();
+        let res = fed.results(r).await?;
         let mut sites: Vec<&str> = res.results.iter().map(|x| x.site.as_str()).collect();
         sites.sort();
         assert_eq!(sites, ["site-a", "site-b", "site-c"], "one result per site, once");
@@ -357,7 +342,7 @@ async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
         // Wait for training, then break the network for `secs`.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         loop {
-            let info = round_info(&fed, &round).await?;
+            let info = fed.round(&round).await?;
             if phase_of(Some(&info)) == "training" {
                 break;
             }
@@ -371,12 +356,7 @@ async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
         assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
         let task = info.tasks.first().expect("the task");
         assert!(attempts.contains(&task.attempt), "mode {mode} for {secs} s: {task:?}");
-        let results = fed
-            .admin()
-            .await?
-            .get_results(pb::RoundRequest { round_id: round })
-            .await?
-            .into_inner();
+        let results = fed.results(&round).await?;
         assert_eq!(results.results.len(), 1, "counted once");
     }
     fed.shutdown().await

@@ -42,12 +42,7 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
         let round = fed.start_round("nasopharynx", spec).await?;
         let info = fed.wait_round(&round, 240).await?;
         assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
-        let results = fed
-            .admin()
-            .await?
-            .get_results(pb::RoundRequest { round_id: round })
-            .await?
-            .into_inner();
+        let results = fed.results(&round).await?;
         assert_eq!(results.results.len(), 3, "one result per site");
         let mut sites: Vec<_> = results.results.iter().map(|r| r.site.clone()).collect();
         sites.sort();
@@ -235,8 +230,7 @@ async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
     for s in &secrets {
         assert!(!failed.reason.contains(s.as_str()), "the reason names \"{s}\"");
     }
-    let results =
-        fed.admin().await?.get_results(pb::RoundRequest { round_id: round }).await?.into_inner();
+    let results = fed.results(&round).await?;
     let a = results.results.iter().find(|r| r.site == "site-a").expect("site-a's result");
     assert_eq!(organs_with_dice(a.result.as_ref().expect("result")), 9);
     for ag in &mut fed.agents {
@@ -387,12 +381,7 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
     let round = fed.start_round("restart", finetune(3, 2)).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(240);
     let before = loop {
-        let r = fed
-            .admin()
-            .await?
-            .get_results(pb::RoundRequest { round_id: round.clone() })
-            .await?
-            .into_inner();
+        let r = fed.results(&round).await?;
         if !r.results.is_empty() {
             break r;
         }
@@ -404,8 +393,7 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
     fed.start_agent("site-c")?;
     let info = fed.wait_round(&round, 300).await?;
     assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
-    let results =
-        fed.admin().await?.get_results(pb::RoundRequest { round_id: round }).await?.into_inner();
+    let results = fed.results(&round).await?;
     assert_eq!(results.results.len(), 3, "each site's result once");
     for r in &before.results {
         let again = results
