@@ -67,6 +67,10 @@ pub enum CallError {
     Interrupted(String),
     #[error("model {sha256}: {message}")]
     Download { sha256: String, message: String },
+    /// A download resumed from a kept part did not verify: the part was damaged.
+    /// `Link::fetch_model` answers it by fetching again from the start.
+    #[error("model {sha256}: resumed download {message}")]
+    ResumedMismatch { sha256: String, message: String },
     /// The site's own certificate cannot be used (expired, not yet valid, unreadable).
     #[error("{0}")]
     Certificate(String),
@@ -103,9 +107,6 @@ pub struct Link {
 }
 
 const SVC: &str = "fedtune.v1.SiteService";
-
-/// How a download that resumed from a kept part and then failed verification is described.
-const RESUMED_MISMATCH: &str = "resumed download";
 
 impl Link {
     pub async fn connect(cfg: &SiteConfig, audit: AuditLog) -> Result<Self, CallError> {
@@ -211,8 +212,8 @@ impl Link {
         progress: &mut (dyn FnMut(u64, u64) + Send),
     ) -> Result<(PathBuf, u64), CallError> {
         match self.fetch_once(model, dir, stop_after, progress).await {
-            Err(CallError::Download { message, .. }) if message.starts_with(RESUMED_MISMATCH) => {
-                tracing::warn!(sha256 = %model.sha256, "{message}; fetching it again from the start");
+            Err(e @ CallError::ResumedMismatch { .. }) => {
+                tracing::warn!(error = %e, "fetching the model again from the start");
                 self.fetch_once(model, dir, stop_after, progress).await
             }
             other => other,
@@ -294,13 +295,12 @@ impl Link {
         let got = hex::encode(hasher.finalize());
         if offset != model.size || got != sha {
             let _ = tokio::fs::remove_file(&part).await;
-            let resumed = if resumed_from > 0 { RESUMED_MISMATCH } else { "download" };
-            return Err(CallError::Download {
-                sha256: sha,
-                message: format!(
-                    "{resumed}: received {offset} of {} bytes with sha256 {got}; discarded",
-                    model.size
-                ),
+            let message =
+                format!("received {offset} of {} bytes with sha256 {got}; discarded", model.size);
+            return Err(if resumed_from > 0 {
+                CallError::ResumedMismatch { sha256: sha, message }
+            } else {
+                CallError::Download { sha256: sha, message }
             });
         }
         tokio::fs::rename(&part, &done).await.map_err(io(&done))?;
