@@ -7,8 +7,9 @@
 //! - [`pki`]: the consortium CA and the bundles it issues (rcgen).
 //! - [`identity`]: the role and name a client certificate carries.
 //! - [`store`]: records in sled; [`rounds`]: the round and task state machine, pure.
-//! - [`service`]: `SiteService` and `AdminService`; [`server`]: configuration, TLS, health,
-//!   reflection and the lease ticker; [`cli`]: the `coordinator` command line.
+//! - [`service`]: `SiteService` and `AdminService`; [`server`]: configuration, health,
+//!   reflection, call deadlines and the lease ticker; [`listener`]: the accept loop (mutual
+//!   TLS, handshake deadline, connection cap); [`cli`]: the `coordinator` command line.
 //! - [`templates`]: the transfer study's arms; [`report`]: statistics, tables and plots from
 //!   a study's results; [`demo`]: the whole study on phantoms, as real processes.
 //!
@@ -20,6 +21,7 @@
 pub mod cli;
 pub mod demo;
 pub mod identity;
+pub mod listener;
 pub mod pki;
 mod plots;
 pub mod ratelimit;

@@ -40,10 +40,13 @@ async fn serve(config: &std::path::Path) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("listening on {} (listen in {})", cfg.listen, config.display()))?;
-    // Tests and scripts read the bound address (port 0 picks a free one) from this line.
-    println!("listening on {}", listener.local_addr()?);
     tracing::info!(data_dir = %cfg.data_dir.display(), "coordinator starting");
-    coordinator::server::serve(cfg, listener, shutdown_signal()).await?;
+    coordinator::server::serve_then(cfg, listener, shutdown_signal(), |addr| {
+        // Tests and scripts read the bound address (port 0 picks a free one) from this line,
+        // printed once the data dir and certificates are open and checked.
+        println!("listening on {addr}");
+    })
+    .await?;
     tracing::info!("coordinator stopped");
     Ok(())
 }

@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use proto::limits;
 use proto::pb::{admin_service_server::AdminServiceServer, site_service_server::SiteServiceServer};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Status};
 
 use crate::identity::Role;
@@ -20,7 +19,7 @@ use crate::service::{AdminApi, Coordinator, Limits, SiteApi};
 use crate::store::Store;
 
 /// `coordinator.toml`. Relative paths are resolved against the file's folder.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Format version; 1.
@@ -38,7 +37,7 @@ pub struct ServerConfig {
 }
 
 /// The server's bundle (from `coordinator pki init`) and the consortium CA.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
     pub cert: PathBuf,
@@ -46,11 +45,11 @@ pub struct TlsFiles {
     /// The CA that client certificates must chain to.
     pub client_ca: PathBuf,
     /// `revoked.txt` written by `coordinator pki revoke`; re-read when it changes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revocation_list: Option<PathBuf>,
 }
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// A task's lease, renewed by each heartbeat. Default 120 s.
@@ -68,6 +67,19 @@ pub struct LimitsConfig {
     pub requests_per_second: u32,
     /// Requests an identity may make at once before the sustained rate applies. Default 200.
     pub request_burst: u32,
+    /// Longest a TLS handshake may take; a client that does not finish it is disconnected.
+    /// Default 10 s.
+    pub handshake_seconds: u32,
+    /// Most connections open at once (handshaking or established); more are closed at once.
+    /// Default 256.
+    pub max_connections: u32,
+    /// Longest an upload may go without a chunk, and a download or watch without the client
+    /// taking the next message; also bounds every other call to `max_poll_seconds` plus this.
+    /// Default 60 s.
+    pub idle_seconds: u32,
+    /// HTTP/2 pings on an idle connection this often; a peer that does not answer within the
+    /// same time (at most 20 s) is disconnected. Default 30 s.
+    pub keepalive_seconds: u32,
 }
 
 impl Default for LimitsConfig {
@@ -80,6 +92,10 @@ impl Default for LimitsConfig {
             tick_ms: 1000,
             requests_per_second: 50,
             request_burst: 200,
+            handshake_seconds: 10,
+            max_connections: 256,
+            idle_seconds: 60,
+            keepalive_seconds: 30,
         }
     }
 }
@@ -99,14 +115,33 @@ pub enum ServeError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
-    #[error(
-        "opening the database in {path}: {source}; is another coordinator using this data_dir?"
-    )]
-    Store { path: PathBuf, source: crate::store::StoreError },
+    #[error("opening the database in {path}: {error}; {}", store_hint(error))]
+    Store { path: PathBuf, error: crate::store::StoreError },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("server: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// What to do about a database that does not open.
+fn store_hint(e: &crate::store::StoreError) -> &'static str {
+    use std::io::ErrorKind;
+    match e {
+        crate::store::StoreError::Sled(sled::Error::Io(io)) => match io.kind() {
+            ErrorKind::ReadOnlyFilesystem => {
+                "its file system is read-only: remount it read-write or set data_dir elsewhere"
+            }
+            ErrorKind::PermissionDenied => {
+                "this user may not write there: fix the folder's owner or set data_dir elsewhere"
+            }
+            ErrorKind::StorageFull => "its disk is full: free space, then start again",
+            _ => "is another coordinator using this data_dir?",
+        },
+        crate::store::StoreError::Sled(sled::Error::Corruption { .. }) => {
+            "the database is damaged: restore the data_dir from a backup"
+        }
+        _ => "is another coordinator using this data_dir?",
+    }
 }
 
 impl ServerConfig {
@@ -126,11 +161,16 @@ impl ServerConfig {
             )));
         }
         let l = &cfg.limits;
-        if l.lease_seconds < 2 || l.max_poll_seconds == 0 || l.max_attempts == 0 || l.tick_ms == 0 {
-            return Err(err(
-                "limits: lease_seconds >= 2, max_poll_seconds, max_attempts and tick_ms >= 1"
-                    .into(),
-            ));
+        if l.lease_seconds < 2
+            || [l.max_poll_seconds, l.max_attempts, l.handshake_seconds, l.max_connections]
+                .contains(&0)
+            || [l.idle_seconds, l.keepalive_seconds, l.requests_per_second, l.request_burst]
+                .contains(&0)
+            || l.tick_ms == 0
+        {
+            return Err(err("limits: lease_seconds must be at least 2 and every other limit at \
+                 least 1"
+                .into()));
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &mut PathBuf| {
@@ -191,12 +231,25 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    serve_then(cfg, listener, shutdown, |_| {}).await
+}
+
+/// [`serve`], calling `ready` with the bound address once the database, the blob store and
+/// the certificates have been opened and checked, just before the first connection is
+/// accepted: a process that announces it is listening from `ready` never announces and then
+/// fails on its data dir.
+pub async fn serve_then(
+    cfg: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(std::net::SocketAddr),
+) -> Result<(), ServeError> {
     let db_path = cfg.data_dir.join("db");
     let blobs = cfg.data_dir.join("blobs");
     std::fs::create_dir_all(&blobs)
         .map_err(|source| ServeError::Io { path: blobs.clone(), source })?;
     let store = Store::open(&db_path)
-        .map_err(|source| ServeError::Store { path: db_path.clone(), source })?;
+        .map_err(|error| ServeError::Store { path: db_path.clone(), error })?;
     let l = &cfg.limits;
     let coord = Coordinator::new(
         store,
@@ -206,14 +259,25 @@ pub async fn serve(
             max_poll_seconds: l.max_poll_seconds,
             round_deadline_seconds: l.round_deadline_seconds,
             max_attempts: l.max_attempts,
+            idle_seconds: l.idle_seconds,
         },
         cfg.tls.revocation_list.clone(),
     );
 
     check_server_certificate(&cfg.tls.cert)?;
-    let tls = ServerTlsConfig::new()
-        .identity(TlsIdentity::from_pem(read(&cfg.tls.cert)?, read(&cfg.tls.key)?))
-        .client_ca_root(Certificate::from_pem(read(&cfg.tls.client_ca)?));
+    let tls = crate::listener::server_config(
+        &read(&cfg.tls.cert)?,
+        &read(&cfg.tls.key)?,
+        &read(&cfg.tls.client_ca)?,
+    )
+    .map_err(|e| {
+        ServeError::Tls(format!(
+            "{e} (files: {}, {}, {})",
+            cfg.tls.cert.display(),
+            cfg.tls.key.display(),
+            cfg.tls.client_ca.display()
+        ))
+    })?;
 
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in ["fedtune.v1.SiteService", "fedtune.v1.AdminService"] {
@@ -259,23 +323,92 @@ pub async fn serve(
         })
     };
 
+    let addr = listener
+        .local_addr()
+        .map_err(|source| ServeError::Io { path: cfg.listen.clone().into(), source })?;
+    ready(addr);
+    let incoming = crate::listener::incoming(
+        listener,
+        tls,
+        crate::listener::ConnectionLimits {
+            handshake: Duration::from_secs(u64::from(l.handshake_seconds)),
+            max_connections: l.max_connections as usize,
+        },
+    );
+    let keepalive = Duration::from_secs(u64::from(l.keepalive_seconds));
+    let call_limit = Duration::from_secs(u64::from(l.max_poll_seconds) + u64::from(l.idle_seconds));
     let result = Server::builder()
-        .tls_config(tls)?
-        .timeout(Duration::from_secs(u64::from(cfg.limits.max_poll_seconds) + 30))
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive.min(Duration::from_secs(20))))
         .concurrency_limit_per_connection(64)
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .layer(tower::layer::layer_fn(move |inner| CallDeadline { inner, limit: call_limit }))
         .add_service(health)
         .add_service(reflection)
         .add_service(site)
         .add_service(admin)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = ticker.await;
     result?;
     Ok(())
+}
+
+/// HTTP/2 streams one connection may have open at once: an agent uses one or two, the study
+/// lead's CLI a few.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+
+/// Bounds every call whose request is a single message to `limit` (the longest long poll
+/// plus the idle limit), answering `DEADLINE_EXCEEDED` past it: a client that sends headers
+/// and never the body holds nothing for longer. Uploads are streams of any length on links
+/// of any speed; they are bounded instead by the idle limit between chunks, in the handler.
+#[derive(Clone, Debug)]
+struct CallDeadline<S> {
+    inner: S,
+    limit: Duration,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for CallDeadline<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send + 'static>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let streaming = proto::CLIENT_STREAMING_METHODS.contains(&req.uri().path());
+        let path = req.uri().path().to_owned();
+        let call = self.inner.call(req);
+        if streaming {
+            return Box::pin(call);
+        }
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, call).await {
+                Ok(answer) => answer,
+                Err(_) => {
+                    tracing::warn!(call = %path, seconds = limit.as_secs(), "call took too long; ended");
+                    Ok(Status::deadline_exceeded(format!(
+                        "the call took longer than {} s and was ended; retry",
+                        limit.as_secs()
+                    ))
+                    .into_http())
+                }
+            }
+        })
+    }
 }
 
 /// The interceptor of one service: reads the identity from the client certificate, checks

@@ -7,8 +7,9 @@
 
 use std::collections::HashSet;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prost::Message;
 use proto::pb;
@@ -40,6 +41,9 @@ pub enum ServiceError {
     FailedPrecondition(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The client stopped sending (or taking) messages for longer than the idle limit.
+    #[error("{0}")]
+    Stalled(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{path}: {source}")]
@@ -56,6 +60,40 @@ impl ServiceError {
             ServiceError::InvalidArgument(_) => Status::invalid_argument(msg),
             ServiceError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ServiceError::AlreadyExists(_) => Status::already_exists(msg),
+            ServiceError::Stalled(_) => Status::deadline_exceeded(msg),
+            // A full disk is named, since only the operator can mend it and the caller
+            // should wait rather than retry at once. The database stops for good after a
+            // failed write (sled keeps the error until it is reopened), so then the operator
+            // must also restart the coordinator.
+            ServiceError::Store(_) if self.disk_full() => {
+                tracing::error!(
+                    error = %msg,
+                    "the database stopped: its disk is full. Free space in the data_dir and \
+                     restart the coordinator; every acknowledged write is on disk"
+                );
+                Status::resource_exhausted(
+                    "the coordinator's disk is full and its database stopped; its operator must \
+                     free space and restart it. Nothing acknowledged was lost; try again later",
+                )
+            }
+            _ if self.disk_full() => {
+                tracing::error!(error = %msg, "storage full: free space in the data_dir");
+                Status::resource_exhausted(
+                    "the coordinator's disk is full; its operator must free space. Nothing \
+                     already stored was changed; try again later",
+                )
+            }
+            ServiceError::Store(StoreError::Sled(sled::Error::Io(_))) => {
+                tracing::error!(
+                    error = %msg,
+                    "the database stopped after a failed write. Mend the data_dir's disk and \
+                     restart the coordinator; every acknowledged write is on disk"
+                );
+                Status::unavailable(
+                    "the coordinator's database stopped after a failed write; its operator must \
+                     restart it. Nothing acknowledged was lost; try again later",
+                )
+            }
             // Storage trouble is the operator's, not the caller's: say so without details
             // that could help an attacker; the details go to the coordinator's log.
             ServiceError::Store(_) | ServiceError::Io { .. } => {
@@ -63,6 +101,69 @@ impl ServiceError {
                 Status::unavailable("the coordinator cannot write its data; try again later")
             }
         }
+    }
+}
+
+/// The sending end of a server stream fed by a task. A client that stops taking messages for
+/// the idle limit makes the task give up, so a stalled reader holds a task, a file and a few
+/// queued messages for that long at most.
+pub(crate) struct Feed<T> {
+    tx: tokio::sync::mpsc::Sender<Result<T, Status>>,
+    idle: Duration,
+    stalled: Arc<AtomicBool>,
+}
+
+/// The stream a [`Feed`] feeds: what was queued, then `DEADLINE_EXCEEDED` if the feed gave
+/// up on a stalled client.
+pub(crate) type FedStream<T> =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
+
+impl<T: Send + 'static> Feed<T> {
+    /// A feed with room for `queue` messages, and its stream.
+    pub(crate) fn new(idle_seconds: u32, queue: usize) -> (Self, FedStream<T>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(queue);
+        let idle = Duration::from_secs(u64::from(idle_seconds));
+        let stalled = Arc::new(AtomicBool::new(false));
+        let flag = stalled.clone();
+        let tail = tokio_stream::once(()).filter_map(move |()| {
+            flag.load(Ordering::Acquire).then(|| {
+                Err(Status::deadline_exceeded(format!(
+                    "the client took no message for {} s; the stream was ended, start it again",
+                    idle.as_secs()
+                )))
+            })
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).chain(tail);
+        (Self { tx, idle, stalled }, Box::pin(stream))
+    }
+
+    /// Queues `item`; false when the producer should stop (the client went away or stalled).
+    pub(crate) async fn send(&self, item: Result<T, Status>) -> bool {
+        use tokio::sync::mpsc::error::SendTimeoutError;
+        match self.tx.send_timeout(item, self.idle).await {
+            Ok(()) => true,
+            Err(SendTimeoutError::Timeout(_)) => {
+                self.stalled.store(true, Ordering::Release);
+                tracing::warn!(
+                    seconds = self.idle.as_secs(),
+                    "a client stopped reading its stream; the stream was ended"
+                );
+                false
+            }
+            Err(SendTimeoutError::Closed(_)) => false,
+        }
+    }
+}
+
+impl ServiceError {
+    /// Whether the error is "no space left on device", from a file or from the database.
+    fn disk_full(&self) -> bool {
+        let io = match self {
+            ServiceError::Io { source, .. } => Some(source),
+            ServiceError::Store(StoreError::Sled(sled::Error::Io(e))) => Some(e),
+            _ => None,
+        };
+        io.is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
     }
 }
 
@@ -81,6 +182,9 @@ pub struct Limits {
     pub max_poll_seconds: u32,
     pub round_deadline_seconds: u32,
     pub max_attempts: u32,
+    /// Longest an upload waits for its next chunk, or a download or watch for the client to
+    /// take its next message.
+    pub idle_seconds: u32,
 }
 
 pub fn now_s() -> i64 {
@@ -229,7 +333,17 @@ impl Coordinator {
             let mut hasher = Sha256::new();
             let mut size = 0u64;
             let mut bytes = Vec::new();
-            while let Some(msg) = stream.next().await {
+            let idle = Duration::from_secs(u64::from(c.limits.idle_seconds));
+            loop {
+                let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
+                    return Err(ServiceError::Stalled(format!(
+                        "upload stalled: no chunk for {} s after {size} of {} bytes; the \
+                         upload was ended, start it again",
+                        idle.as_secs(),
+                        header.size
+                    )));
+                };
+                let Some(msg) = next else { break };
                 let msg = msg.map_err(|s| ServiceError::InvalidArgument(format!("upload: {s}")))?;
                 let Some(chunk) = chunk_of(msg) else {
                     return Err(ServiceError::InvalidArgument(

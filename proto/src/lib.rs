@@ -31,6 +31,11 @@ pub mod pb {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/fedtune_v1_descriptor.bin"));
 
+/// The gRPC paths of the methods whose request is a stream (uploads of weights). The test
+/// over the descriptors checks this list against the .proto.
+pub const CLIENT_STREAMING_METHODS: &[&str] =
+    &["/fedtune.v1.SiteService/UploadModel", "/fedtune.v1.AdminService/PushModel"];
+
 /// Sizes both ends agree on.
 pub mod limits {
     /// Largest weights chunk in `ModelChunk` and `PushModelRequest`.

@@ -53,3 +53,29 @@ fn no_field_is_named_for_patient_data() {
         }
     }
 }
+
+/// The coordinator bounds every call but uploads by a total deadline; uploads, bounded per
+/// chunk instead, are found by `proto::CLIENT_STREAMING_METHODS`, which must list exactly the
+/// methods whose request is a stream.
+#[test]
+fn the_client_streaming_list_matches_the_services() {
+    let set = FileDescriptorSet::decode(proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
+    let mut streaming = Vec::new();
+    let mut methods = 0;
+    for file in set.file.iter().filter(|f| f.package() == "fedtune.v1") {
+        for service in &file.service {
+            for m in &service.method {
+                methods += 1;
+                if m.client_streaming() {
+                    streaming.push(format!("/fedtune.v1.{}/{}", service.name(), m.name()));
+                }
+            }
+        }
+    }
+    assert!(methods > 15, "the services were read ({methods} methods)");
+    let mut listed: Vec<String> =
+        proto::CLIENT_STREAMING_METHODS.iter().map(|s| s.to_string()).collect();
+    streaming.sort();
+    listed.sort();
+    assert_eq!(streaming, listed);
+}

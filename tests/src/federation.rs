@@ -19,7 +19,7 @@ use shared::data::phantom::{self, Center};
 use site_agent::agent::config::SiteConfig;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 /// Installs the process' TLS crypto provider once.
 pub fn init_tls() {
@@ -67,6 +67,8 @@ pub struct Builder {
     start_agents: bool,
     cases: usize,
     process: bool,
+    limits: LimitsConfig,
+    data_dir: Option<PathBuf>,
 }
 
 impl Builder {
@@ -77,6 +79,19 @@ impl Builder {
     /// Run the coordinator as the real binary (which tests can kill) instead of in-process.
     pub fn coordinator_process(mut self) -> Self {
         self.process = true;
+        self
+    }
+
+    /// Change the coordinator's limits from the test defaults (short leases and polls).
+    pub fn limits(mut self, change: impl FnOnce(&mut LimitsConfig)) -> Self {
+        change(&mut self.limits);
+        self
+    }
+
+    /// Keep the coordinator's data in `dir` (a test's own mount, say) instead of the
+    /// federation's temporary folder.
+    pub fn coordinator_data(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_owned());
         self
     }
 
@@ -104,8 +119,19 @@ impl Builder {
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let mut fed =
-            Federation { dir, root, pki_dir, addr, server: None, agents: Vec::new(), sites };
+        let data_dir = self.data_dir.unwrap_or_else(|| root.join("coordinator-data"));
+        let mut fed = Federation {
+            dir,
+            root,
+            pki_dir,
+            addr,
+            server: None,
+            agents: Vec::new(),
+            sites,
+            limits: self.limits,
+            data_dir,
+            process: self.process,
+        };
         if self.process {
             drop(listener);
             fed.spawn_process().await?;
@@ -133,27 +159,35 @@ pub struct Federation {
     server: Option<Server>,
     pub agents: Vec<Agent>,
     pub sites: Vec<String>,
+    limits: LimitsConfig,
+    /// The coordinator's `data_dir`.
+    pub data_dir: PathBuf,
+    /// Whether the coordinator runs as the real binary.
+    process: bool,
 }
 
 impl Federation {
     pub fn builder() -> Builder {
-        Builder { sites: 1, start_agents: true, cases: 3, process: false }
+        Builder {
+            sites: 1,
+            start_agents: true,
+            cases: 3,
+            process: false,
+            limits: LimitsConfig {
+                lease_seconds: 6,
+                max_poll_seconds: 2,
+                round_deadline_seconds: 600,
+                max_attempts: 5,
+                tick_ms: 200,
+                ..Default::default()
+            },
+            data_dir: None,
+        }
     }
 
     pub fn server_config(&self) -> ServerConfig {
-        let mut cfg = ServerConfig::for_pki(
-            &self.pki_dir,
-            &self.root.join("coordinator-data"),
-            "127.0.0.1:0",
-        );
-        cfg.limits = LimitsConfig {
-            lease_seconds: 6,
-            max_poll_seconds: 2,
-            round_deadline_seconds: 600,
-            max_attempts: 5,
-            tick_ms: 200,
-            ..Default::default()
-        };
+        let mut cfg = ServerConfig::for_pki(&self.pki_dir, &self.data_dir, "127.0.0.1:0");
+        cfg.limits = self.limits.clone();
         cfg
     }
 
@@ -170,32 +204,16 @@ impl Federation {
     /// Starts `coordinator serve` on `self.addr` with the test limits; waits for its
     /// `listening on` line.
     async fn spawn_process(&mut self) -> Result<()> {
-        let cfg = self.server_config();
-        let l = &cfg.limits;
-        let toml = format!(
-            "version = 1\nlisten = \"{addr}\"\ndata_dir = \"{data}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\nrevocation_list = \"{rev}\"\n[limits]\nlease_seconds = {lease}\nmax_poll_seconds = {poll}\nround_deadline_seconds = {dl}\nmax_attempts = {att}\ntick_ms = {tick}\nrequests_per_second = {rps}\nrequest_burst = {burst}\n",
-            addr = self.addr,
-            data = cfg.data_dir.display(),
-            cert = cfg.tls.cert.display(),
-            key = cfg.tls.key.display(),
-            ca = cfg.tls.client_ca.display(),
-            rev = cfg
-                .tls
-                .revocation_list
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            lease = l.lease_seconds,
-            poll = l.max_poll_seconds,
-            dl = l.round_deadline_seconds,
-            att = l.max_attempts,
-            tick = l.tick_ms,
-            rps = l.requests_per_second,
-            burst = l.request_burst,
-        );
+        let mut cfg = self.server_config();
+        cfg.listen = self.addr.to_string();
+        let toml = toml::to_string(&cfg).context("writing coordinator.toml")?;
         let path = self.root.join("coordinator.toml");
         std::fs::write(&path, toml)?;
-        let log = std::fs::File::create(self.root.join("coordinator.log"))?;
+        // Appended to: a restarted coordinator's log follows the killed one's.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.root.join("coordinator.log"))?;
         let mut child = std::process::Command::new(crate::bin("coordinator")?)
             .args(["serve", "--config"])
             .arg(&path)
@@ -246,9 +264,8 @@ impl Federation {
     /// Stops the coordinator (a process is killed) and starts it again on the same address
     /// and data.
     pub async fn restart_coordinator(&mut self) -> Result<()> {
-        let process = matches!(self.server, Some(Server::Process(_)));
         self.stop_coordinator().await?;
-        if process {
+        if self.process {
             return self.spawn_process().await;
         }
         let mut tries = 0;
@@ -319,16 +336,52 @@ max_backoff_seconds = 2
         }
     }
 
+    /// A lazy channel to the coordinator trusting the consortium CA, presenting the bundle
+    /// in `bundle` (cert.pem, key.pem) if any.
+    pub fn channel(&self, bundle: Option<&Path>) -> Channel {
+        self.channel_with(bundle, |e| e)
+    }
+
+    /// [`Self::channel`] with more endpoint settings.
+    pub fn channel_with(
+        &self,
+        bundle: Option<&Path>,
+        endpoint: impl FnOnce(Endpoint) -> Endpoint,
+    ) -> Channel {
+        let read = |p: PathBuf| std::fs::read(&p).expect("bundle file");
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read(self.pki_dir.join("ca.pem"))))
+            .domain_name("localhost");
+        if let Some(b) = bundle {
+            tls =
+                tls.identity(Identity::from_pem(read(b.join("cert.pem")), read(b.join("key.pem"))));
+        }
+        let e = Channel::from_shared(format!("https://{}", self.addr))
+            .expect("address")
+            .tls_config(tls)
+            .expect("tls")
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(Duration::from_secs(10));
+        endpoint(e).connect_lazy()
+    }
+
     pub async fn admin(&self) -> Result<AdminServiceClient<Channel>> {
         coordinator::cli::connect(&self.conn(Role::Admin, "lead")).await
     }
 
     /// Writes an untrained model of `config` for the phantom organs; returns its path.
     pub fn base_model(&self, config: &str) -> Result<PathBuf> {
+        self.model_file(config, 5)
+    }
+
+    /// Writes an untrained model of `config` initialised from `seed` (different seeds, different
+    /// bytes); returns its path.
+    pub fn model_file(&self, config: &str, seed: u64) -> Result<PathBuf> {
         let cfg = shared::model::ModelConfig::preset(config)?;
         let net =
-            shared::model::Net::new(&cfg, &phantom::organ_map(), 5, &candle_core::Device::Cpu)?;
-        let path = self.root.join(format!("base-{config}.safetensors"));
+            shared::model::Net::new(&cfg, &phantom::organ_map(), seed, &candle_core::Device::Cpu)?;
+        let name = if seed == 5 { format!("base-{config}") } else { format!("{config}-{seed}") };
+        let path = self.root.join(format!("{name}.safetensors"));
         shared::weights::save(&net, &Default::default(), &path)?;
         Ok(path)
     }

@@ -5,11 +5,10 @@ use std::sync::Arc;
 
 use prost::Message;
 use proto::pb::{self, admin_service_server::AdminService};
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Coordinator, SResult, ServiceError, identity_of, now_s};
+use super::{Coordinator, Feed, SResult, ServiceError, identity_of, now_s};
 use crate::identity::{Identity, valid_name};
 use crate::store::{
     ModelRecord, RoundRecord, RoundState, SiteRecord, StudyRecord, TaskRecord, TaskState,
@@ -498,7 +497,7 @@ impl AdminService for AdminApi {
         let id = req.into_inner().round_id;
         self.round(&id)?;
         let c = self.0.clone();
-        let (tx, rx) = mpsc::channel(4);
+        let (feed, stream) = Feed::new(c.limits.idle_seconds, 4);
         tokio::spawn(async move {
             let mut changed = c.changed.subscribe();
             let mut last = None;
@@ -510,14 +509,14 @@ impl AdminService for AdminApi {
                 let info = match info {
                     Ok(i) => i,
                     Err(e) => {
-                        let _ = tx.send(Err(e.into())).await;
+                        feed.send(Err(e.into())).await;
                         return;
                     }
                 };
                 let done = info.state != pb::RoundState::Running as i32;
                 if last.as_ref() != Some(&info) {
-                    if tx.send(Ok(info.clone())).await.is_err() {
-                        return; // the watcher went away
+                    if !feed.send(Ok(info.clone())).await {
+                        return; // the watcher went away or stopped reading
                     }
                     last = Some(info);
                 }
@@ -526,7 +525,7 @@ impl AdminService for AdminApi {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     async fn cancel_round(

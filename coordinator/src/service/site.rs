@@ -8,11 +8,12 @@ use prost::Message;
 use proto::limits;
 use proto::pb::{self, site_service_server::SiteService};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio::sync::mpsc;
-use tokio_stream::{Stream, StreamExt, wrappers::ReceiverStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{Coordinator, ServiceError, check_result, identity_of, now_ms, now_s, reason_name};
+use super::{
+    Coordinator, Feed, ServiceError, check_result, identity_of, now_ms, now_s, reason_name,
+};
 use crate::rounds;
 use crate::store::{RoundState, SiteRecord, TaskRecord, TaskState};
 
@@ -144,7 +145,8 @@ impl SiteService for SiteApi {
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(|source| ServiceError::Io { path: path.clone(), source })?;
-        let (tx, rx) = mpsc::channel(4);
+        // Two chunks queued: a reader that stops holds at most ~3 MiB until the idle limit.
+        let (feed, stream) = Feed::new(c.limits.idle_seconds, 2);
         tokio::spawn(async move {
             let mut pos = offset;
             let mut buf = vec![0u8; limits::CHUNK_BYTES];
@@ -153,21 +155,20 @@ impl SiteService for SiteApi {
                     Ok(0) => break,
                     Ok(n) => n,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(Status::unavailable(format!("reading the model: {e}"))))
+                        feed.send(Err(Status::unavailable(format!("reading the model: {e}"))))
                             .await;
                         return;
                     }
                 };
                 let chunk =
                     pb::ModelChunk { offset: pos, data: buf[..n].to_vec(), total_size: total };
-                if tx.send(Ok(chunk)).await.is_err() {
-                    return; // the site went away
+                if !feed.send(Ok(chunk)).await {
+                    return; // the site went away or stopped reading
                 }
                 pos += n as u64;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream))
     }
 
     async fn heartbeat(

@@ -26,6 +26,20 @@ fn defaults_and_relative_paths() {
     assert_eq!(cfg.tls.revocation_list, None);
     assert_eq!(cfg.limits.lease_seconds, 120);
     assert_eq!(cfg.limits.max_attempts, 3);
+    assert_eq!(cfg.limits.handshake_seconds, 10);
+    assert_eq!(cfg.limits.max_connections, 256);
+    assert_eq!(cfg.limits.idle_seconds, 60);
+    assert_eq!(cfg.limits.keepalive_seconds, 30);
+}
+
+/// What the tests write with `toml::to_string` reads back the same.
+#[test]
+fn a_written_configuration_reads_back() {
+    let cfg = ServerConfig::parse(GOOD, Path::new("/srv/fedtune/coordinator.toml")).expect("valid");
+    let text = toml::to_string(&cfg).expect("serialize");
+    let again = ServerConfig::parse(&text, Path::new("/elsewhere/c.toml")).expect("reads back");
+    assert_eq!(again.data_dir, cfg.data_dir, "absolute paths stay");
+    assert_eq!(again.limits.max_connections, cfg.limits.max_connections);
 }
 
 #[test]
@@ -34,7 +48,9 @@ fn bad_files_are_refused_with_the_file_and_the_reason() {
     for (text, expect) in [
         (GOOD.replace("version = 1", "version = 2"), "this coordinator reads version 1"),
         (format!("{GOOD}\nlisten_port = 1\n"), "unknown field"),
-        (format!("{GOOD}\n[limits]\nlease_seconds = 1\n"), "lease_seconds >= 2"),
+        (format!("{GOOD}\n[limits]\nlease_seconds = 1\n"), "lease_seconds must be at least 2"),
+        (format!("{GOOD}\n[limits]\nhandshake_seconds = 0\n"), "every other limit at least 1"),
+        (format!("{GOOD}\n[limits]\nmax_connections = 0\n"), "every other limit at least 1"),
         (GOOD.replace("client_ca = \"/etc/fedtune/ca.pem\"", ""), "client_ca"),
     ] {
         let err = ServerConfig::parse(&text, path).expect_err(expect).to_string();

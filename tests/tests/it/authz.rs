@@ -7,14 +7,13 @@
 //! means the handshake failed and no RPC ran.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use coordinator::identity::Role;
 use proto::pb;
 use proto::pb::admin_service_client::AdminServiceClient;
 use proto::pb::site_service_client::SiteServiceClient;
 use tests::federation::Federation;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::transport::Channel;
 
 type R = anyhow::Result<()>;
 
@@ -54,24 +53,6 @@ fn outcome<T>(r: Result<T, tonic::Status>) -> &'static str {
             _ => "allowed",
         },
     }
-}
-
-/// A channel presenting `bundle`'s certificate (or none), trusting `ca`.
-fn channel(fed: &Federation, ca: &std::path::Path, cert: Option<&std::path::Path>) -> Channel {
-    let read = |p: std::path::PathBuf| std::fs::read(&p).expect("bundle file");
-    let mut tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(read(ca.join("ca.pem"))))
-        .domain_name("localhost");
-    if let Some(b) = cert {
-        tls = tls.identity(Identity::from_pem(read(b.join("cert.pem")), read(b.join("key.pem"))));
-    }
-    Channel::from_shared(format!("https://{}", fed.addr))
-        .expect("address")
-        .tls_config(tls)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(10))
-        .connect_lazy()
 }
 
 /// What the calls refer to: site-a's leased task and the study's base model, so that an
@@ -186,9 +167,8 @@ async fn every_rpc_for_every_identity() -> R {
     fed.admin().await?.revoke_site(pb::SiteRequest { name: "site-b".into() }).await?;
     let other = coordinator::pki::Pki::init(&fed.root.join("other-pki"), &["localhost".into()])?
         .issue(Role::Site, "site-a", 30)?;
-    let ca = fed.bundle(Role::Admin, "lead");
     let identities: Vec<(&str, Option<std::path::PathBuf>)> = vec![
-        ("admin", Some(ca.clone())),
+        ("admin", Some(fed.bundle(Role::Admin, "lead"))),
         ("approved site", Some(fed.bundle(Role::Site, "site-a"))),
         ("unapproved site", Some(unapproved)),
         ("revoked site", Some(fed.bundle(Role::Site, "site-b"))),
@@ -200,7 +180,7 @@ async fn every_rpc_for_every_identity() -> R {
     let (mut checked, mut mismatches) = (0, 0);
     let mut table = String::new();
     for (who, bundle) in &identities {
-        let got = call_all(channel(&fed, &ca, bundle.as_deref()), &target).await;
+        let got = call_all(fed.channel(bundle.as_deref()), &target).await;
         for rpc in SITE_RPCS.iter().chain(&ADMIN_RPCS) {
             let want = expected(who, rpc);
             let have = got.get(rpc).copied().unwrap_or("missing");

@@ -204,7 +204,7 @@ async fn an_unwritable_data_dir_fails_uploads_clearly_and_damages_nothing() -> R
     let fed = Federation::builder().sites(1).without_agents().start().await?;
     let info = fed.study("disk", "tiny").await?;
     let base = info.base.expect("the study's base model");
-    let blobs = fed.root.join("coordinator-data/blobs");
+    let blobs = fed.data_dir.join("blobs");
     let stored = std::fs::read(blobs.join(&base.sha256))?;
 
     let tmp = blobs.join("tmp");
@@ -321,7 +321,18 @@ impl Proxy {
 /// completes once the network is back, and its result is counted once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
-    let mut fed = Federation::builder().sites(1).without_agents().start().await?;
+    // Every idle bound is shorter than the training: the coordinator pings each connection
+    // every second and drops one that does not answer within a second, and no call or stream
+    // may idle for more than 2 s. Only heartbeats keep the lease (6 s).
+    let mut fed = Federation::builder()
+        .sites(1)
+        .without_agents()
+        .limits(|l| {
+            l.keepalive_seconds = 1;
+            l.idle_seconds = 2;
+        })
+        .start()
+        .await?;
     fed.study("net", "tiny").await?;
     let proxy = Proxy::start(fed.addr).await?;
     let mut cfg = fed.site_config("site-a")?;
@@ -330,7 +341,8 @@ async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
     let spec = pb::TaskSpec {
         kind: pb::TaskKind::Finetune as i32,
         trainable_layers: 2,
-        epochs: 20,
+        // Long enough (about 12 s here) to outlast the lease and every idle bound.
+        epochs: 150,
         ..Default::default()
     };
     // (mode, seconds, the attempts that may complete it). The harness's lease is 6 s: a short
@@ -349,13 +361,24 @@ async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
             assert!(tokio::time::Instant::now() < deadline, "no training seen: {info:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        let training = std::time::Instant::now();
         proxy.set(mode);
         tokio::time::sleep(Duration::from_secs(secs)).await;
         proxy.set(PASS);
         let info = fed.wait_round(&round, 180).await?;
+        let took = training.elapsed();
+        eprintln!(
+            "network {} for {secs} s: the task completed {:.1} s after training was seen",
+            if mode == CUT { "cut" } else { "stalled" },
+            took.as_secs_f64()
+        );
         assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
         let task = info.tasks.first().expect("the task");
         assert!(attempts.contains(&task.attempt), "mode {mode} for {secs} s: {task:?}");
+        if secs < 6 {
+            // Training outlasted the 6 s lease and the 1 s keepalive, on its first lease.
+            assert!(took > Duration::from_secs(6), "training took only {took:?}");
+        }
         let results = fed.results(&round).await?;
         assert_eq!(results.results.len(), 1, "counted once");
     }

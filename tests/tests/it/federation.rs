@@ -153,7 +153,7 @@ async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
     link.hello(pb::HelloRequest::default()).await?;
     let task = link.next_task(2).await?.expect("a task for site-a");
     let model = task.base.clone().expect("evaluate tasks carry their base model");
-    let good = std::fs::read(fed.root.join("coordinator-data/blobs").join(&model.sha256))?;
+    let good = std::fs::read(fed.data_dir.join("blobs").join(&model.sha256))?;
 
     // The site's kept part: the right length of the first bytes, one of them altered.
     let dir = fed.root.join("cache");
@@ -167,7 +167,7 @@ async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
     assert!(!dir.join(format!("{}.part", model.sha256)).exists());
 
     // The coordinator's stored copy altered by one byte.
-    let blob = fed.root.join("coordinator-data/blobs").join(&model.sha256);
+    let blob = fed.data_dir.join("blobs").join(&model.sha256);
     let mut bad = good.clone();
     bad[good.len() / 3] ^= 0x80;
     std::fs::write(&blob, &bad)?;

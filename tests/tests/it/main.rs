@@ -3,6 +3,8 @@
 mod authz;
 mod cli;
 mod demo;
+mod disk;
 mod faults;
 mod federation;
 mod hostile_rpc;
+mod stalled;
