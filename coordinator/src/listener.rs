@@ -18,7 +18,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -153,7 +152,7 @@ pub fn incoming(
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     tokio::spawn(async move {
-        let over_cap = Arc::new(AtomicU64::new(0));
+        let mut over_cap = 0u64;
         let mut last_cap_warning: Option<Instant> = None;
         loop {
             let (tcp, peer) = tokio::select! {
@@ -172,12 +171,12 @@ pub fn incoming(
                 // Closing at once tells the client to retry; leaving it in the backlog would
                 // let stalled peers hold legitimate ones out unseen.
                 drop(tcp);
-                let n = over_cap.fetch_add(1, Ordering::Relaxed) + 1;
+                over_cap += 1;
                 if last_cap_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     last_cap_warning = Some(Instant::now());
                     tracing::warn!(
                         max_connections = limits.max_connections,
-                        refused_so_far = n,
+                        refused_so_far = over_cap,
                         %peer,
                         "connection cap reached; closed a new connection. Raise \
                          limits.max_connections if this is legitimate load"
