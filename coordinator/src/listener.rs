@@ -8,6 +8,8 @@
 //!   its whole life; past the cap a connection is closed at once (and counted in the log);
 //! - the TLS handshake must finish within [`ConnectionLimits::handshake`], however slowly the
 //!   peer trickles bytes;
+//! - one certificate (a site, an admin) may hold at most [`ConnectionLimits::per_identity`] of
+//!   those slots, so one party cannot take them all;
 //! - a client certificate that fails verification is logged with who it names, why it failed
 //!   (expired on which date, another CA, ...) and what to do.
 //!
@@ -44,6 +46,8 @@ pub struct ConnectionLimits {
     pub handshake: Duration,
     /// Most connections open at once, handshaking or established.
     pub max_connections: usize,
+    /// Most established connections one client certificate may have open at once.
+    pub per_identity: usize,
 }
 
 /// The server's rustls configuration: its certificate chain and key, client certificates
@@ -88,6 +92,43 @@ pub fn server_config(
 pub struct Held {
     tcp: TcpStream,
     _slot: OwnedSemaphorePermit,
+    /// Taken once the handshake has named the client.
+    _identity: Option<IdentitySlot>,
+}
+
+/// Established connections per identity (`role/name`).
+type IdentityCounts = Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
+
+/// One of an identity's connection slots, given back when dropped.
+#[derive(Debug)]
+struct IdentitySlot {
+    key: String,
+    counts: IdentityCounts,
+}
+
+impl IdentitySlot {
+    /// Takes a slot for `key`, unless it already holds `max`.
+    fn take(counts: &IdentityCounts, key: String, max: usize) -> Option<Self> {
+        let mut map = counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = map.entry(key.clone()).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self { key, counts: counts.clone() })
+    }
+}
+
+impl Drop for IdentitySlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = map.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl AsyncRead for Held {
@@ -151,6 +192,7 @@ pub fn incoming(
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(tls);
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let per_identity = IdentityCounts::default();
     tokio::spawn(async move {
         let mut over_cap = 0u64;
         let mut last_cap_warning: Option<Instant> = None;
@@ -187,10 +229,37 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let per_identity = per_identity.clone();
             tokio::spawn(PEER.scope(peer, async move {
-                let held = Held { tcp, _slot: slot };
+                let held = Held { tcp, _slot: slot, _identity: None };
                 match tokio::time::timeout(limits.handshake, acceptor.accept(held)).await {
-                    Ok(Ok(tls)) => {
+                    Ok(Ok(mut tls)) => {
+                        // The verifier required a certificate; its identity was checked by
+                        // name when the calls arrive, here it is only counted.
+                        let who = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| identity::from_der(c).ok())
+                            .map(|id| format!("{}/{}", id.role, id.name));
+                        if let Some(who) = who {
+                            match IdentitySlot::take(&per_identity, who.clone(), limits.per_identity)
+                            {
+                                Some(slot) => tls.get_mut().0._identity = Some(slot),
+                                None => {
+                                    tracing::warn!(
+                                        %peer,
+                                        identity = %who,
+                                        max = limits.per_identity,
+                                        "this certificate already has the most connections one \
+                                         identity may hold (limits.max_connections_per_identity); \
+                                         closed a new one"
+                                    );
+                                    return;
+                                }
+                            }
+                        }
                         let _ = tx.send(Ok(tls)).await;
                     }
                     Ok(Err(e)) => {
@@ -325,6 +394,19 @@ mod tests {
         let msg = explain_refusal(&der, &e);
         assert!(msg.contains("not issued by this consortium's CA"), "{msg}");
         assert!(explain_refusal(b"junk", &e).contains("without a fedtune identity"));
+    }
+
+    #[test]
+    fn identity_slots_are_capped_and_given_back() {
+        let counts = IdentityCounts::default();
+        let a1 = IdentitySlot::take(&counts, "site/a".into(), 2).expect("first");
+        let a2 = IdentitySlot::take(&counts, "site/a".into(), 2).expect("second");
+        assert!(IdentitySlot::take(&counts, "site/a".into(), 2).is_none(), "third refused");
+        let b = IdentitySlot::take(&counts, "site/b".into(), 2).expect("another identity");
+        drop(a1);
+        let a3 = IdentitySlot::take(&counts, "site/a".into(), 2).expect("a slot given back");
+        drop((a2, a3, b));
+        assert!(counts.lock().unwrap().is_empty(), "nothing left counted");
     }
 
     #[test]

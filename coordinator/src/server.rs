@@ -73,6 +73,8 @@ pub struct LimitsConfig {
     /// Most connections open at once (handshaking or established); more are closed at once.
     /// Default 256.
     pub max_connections: u32,
+    /// Most connections one client certificate may have open at once. Default 16.
+    pub max_connections_per_identity: u32,
     /// Longest an upload may go without a chunk, and a download or watch without the client
     /// taking the next message; also bounds every other call to `max_poll_seconds` plus this.
     /// Default 60 s.
@@ -94,6 +96,7 @@ impl Default for LimitsConfig {
             request_burst: 200,
             handshake_seconds: 10,
             max_connections: 256,
+            max_connections_per_identity: 16,
             idle_seconds: 60,
             keepalive_seconds: 30,
         }
@@ -166,6 +169,7 @@ impl ServerConfig {
                 .contains(&0)
             || [l.idle_seconds, l.keepalive_seconds, l.requests_per_second, l.request_burst]
                 .contains(&0)
+            || l.max_connections_per_identity == 0
             || l.tick_ms == 0
         {
             return Err(err("limits: lease_seconds must be at least 2 and every other limit at \
@@ -333,6 +337,7 @@ pub async fn serve_then(
         crate::listener::ConnectionLimits {
             handshake: Duration::from_secs(u64::from(l.handshake_seconds)),
             max_connections: l.max_connections as usize,
+            per_identity: l.max_connections_per_identity as usize,
         },
     );
     let keepalive = Duration::from_secs(u64::from(l.keepalive_seconds));

@@ -262,3 +262,42 @@ async fn slow_uploads_pass_stalled_uploads_and_readers_are_ended_after_the_idle_
     );
     fed.shutdown().await
 }
+
+/// One certificate may hold only so many connections: a site opening more gets the extra
+/// ones closed, everyone else is served, and a closed connection gives its slot back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_cannot_take_every_connection() -> R {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let fed = Federation::builder()
+        .sites(1)
+        .without_agents()
+        .limits(|l| l.max_connections_per_identity = 2)
+        .start()
+        .await?;
+    let site = fed.bundle(Role::Site, "site-a");
+    let check = |ch: tonic::transport::Channel| async move {
+        HealthClient::new(ch).check(HealthCheckRequest { service: String::new() }).await
+    };
+    let first = fed.channel(Some(&site));
+    let second = fed.channel(Some(&site));
+    check(first.clone()).await?;
+    check(second.clone()).await?;
+    let third = check(fed.channel(Some(&site))).await;
+    assert!(third.is_err(), "a third connection of one site was served");
+    check(fed.channel(Some(&fed.bundle(Role::Admin, "lead")))).await?;
+    // The first connection closes; its slot comes back.
+    drop(first);
+    let t0 = Instant::now();
+    loop {
+        match check(fed.channel(Some(&site))).await {
+            Ok(_) => break,
+            Err(e) if t0.elapsed() < Duration::from_secs(10) => {
+                let _ = e;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    drop(second);
+    fed.shutdown().await
+}
