@@ -155,15 +155,15 @@ fn log_file(dir: &Path, name: &str) -> Result<std::fs::File> {
 
 /// Starts `coordinator serve` on a free loopback port; returns it with its address.
 fn start_coordinator(root: &Path, pki: &Pki) -> Result<(Proc, String)> {
-    let server = pki.server_dir();
-    let toml = format!(
-        "version = 1\nlisten = \"127.0.0.1:0\"\ndata_dir = \"{data}\"\n[tls]\ncert = \"{cert}\"\nkey = \"{key}\"\nclient_ca = \"{ca}\"\nrevocation_list = \"{rev}\"\n[limits]\nlease_seconds = 60\nmax_poll_seconds = 5\ntick_ms = 500\n",
-        data = root.join("coordinator-data").display(),
-        cert = server.join("cert.pem").display(),
-        key = server.join("key.pem").display(),
-        ca = pki.ca_cert_path().display(),
-        rev = pki.revocation_list_path().display(),
+    let mut cfg = crate::server::ServerConfig::for_pki(
+        pki.dir(),
+        &root.join("coordinator-data"),
+        "127.0.0.1:0",
     );
+    cfg.limits.lease_seconds = 60;
+    cfg.limits.max_poll_seconds = 5;
+    cfg.limits.tick_ms = 500;
+    let toml = toml::to_string(&cfg).context("writing the coordinator's configuration")?;
     let path = root.join("coordinator.toml");
     std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
     let exe = std::env::current_exe().context("locating the coordinator executable")?;

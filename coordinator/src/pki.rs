@@ -89,6 +89,10 @@ pub struct Pki {
 }
 
 impl Pki {
+    /// The folder `init` wrote.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
     pub fn ca_cert_path(&self) -> PathBuf {
         self.dir.join("ca.pem")
     }

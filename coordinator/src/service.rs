@@ -102,6 +102,15 @@ impl ServiceError {
             }
         }
     }
+    /// Whether the error is "no space left on device", from a file or from the database.
+    fn disk_full(&self) -> bool {
+        let io = match self {
+            ServiceError::Io { source, .. } => Some(source),
+            ServiceError::Store(StoreError::Sled(sled::Error::Io(e))) => Some(e),
+            _ => None,
+        };
+        io.is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
+    }
 }
 
 /// The sending end of a server stream fed by a task. A client that stops taking messages for
@@ -152,18 +161,6 @@ impl<T: Send + 'static> Feed<T> {
             }
             Err(SendTimeoutError::Closed(_)) => false,
         }
-    }
-}
-
-impl ServiceError {
-    /// Whether the error is "no space left on device", from a file or from the database.
-    fn disk_full(&self) -> bool {
-        let io = match self {
-            ServiceError::Io { source, .. } => Some(source),
-            ServiceError::Store(StoreError::Sled(sled::Error::Io(e))) => Some(e),
-            _ => None,
-        };
-        io.is_some_and(|e| e.kind() == std::io::ErrorKind::StorageFull)
     }
 }
 

@@ -1,11 +1,10 @@
 //! `AdminService`: what admin certificates (the study lead) may call.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use prost::Message;
 use proto::pb::{self, admin_service_server::AdminService};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, Feed, SResult, ServiceError, identity_of, now_s};
@@ -14,7 +13,7 @@ use crate::store::{
     ModelRecord, RoundRecord, RoundState, SiteRecord, StudyRecord, TaskRecord, TaskState,
 };
 
-type RoundStream = Pin<Box<dyn Stream<Item = Result<pb::RoundInfo, Status>> + Send>>;
+type RoundStream = super::FedStream<pb::RoundInfo>;
 
 // === impl AdminService ===
 

@@ -1,6 +1,5 @@
 //! `SiteService`: what site certificates may call.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -8,7 +7,7 @@ use prost::Message;
 use proto::limits;
 use proto::pb::{self, site_service_server::SiteService};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_stream::{Stream, StreamExt};
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{
@@ -23,7 +22,7 @@ use crate::store::{RoundState, SiteRecord, TaskRecord, TaskState};
 #[derive(Clone, Debug)]
 pub struct SiteApi(pub Arc<Coordinator>);
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ModelChunk, Status>> + Send>>;
+type ChunkStream = super::FedStream<pb::ModelChunk>;
 
 #[tonic::async_trait]
 impl SiteService for SiteApi {
