@@ -49,6 +49,13 @@ pub struct Identity {
     pub not_after: i64,
 }
 
+impl Identity {
+    /// `role/name`: what per-identity limits (requests, connections) are counted under.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.role, self.name)
+    }
+}
+
 /// Reads the identity from a client certificate (already verified against the CA by rustls).
 pub fn from_der(der: &[u8]) -> Result<Identity, String> {
     let (_, cert) =

@@ -242,7 +242,7 @@ pub fn incoming(
                             .peer_certificates()
                             .and_then(|c| c.first())
                             .and_then(|c| identity::from_der(c).ok())
-                            .map(|id| format!("{}/{}", id.role, id.name));
+                            .map(|id| id.key());
                         if let Some(who) = who {
                             match IdentitySlot::take(&per_identity, who.clone(), limits.per_identity)
                             {

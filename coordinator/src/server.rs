@@ -165,12 +165,19 @@ impl ServerConfig {
         }
         let l = &cfg.limits;
         if l.lease_seconds < 2
-            || [l.max_poll_seconds, l.max_attempts, l.handshake_seconds, l.max_connections]
-                .contains(&0)
-            || [l.idle_seconds, l.keepalive_seconds, l.requests_per_second, l.request_burst]
-                .contains(&0)
-            || l.max_connections_per_identity == 0
             || l.tick_ms == 0
+            || [
+                l.max_poll_seconds,
+                l.max_attempts,
+                l.requests_per_second,
+                l.request_burst,
+                l.handshake_seconds,
+                l.max_connections,
+                l.max_connections_per_identity,
+                l.idle_seconds,
+                l.keepalive_seconds,
+            ]
+            .contains(&0)
         {
             return Err(err("limits: lease_seconds must be at least 2 and every other limit at \
                  least 1"
@@ -393,12 +400,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let streaming = proto::CLIENT_STREAMING_METHODS.contains(&req.uri().path());
+        if proto::CLIENT_STREAMING_METHODS.contains(&req.uri().path()) {
+            return Box::pin(self.inner.call(req));
+        }
         let path = req.uri().path().to_owned();
         let call = self.inner.call(req);
-        if streaming {
-            return Box::pin(call);
-        }
         let limit = self.limit;
         Box::pin(async move {
             match tokio::time::timeout(limit, call).await {
@@ -426,7 +432,7 @@ fn authenticator(
 ) -> impl FnMut(Request<()>) -> Result<Request<()>, Status> + Clone {
     move |mut req: Request<()>| {
         let id = coord.authenticate(&req, role).map_err(Status::from)?;
-        if !limiter.allow(&format!("{}/{}", id.role.as_str(), id.name)) {
+        if !limiter.allow(&id.key()) {
             tracing::warn!(role = id.role.as_str(), name = %id.name, "rate limit reached");
             return Err(Status::resource_exhausted(format!(
                 "{} \"{}\" made more than {} requests at once ({} per second sustained); \

@@ -87,8 +87,7 @@ fn fill(path: &Path) -> anyhow::Result<u64> {
 }
 
 fn sha256_of(path: &Path) -> anyhow::Result<String> {
-    use sha2::Digest;
-    Ok(hex::encode(sha2::Sha256::digest(std::fs::read(path)?)))
+    Ok(shared::weights::sha256_hex(&std::fs::read(path)?))
 }
 
 async fn model_names(fed: &Federation) -> anyhow::Result<Vec<String>> {

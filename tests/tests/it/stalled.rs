@@ -130,10 +130,9 @@ async fn wait_for_log(path: &Path, words: &str) -> anyhow::Result<String> {
 }
 
 fn header(bytes: &[u8], name: &str) -> pb::PushModelRequest {
-    use sha2::Digest;
     pb::PushModelRequest {
         part: Some(pb::push_model_request::Part::Header(pb::ModelRef {
-            sha256: hex::encode(sha2::Sha256::digest(bytes)),
+            sha256: shared::weights::sha256_hex(bytes),
             size: bytes.len() as u64,
             name: name.into(),
         })),
