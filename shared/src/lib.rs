@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //! - [`organs`]: the organ label map (label value -> organ name) that a dataset and a model share.
+//! - [`structures`]: the organs fedtune knows, their TG-263 names, and clinical structure names
+//!   (aliases and a center's own) mapped to them.
 //! - [`data`]: volumes, NIfTI-1 reading and writing, site manifests, validation, axial slicing,
 //!   and the phantom centers generator.
 //! - [`model`]: the 2D residual encoder-decoder as an explicit ordered list of named layers,
@@ -21,4 +23,5 @@ pub mod data;
 pub mod metrics;
 pub mod model;
 pub mod organs;
+pub mod structures;
 pub mod weights;

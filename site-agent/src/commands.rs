@@ -490,10 +490,10 @@ fn evaluate_cmd(a: &EvaluateArgs) -> Result<()> {
 
 fn predict_cmd(a: &PredictArgs) -> Result<()> {
     let (net, _, _) = weights::load(&a.weights, &Device::Cpu)?;
-    let image = data::read_image(&a.image)?;
+    let (image, source) = data::read_image_with_source(&a.image)?;
     let labels = predict(&net, &image)?;
-    data::write_labels(&a.out, &labels)?;
-    out(&format!("wrote {}", a.out.display()));
+    data::write_labels_like(&a.out, &labels, &source)?;
+    out(&format!("wrote {} (on the grid and header of {})", a.out.display(), a.image.display()));
     Ok(())
 }
 

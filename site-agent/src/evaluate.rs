@@ -1,11 +1,12 @@
 //! Whole-volume prediction at the original grid and per-case scoring.
 //!
-//! Slices are predicted at the model's size in batches; the logits are resized bilinearly back
-//! to the slice's own in-plane size before the arg-max, so labels land on the image's grid.
+//! Slices are predicted on the model's grid in batches; the logits are resampled bilinearly
+//! back onto the slice's own pixels (the inverse of the slicing map, background outside the
+//! model's field of view) before the arg-max, so labels land on the image's grid.
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use shared::data::{Dataset, Image, Labels, Volume, slice_stack};
+use shared::data::{Dataset, Image, Labels, resample_bilinear, slice_stack};
 use shared::metrics::{LabelScore, score_labels};
 use shared::model::Net;
 
@@ -14,26 +15,43 @@ use crate::train::TrainResult;
 /// Slices per inference batch.
 const INFER_BATCH: usize = 32;
 
-/// Predicts a label map on `image`'s grid.
+/// Predicts a label map on `image`'s grid (`image` in canonical order, as the readers give).
 pub fn predict(net: &Net, image: &Image) -> TrainResult<Labels> {
     let spec = net.config().slice_spec();
     let [nx, ny, nz] = image.dims;
+    let [sx, sy, _] = image.spacing();
+    let (cols, rows) = (spec.from_model(nx, sx), spec.from_model(ny, sy));
     let s = spec.size;
     let stack = slice_stack(image, &spec);
     let inputs = Tensor::from_vec(stack, (nz, spec.channels(), s, s), net.device())?;
     let class_to_label = net.organs().class_to_label();
-    let mut data = Vec::with_capacity(nx * ny * nz);
+    let classes = class_to_label.len();
+    let plane = nx * ny;
+    let mut data = Vec::with_capacity(plane * nz);
     let mut start = 0;
     while start < nz {
         let len = INFER_BATCH.min(nz - start);
         let logits = net.infer(&inputs.narrow(0, start, len)?)?;
-        let logits =
-            if (ny, nx) == (s, s) { logits } else { logits.upsample_bilinear2d(ny, nx, false)? };
-        let classes = logits.argmax(1)?.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-        data.extend(classes.into_iter().map(|c| class_to_label[c as usize]));
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
+        for slice in logits.chunks_exact(classes * s * s) {
+            // Background wins outside the field of view: its logit is high, the others low.
+            let mut best = vec![f32::NEG_INFINITY; plane];
+            let mut arg = vec![0u16; plane];
+            for (c, class_logits) in slice.chunks_exact(s * s).enumerate() {
+                let fill = if c == 0 { f32::MAX } else { f32::MIN };
+                let up = resample_bilinear(class_logits, rows, cols, fill);
+                for (i, &v) in up.iter().enumerate() {
+                    if v > best[i] {
+                        best[i] = v;
+                        arg[i] = class_to_label[c];
+                    }
+                }
+            }
+            data.extend(arg);
+        }
         start += len;
     }
-    Ok(Volume { dims: image.dims, spacing: image.spacing, data })
+    Ok(image.with_data(data))
 }
 
 /// Scores of one test case, keyed by its index in the split (never its identifier).

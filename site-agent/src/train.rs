@@ -85,7 +85,7 @@ impl SliceSet {
         let mut n = 0;
         for case in &data.cases {
             images.extend(slice_stack(&case.image, &spec));
-            labels.extend(label_slices(&case.labels, spec.size, &lut));
+            labels.extend(label_slices(&case.labels, &spec, &lut));
             n += case.image.dims[2];
         }
         let s = spec.size;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::{DataError, DataResult, Image, Labels, read_image, read_labels};
+use super::{DataError, DataResult, GRID_TOLERANCE_VOXELS, Image, Labels, read_image, read_labels};
 use crate::organs::OrganMap;
 
 /// Which part of a site's data a case belongs to.
@@ -182,7 +182,22 @@ pub fn load_case(case: &ManifestCase, organs: &OrganMap) -> DataResult<Case> {
             ),
         ));
     }
-    for (axis, (&s, &d)) in image.spacing.iter().zip(&image.dims).enumerate() {
+    // Both are canonical now, so a label stored in another voxel order but on the same world
+    // grid is accepted, and one on another grid (shifted, mirrored in its header) is not.
+    let off = image.affine.grid_distance(&labels.affine, image.dims);
+    if off > GRID_TOLERANCE_VOXELS {
+        return Err(fail(
+            &case.label,
+            format!(
+                "its affine puts voxels {off:.3} voxels away from where the image's affine puts \
+                 them (image affine {:?}, label affine {:?}; tolerance {GRID_TOLERANCE_VOXELS} voxel): \
+                 the label was not drawn on this image, or one header is wrong; re-export the \
+                 label from the image it was drawn on",
+                image.affine.0, labels.affine.0
+            ),
+        ));
+    }
+    for (axis, (&s, &d)) in image.spacing().iter().zip(&image.dims).enumerate() {
         if d > 1 && !(0.05..=50.0).contains(&s) {
             return Err(fail(
                 &case.image,

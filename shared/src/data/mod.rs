@@ -1,8 +1,10 @@
 //! Site data: volumes, NIfTI-1 files, the site manifest, validation and axial slicing.
 //!
-//! Volumes are kept in NIfTI order: `x` varies fastest, then `y`, then `z` (axial slices are
-//! contiguous). Spacing is in millimetres, in the same axis order.
+//! Volumes are kept with `x` varying fastest, then `y`, then `z` (axial slices are
+//! contiguous), and carry their voxel-to-world [`Affine`]. Every volume the engine slices is
+//! in the canonical LPS order of [`geometry`]; the readers return it so.
 
+mod geometry;
 mod manifest;
 mod nifti_io;
 pub mod phantom;
@@ -10,16 +12,24 @@ mod slices;
 
 use std::path::PathBuf;
 
+pub use geometry::{Affine, GRID_TOLERANCE_VOXELS, Orientation};
 pub use manifest::{Case, Dataset, Manifest, ManifestCase, Split, check_case, load_case};
-pub use nifti_io::{read_image, read_labels, write_image, write_labels};
-pub use slices::{SliceSpec, Window, label_slices, resize_bilinear, resize_nearest, slice_stack};
+pub use nifti_io::{
+    NiftiSource, read_image, read_image_with_source, read_labels, write_image, write_labels,
+    write_labels_like,
+};
+pub use slices::{
+    AxisMap, SliceSpec, Window, label_slices, resample_bilinear, resize_bilinear, resize_nearest,
+    slice_stack,
+};
 
-/// A 3-D volume in NIfTI order (x fastest) with its voxel spacing in mm.
+/// A 3-D volume (x fastest) with its voxel-to-world affine.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Volume<T> {
     pub dims: [usize; 3],
-    pub spacing: [f32; 3],
     pub data: Vec<T>,
+    /// Voxel index -> RAS+ mm. Its column lengths are the voxel spacing.
+    pub affine: Affine,
 }
 
 /// A CT image in Hounsfield units.
@@ -28,9 +38,37 @@ pub type Image = Volume<f32>;
 pub type Labels = Volume<u16>;
 
 impl<T: Copy> Volume<T> {
-    /// A volume filled with `value`.
+    /// A canonical (LPS) volume with `spacing` whose first voxel is at the world origin.
+    pub fn new(dims: [usize; 3], spacing: [f32; 3], data: Vec<T>) -> Self {
+        debug_assert_eq!(data.len(), dims[0] * dims[1] * dims[2]);
+        Self { dims, data, affine: Affine::lps(spacing) }
+    }
+
+    /// A canonical volume filled with `value`.
     pub fn filled(dims: [usize; 3], spacing: [f32; 3], value: T) -> Self {
-        Self { dims, spacing, data: vec![value; dims[0] * dims[1] * dims[2]] }
+        Self::new(dims, spacing, vec![value; dims[0] * dims[1] * dims[2]])
+    }
+
+    /// Voxel size in mm along each axis.
+    pub fn spacing(&self) -> [f32; 3] {
+        self.affine.spacing()
+    }
+
+    /// The same volume reordered to canonical LPS (see [`geometry`]), and how it was reordered.
+    pub fn to_canonical(&self) -> (Self, Orientation) {
+        let o = Orientation::of(&self.affine, self.dims);
+        let v = Self {
+            dims: o.canonical_dims(),
+            data: o.to_canonical(&self.data),
+            affine: o.canonical_affine(&self.affine),
+        };
+        (v, o)
+    }
+
+    /// A volume of the same grid holding `data`.
+    pub fn with_data<U>(&self, data: Vec<U>) -> Volume<U> {
+        debug_assert_eq!(data.len(), self.data.len());
+        Volume { dims: self.dims, data, affine: self.affine }
     }
 
     pub fn len(&self) -> usize {

@@ -3,14 +3,19 @@
 //! Files are read whole (gzip is detected by its magic bytes, not the file name), the header size
 //! is checked first so that NIfTI-2 gets a clear refusal, and the `nifti` crate then decodes any
 //! integer or float datatype in either byte order, applying `scl_slope`/`scl_inter`.
+//!
+//! The voxel-to-world affine is taken as nibabel's `get_best_affine` does: the sform when
+//! `sform_code > 0`, else the qform when `qform_code > 0`, else the Analyze-style affine from
+//! `pixdim` (x flipped, centred on the volume). Readers return volumes in canonical LPS order
+//! (see `geometry`); writers store the affine as both sform and qform (code 1, scanner).
 
 use std::io::Read;
 use std::path::Path;
 
 use ndarray::ShapeBuilder;
-use nifti::{IntoNdArray, NiftiObject, NiftiType};
+use nifti::{IntoNdArray, NiftiHeader, NiftiObject, NiftiType};
 
-use super::{DataError, DataResult, Image, Labels, Volume};
+use super::{Affine, DataError, DataResult, Image, Labels, Orientation, Volume};
 
 /// Files above this size (after decompression) are refused rather than filling memory.
 const MAX_DECODED_BYTES: u64 = 4 << 30;
@@ -39,8 +44,8 @@ fn read_bytes(path: &Path) -> DataResult<Vec<u8>> {
     }
 }
 
-/// Decodes a NIfTI-1 single file into `f64` values in NIfTI order, with dims and spacing.
-fn read_f64(path: &Path) -> DataResult<Volume<f64>> {
+/// Decodes a NIfTI-1 single file into `f64` values in stored order, with its affine and header.
+fn read_f64(path: &Path) -> DataResult<(Volume<f64>, NiftiHeader)> {
     let bytes = read_bytes(path)?;
     if bytes.len() < 352 {
         return Err(DataError::nifti(
@@ -75,7 +80,7 @@ fn read_f64(path: &Path) -> DataResult<Volume<f64>> {
     }
     let obj = nifti::InMemNiftiObject::from_reader(std::io::Cursor::new(&bytes))
         .map_err(|e| describe_nifti_error(path, e))?;
-    let header = obj.header();
+    let header = obj.header().clone();
     let dim = header.dim().map_err(|e| describe_nifti_error(path, e))?;
     let rank = dim.len();
     if rank > 3 && dim[3..].iter().any(|&d| d > 1) {
@@ -92,23 +97,30 @@ fn read_f64(path: &Path) -> DataResult<Volume<f64>> {
         dim.get(1).copied().unwrap_or(1) as usize,
         dim.get(2).copied().unwrap_or(1) as usize,
     ];
-    let mut spacing = [1f32; 3];
-    for (i, s) in spacing.iter_mut().enumerate() {
+    for i in 0..rank.min(3) {
         let p = header.pixdim[i + 1].abs();
-        if !p.is_finite() || p <= 0.0 || i >= rank {
-            if i < rank {
-                return Err(DataError::nifti(
-                    path,
-                    format!(
-                        "pixdim[{}] = {} is not a positive voxel size",
-                        i + 1,
-                        header.pixdim[i + 1]
-                    ),
-                ));
-            }
-        } else {
-            *s = p;
+        if !p.is_finite() || p <= 0.0 {
+            return Err(DataError::nifti(
+                path,
+                format!(
+                    "pixdim[{}] = {} is not a positive voxel size",
+                    i + 1,
+                    header.pixdim[i + 1]
+                ),
+            ));
         }
+    }
+    let affine = best_affine(&header, dims);
+    if !affine.is_usable() {
+        return Err(DataError::nifti(
+            path,
+            format!(
+                "its voxel-to-world affine {:?} (sform_code {}, qform_code {}) is singular or not \
+                 finite, so fedtune cannot tell left from right; rewrite the header with a valid \
+                 sform (for example with nibabel or 3D Slicer)",
+                affine.0, header.sform_code, header.qform_code
+            ),
+        ));
     }
     let datatype = header.data_type().map_err(|e| describe_nifti_error(path, e))?;
     if matches!(
@@ -129,12 +141,13 @@ fn read_f64(path: &Path) -> DataResult<Volume<f64>> {
         (1.0, 0.0)
     };
     let (raw_dim, endianness) = (header.dim, header.endianness);
+    let obj_volume = obj.into_volume();
     let volume = nifti::InMemNiftiVolume::from_raw_fields(
         raw_dim,
         datatype,
         slope,
         inter,
-        obj.into_volume().into_raw_data(),
+        obj_volume.into_raw_data(),
         endianness,
     )
     .map_err(|e| describe_nifti_error(path, e))?;
@@ -147,7 +160,109 @@ fn read_f64(path: &Path) -> DataResult<Volume<f64>> {
             format!("header dims {dims:?} do not match the {} voxels decoded", data.len()),
         ));
     }
-    Ok(Volume { dims, spacing, data })
+    Ok((Volume { dims, data, affine }, header))
+}
+
+/// The affine nibabel's `get_best_affine` gives: sform, else qform, else from pixdim.
+fn best_affine(h: &NiftiHeader, dims: [usize; 3]) -> Affine {
+    let f = f64::from;
+    if h.sform_code > 0 {
+        let r = [h.srow_x, h.srow_y, h.srow_z];
+        return Affine(r.map(|row| row.map(f)));
+    }
+    let pix = |i: usize| {
+        let p = f(h.pixdim[i]);
+        if p > 0.0 { p } else { 1.0 }
+    };
+    if h.qform_code > 0 {
+        // nifti1_io.c quatern_to_mat44.
+        let (b, c, d) = (f(h.quatern_b), f(h.quatern_c), f(h.quatern_d));
+        let mut a = 1.0 - (b * b + c * c + d * d);
+        let (b, c, d) = if a < 1e-7 {
+            let n = 1.0 / (b * b + c * c + d * d).sqrt();
+            a = 0.0;
+            (b * n, c * n, d * n)
+        } else {
+            a = a.sqrt();
+            (b, c, d)
+        };
+        let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+        let (xd, yd, zd) = (pix(1), pix(2), pix(3) * qfac);
+        let r = [
+            [a * a + b * b - c * c - d * d, 2.0 * (b * c - a * d), 2.0 * (b * d + a * c)],
+            [2.0 * (b * c + a * d), a * a + c * c - b * b - d * d, 2.0 * (c * d - a * b)],
+            [2.0 * (b * d - a * c), 2.0 * (c * d + a * b), a * a + d * d - c * c - b * b],
+        ];
+        let t = [f(h.quatern_x), f(h.quatern_y), f(h.quatern_z)];
+        return Affine(std::array::from_fn(|i| [r[i][0] * xd, r[i][1] * yd, r[i][2] * zd, t[i]]));
+    }
+    // nibabel's Analyze base affine: x flipped, the volume centred on the origin.
+    let z = [-pix(1), pix(2), pix(3)];
+    Affine(std::array::from_fn(|i| {
+        let mut row = [0.0; 4];
+        row[i] = z[i];
+        row[3] = -z[i] * (dims[i].saturating_sub(1)) as f64 / 2.0;
+        row
+    }))
+}
+
+/// The NIfTI-1 quaternion form (b, c, d, qfac) of an affine whose columns are orthogonal,
+/// after nifti1_io.c `nifti_mat44_to_quatern`; `None` for a sheared affine.
+fn quaternion(a: &Affine) -> Option<([f64; 3], f64)> {
+    let sp = a.spacing().map(f64::from);
+    let mut r: [[f64; 3]; 3] = std::array::from_fn(|i| std::array::from_fn(|j| a.0[i][j] / sp[j]));
+    for i in 0..3 {
+        for j in i + 1..3 {
+            let dot: f64 = (0..3).map(|k| r[k][i] * r[k][j]).sum();
+            if dot.abs() > 1e-4 {
+                return None;
+            }
+        }
+    }
+    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
+        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
+        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
+    let qfac = if det < 0.0 {
+        for row in &mut r {
+            row[2] = -row[2];
+        }
+        -1.0
+    } else {
+        1.0
+    };
+    let trace = r[0][0] + r[1][1] + r[2][2] + 1.0;
+    let qa;
+    let (mut b, mut c, mut d);
+    if trace > 0.5 {
+        qa = 0.5 * trace.sqrt();
+        b = 0.25 * (r[2][1] - r[1][2]) / qa;
+        c = 0.25 * (r[0][2] - r[2][0]) / qa;
+        d = 0.25 * (r[1][0] - r[0][1]) / qa;
+    } else {
+        let xd = 1.0 + r[0][0] - (r[1][1] + r[2][2]);
+        let yd = 1.0 + r[1][1] - (r[0][0] + r[2][2]);
+        let zd = 1.0 + r[2][2] - (r[0][0] + r[1][1]);
+        if xd > 1.0 {
+            b = 0.5 * xd.sqrt();
+            c = 0.25 * (r[0][1] + r[1][0]) / b;
+            d = 0.25 * (r[0][2] + r[2][0]) / b;
+            qa = 0.25 * (r[2][1] - r[1][2]) / b;
+        } else if yd > 1.0 {
+            c = 0.5 * yd.sqrt();
+            b = 0.25 * (r[0][1] + r[1][0]) / c;
+            d = 0.25 * (r[1][2] + r[2][1]) / c;
+            qa = 0.25 * (r[0][2] - r[2][0]) / c;
+        } else {
+            d = 0.5 * zd.sqrt();
+            b = 0.25 * (r[0][2] + r[2][0]) / d;
+            c = 0.25 * (r[1][2] + r[2][1]) / d;
+            qa = 0.25 * (r[1][0] - r[0][1]) / d;
+        }
+    }
+    if qa < 0.0 {
+        (b, c, d) = (-b, -c, -d);
+    }
+    Some(([b, c, d], qfac))
 }
 
 fn describe_nifti_error(path: &Path, e: nifti::NiftiError) -> DataError {
@@ -164,19 +279,35 @@ fn describe_nifti_error(path: &Path, e: nifti::NiftiError) -> DataError {
     DataError::nifti(path, reason)
 }
 
-/// Reads a CT image in HU from a NIfTI-1 file (`.nii` or `.nii.gz`).
-pub fn read_image(path: &Path) -> DataResult<Image> {
-    let v = read_f64(path)?;
-    Ok(Volume {
-        dims: v.dims,
-        spacing: v.spacing,
-        data: v.data.iter().map(|&x| x as f32).collect(),
-    })
+/// What a prediction needs to be written back the way its image was stored: the image's own
+/// header, and how its voxels were reordered to canonical.
+#[derive(Clone, Debug)]
+pub struct NiftiSource {
+    pub header: NiftiHeader,
+    pub orientation: Orientation,
 }
 
-/// Reads a label map; every value must be a non-negative integer below 65536.
+fn to_image(v: Volume<f64>) -> Image {
+    v.with_data(v.data.iter().map(|&x| x as f32).collect())
+}
+
+/// Reads a CT image in HU from a NIfTI-1 file (`.nii` or `.nii.gz`), in canonical order.
+pub fn read_image(path: &Path) -> DataResult<Image> {
+    Ok(read_image_with_source(path)?.0)
+}
+
+/// Reads a CT image in canonical order, with what [`write_labels_like`] needs to write a label
+/// map back onto the file's own grid and header.
+pub fn read_image_with_source(path: &Path) -> DataResult<(Image, NiftiSource)> {
+    let (v, header) = read_f64(path)?;
+    let (canonical, orientation) = to_image(v).to_canonical();
+    Ok((canonical, NiftiSource { header, orientation }))
+}
+
+/// Reads a label map in canonical order; every value must be a non-negative integer below
+/// 65536.
 pub fn read_labels(path: &Path) -> DataResult<Labels> {
-    let v = read_f64(path)?;
+    let (v, _) = read_f64(path)?;
     let mut data = Vec::with_capacity(v.data.len());
     for (i, &x) in v.data.iter().enumerate() {
         if !(x.fract() == 0.0 && (0.0..=65535.0).contains(&x)) {
@@ -193,11 +324,13 @@ pub fn read_labels(path: &Path) -> DataResult<Labels> {
         }
         data.push(x as u16);
     }
-    Ok(Volume { dims: v.dims, spacing: v.spacing, data })
+    Ok(v.with_data(data).to_canonical().0)
 }
 
-fn header_for(dims: [usize; 3], spacing: [f32; 3], datatype: NiftiType) -> nifti::NiftiHeader {
-    let mut h = nifti::NiftiHeader {
+/// A header holding `affine` as both sform and qform (code 1: scanner anatomical).
+fn header_for(dims: [usize; 3], affine: &Affine, datatype: NiftiType) -> NiftiHeader {
+    let spacing = affine.spacing();
+    let mut h = NiftiHeader {
         dim: [3, dims[0] as u16, dims[1] as u16, dims[2] as u16, 1, 1, 1, 1],
         pixdim: [1.0, spacing[0], spacing[1], spacing[2], 1.0, 1.0, 1.0, 1.0],
         datatype: datatype as i16,
@@ -205,13 +338,18 @@ fn header_for(dims: [usize; 3], spacing: [f32; 3], datatype: NiftiType) -> nifti
         ..Default::default()
     };
     h.sform_code = 1;
-    h.qform_code = 0;
-    h.srow_x = [spacing[0], 0.0, 0.0, 0.0];
-    h.srow_y = [0.0, spacing[1], 0.0, 0.0];
-    h.srow_z = [0.0, 0.0, spacing[2], 0.0];
+    [h.srow_x, h.srow_y, h.srow_z] = affine.0.map(|row| row.map(|v| v as f32));
+    if let Some(([b, c, d], qfac)) = quaternion(affine) {
+        h.qform_code = 1;
+        h.pixdim[0] = qfac as f32;
+        (h.quatern_b, h.quatern_c, h.quatern_d) = (b as f32, c as f32, d as f32);
+        (h.quatern_x, h.quatern_y, h.quatern_z) =
+            (affine.0[0][3] as f32, affine.0[1][3] as f32, affine.0[2][3] as f32);
+    } else {
+        h.qform_code = 0;
+    }
     h
 }
-
 fn write_array<T: nifti::DataElement + bytemuck::Pod>(
     path: &Path,
     header: &nifti::NiftiHeader,
@@ -253,9 +391,9 @@ fn write_array<T: nifti::DataElement + bytemuck::Pod>(
     result
 }
 
-/// Writes a CT image as int16 HU (values are rounded to whole HU).
+/// Writes a CT image as int16 HU (values are rounded to whole HU), with its affine.
 pub fn write_image(path: &Path, image: &Image) -> DataResult<()> {
-    let header = header_for(image.dims, image.spacing, NiftiType::Int16);
+    let header = header_for(image.dims, &image.affine, NiftiType::Int16);
     let data: Vec<i16> = image
         .data
         .iter()
@@ -264,13 +402,47 @@ pub fn write_image(path: &Path, image: &Image) -> DataResult<()> {
     write_array(path, &header, image.dims, data)
 }
 
-/// Writes a label map as uint8 when every label fits, else uint16.
+/// Writes a label map with its affine, as uint8 when every label fits, else uint16.
 pub fn write_labels(path: &Path, labels: &Labels) -> DataResult<()> {
-    if labels.data.iter().all(|&l| l <= u8::MAX as u16) {
-        let header = header_for(labels.dims, labels.spacing, NiftiType::Uint8);
-        write_array(path, &header, labels.dims, labels.data.iter().map(|&l| l as u8).collect())
+    let header = header_for(labels.dims, &labels.affine, NiftiType::Uint8);
+    write_label_data(path, header, labels.dims, &labels.data)
+}
+
+/// Writes a canonical label map back onto the grid, voxel order and header of the image it
+/// was predicted from (`source`), so that it overlays that image in any viewer.
+pub fn write_labels_like(path: &Path, labels: &Labels, source: &NiftiSource) -> DataResult<()> {
+    let o = &source.orientation;
+    if labels.dims != o.canonical_dims() {
+        return Err(DataError::nifti(
+            path,
+            format!(
+                "label map dims {:?} do not match its image's {:?}",
+                labels.dims,
+                o.canonical_dims()
+            ),
+        ));
+    }
+    let mut header = source.header.clone();
+    // A label map is never scaled, and its display range is its labels.
+    (header.scl_slope, header.scl_inter, header.cal_min, header.cal_max) = (1.0, 0.0, 0.0, 0.0);
+    header.intent_code = 0;
+    header.descrip = b"fedtune prediction".to_vec();
+    header.descrip.resize(80, 0);
+    write_label_data(path, header, o.stored_dims, &o.to_stored(&labels.data))
+}
+
+fn write_label_data(
+    path: &Path,
+    mut header: NiftiHeader,
+    dims: [usize; 3],
+    data: &[u16],
+) -> DataResult<()> {
+    // The writer sets datatype and bitpix from the array type.
+    if data.iter().all(|&l| l <= u8::MAX as u16) {
+        header.datatype = NiftiType::Uint8 as i16;
+        write_array(path, &header, dims, data.iter().map(|&l| l as u8).collect())
     } else {
-        let header = header_for(labels.dims, labels.spacing, NiftiType::Uint16);
-        write_array(path, &header, labels.dims, labels.data.clone())
+        header.datatype = NiftiType::Uint16 as i16;
+        write_array(path, &header, dims, data.to_vec())
     }
 }

@@ -72,7 +72,7 @@ pub fn score_labels(
             LabelScore {
                 label,
                 dice: dice(&a, &b),
-                hd95_mm: hd95(&a, &b, truth.dims, truth.spacing),
+                hd95_mm: hd95(&a, &b, truth.dims, truth.spacing()),
             }
         })
         .collect())

@@ -30,6 +30,12 @@ pub struct ModelConfig {
     /// files written before the field existed, which load with it off.
     #[serde(default)]
     pub position_channels: bool,
+    /// In-plane pixel spacing of the model's input (mm): slices are resampled to it, so the
+    /// model sees a field of view of `image_size x pixel_mm` mm whatever a case's own matrix
+    /// and spacing. Absent in weights files written before the field existed, which stretch
+    /// every slice to `image_size` pixels as they were trained to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pixel_mm: Option<f32>,
 }
 
 /// What one layer computes.
@@ -62,20 +68,26 @@ impl ModelConfig {
     /// A named preset: `tiny` (tests, seconds on CPU), `small` (CPU demo), `resnet103`
     /// (the paper's depth, for GPUs).
     pub fn preset(name: &str) -> ModelResult<Self> {
-        let c = |in_channels, image_size, widths: &[usize], enc: &[usize], dec: &[usize]| Self {
-            name: name.to_owned(),
-            position_channels: true,
-            in_channels,
-            image_size,
-            widths: widths.to_vec(),
-            encoder_blocks: enc.to_vec(),
-            decoder_blocks: dec.to_vec(),
-            window: HEAD_NECK_WINDOW,
-        };
+        let c =
+            |in_channels, image_size, pixel_mm, widths: &[usize], enc: &[usize], dec: &[usize]| {
+                Self {
+                    name: name.to_owned(),
+                    position_channels: true,
+                    in_channels,
+                    image_size,
+                    pixel_mm: Some(pixel_mm),
+                    widths: widths.to_vec(),
+                    encoder_blocks: enc.to_vec(),
+                    decoder_blocks: dec.to_vec(),
+                    window: HEAD_NECK_WINDOW,
+                }
+            };
         let cfg = match name {
-            "tiny" => c(1, 32, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
-            "small" => c(3, 48, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
-            "resnet103" => c(3, 256, &[32, 64, 128, 256], &[3, 8, 24, 8], &[2, 2, 2]),
+            // Fields of view: 240 mm (the phantoms' widest scan), 240 mm, and 384 mm (a
+            // head-and-neck CT down to the shoulders at 1.5 mm).
+            "tiny" => c(1, 32, 7.5, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
+            "small" => c(3, 48, 5.0, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
+            "resnet103" => c(3, 256, 1.5, &[32, 64, 128, 256], &[3, 8, 24, 8], &[2, 2, 2]),
             other => return Err(ModelError::UnknownPreset(other.to_owned())),
         };
         cfg.validate()?;
@@ -109,6 +121,13 @@ impl ModelConfig {
         }
         if self.window.hi.partial_cmp(&self.window.lo) != Some(std::cmp::Ordering::Greater) {
             return fail("window.hi must be above window.lo".into());
+        }
+        if let Some(p) = self.pixel_mm
+            && !(p.is_finite() && (0.05..=50.0).contains(&p))
+        {
+            return fail(format!(
+                "pixel_mm = {p} is not a plausible pixel spacing (0.05 to 50 mm)"
+            ));
         }
         Ok(())
     }
@@ -172,6 +191,12 @@ impl ModelConfig {
             in_channels: self.in_channels,
             window: self.window,
             position: self.position_channels,
+            pixel_mm: self.pixel_mm,
         }
+    }
+
+    /// The square field of view the model sees (mm), when it has a pixel spacing.
+    pub fn field_of_view_mm(&self) -> Option<f32> {
+        self.pixel_mm.map(|p| p * self.image_size as f32)
     }
 }

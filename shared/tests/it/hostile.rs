@@ -50,11 +50,8 @@ fn apply(valid: &[u8], m: &Mutation, header_bias: usize) -> Vec<u8> {
 fn valid_nifti(gz: bool) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join(if gz { "v.nii.gz" } else { "v.nii" });
-    let img = Volume {
-        dims: [3, 4, 2],
-        spacing: [1.0, 1.5, 2.0],
-        data: (0..24).map(|i| i as f32 * 10.0 - 100.0).collect(),
-    };
+    let img =
+        Volume::new([3, 4, 2], [1.0, 1.5, 2.0], (0..24).map(|i| i as f32 * 10.0 - 100.0).collect());
     write_image(&p, &img).expect("write");
     std::fs::read(&p).expect("read")
 }
@@ -62,7 +59,7 @@ fn valid_nifti(gz: bool) -> Vec<u8> {
 fn valid_labels() -> Vec<u8> {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("l.nii");
-    let lab = Volume { dims: [3, 4, 2], spacing: [1.0; 3], data: (0..24).map(|i| i % 3).collect() };
+    let lab = Volume::new([3, 4, 2], [1.0; 3], (0..24).map(|i| i % 3).collect());
     write_labels(&p, &lab).expect("write");
     std::fs::read(&p).expect("read")
 }

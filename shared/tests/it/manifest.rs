@@ -41,8 +41,8 @@ fn refuses_bad_manifests_with_the_reason() {
 fn check_names_the_case_and_file_for_each_problem() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let img = Volume { dims: [4, 4, 2], spacing: [1.0, 1.0, 2.0], data: vec![0f32; 32] };
-    let lab = Volume { dims: [4, 4, 2], spacing: [1.0, 1.0, 2.0], data: vec![0u16; 32] };
+    let img = Volume::new([4, 4, 2], [1.0, 1.0, 2.0], vec![0f32; 32]);
+    let lab = Volume::new([4, 4, 2], [1.0, 1.0, 2.0], vec![0u16; 32]);
     write_image(&d.join("ok_i.nii"), &img).expect("write");
     write_labels(&d.join("ok_l.nii"), &lab).expect("write");
     let mut shape = lab.clone();
@@ -81,8 +81,9 @@ fn nan_voxels_are_refused_naming_the_case() {
     data[2] = f32::NAN;
     let arr = ndarray_from(data);
     nifti::writer::WriterOptions::new(d.join("nan.nii")).write_nifti(&arr).expect("write");
-    let lab = Volume { dims: [2, 2, 2], spacing: [1.0; 3], data: vec![0u16; 8] };
-    write_labels(&d.join("l.nii"), &lab).expect("write");
+    // The label through the same writer, so both carry the same (pixdim-only) geometry.
+    let lab = ndarray_from(vec![0f32; 8]).mapv(|v| v as u8);
+    nifti::writer::WriterOptions::new(d.join("l.nii")).write_nifti(&lab).expect("write");
     let text = format!(
         "{ORGANS}[[cases]]\nid = \"n1\"\nimage = \"nan.nii\"\nlabel = \"l.nii\"\nsplit = \"train\"\n"
     );
@@ -108,7 +109,7 @@ fn phantom_centers_write_valid_manifests() {
     let case = &test.cases[0];
     let p = phantom::Center::TargetB.profile();
     assert_eq!(case.image.dims[0], p.in_plane);
-    assert_eq!(case.image.spacing[2], p.slice_mm);
+    assert_eq!(case.image.spacing()[2], p.slice_mm);
     for (label, _) in reread.organs.iter() {
         assert!(case.labels.data.contains(&label), "organ {label} drawn in every phantom");
     }

@@ -75,12 +75,13 @@ fn hd95_on_a_real_mask_matches_medpy() {
     let Some(path) = crate::testdata("nifti/standard.nii.gz") else { return };
     let v = read_labels(&path).expect("standard.nii.gz reads");
     let truth: Vec<bool> = v.data.iter().map(|&l| l > 0).collect();
-    // Shift one voxel along x, filling with background (numpy: shifted[1:] = std[:-1]).
+    // Shift one voxel along the stored x, filling with background (numpy: shifted[1:] =
+    // std[:-1]). The file is stored RAS and read as LPS, so stored +x is canonical -x.
     let [nx, _, _] = v.dims;
     let pred: Vec<bool> =
-        (0..truth.len()).map(|i| if i % nx == 0 { false } else { truth[i - 1] }).collect();
+        (0..truth.len()).map(|i| if i % nx == nx - 1 { false } else { truth[i + 1] }).collect();
     assert!(close(dice(&pred, &truth), 0.20408163265306123, 1e-12));
-    let h = hd95(&pred, &truth, v.dims, v.spacing).expect("non-empty");
+    let h = hd95(&pred, &truth, v.dims, v.spacing()).expect("non-empty");
     assert!(close(h, 3.028737445999502, 1e-9), "hd95 {h}");
 }
 

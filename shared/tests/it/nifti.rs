@@ -1,5 +1,5 @@
-//! The NIfTI reader on files written by nibabel (values printed by reference_values.py), and
-//! the writer through round trips.
+//! The NIfTI reader on files written by nibabel (values printed by reference_values.py: nibabel
+//! reoriented to LPS with `nibabel.orientations`), and the writer through round trips.
 
 use std::io::Write;
 
@@ -9,22 +9,31 @@ use shared::data::{Volume, read_image, read_labels, write_image, write_labels};
 fn reads_big_endian_int16() {
     let Some(path) = crate::testdata("nifti/anatomical.nii") else { return };
     let v = read_image(&path).expect("anatomical.nii reads");
+    // Stored LAS (sform code 2); read as LPS: rows flipped.
     assert_eq!(v.dims, [33, 41, 25]);
-    assert_eq!(v.spacing, [2.0, 2.0, 2.0]);
+    assert_eq!(v.spacing(), [2.0, 2.0, 2.0]);
     assert_eq!(v.data.iter().map(|&x| x as f64).sum::<f64>(), 284166082.0);
-    assert_eq!(v.data[0], 10712.0);
-    assert_eq!(v.data[v.index(1, 2, 3)], 9798.0);
-    assert_eq!(*v.data.last().expect("non-empty"), 2971.0);
+    assert_eq!(v.data[0], 5991.0);
+    assert_eq!(v.data[v.index(1, 2, 3)], 5400.0);
+    assert_eq!(*v.data.last().expect("non-empty"), 9453.0);
+    assert_eq!(
+        v.affine.0,
+        [[-2.0, 0.0, 0.0, 32.0], [0.0, -2.0, 0.0, 40.0], [0.0, 0.0, 2.0, -16.0]]
+    );
 }
 
 #[test]
 fn reads_gzip_with_sform_and_anisotropic_spacing() {
     let Some(path) = crate::testdata("nifti/standard.nii.gz") else { return };
     let v = read_labels(&path).expect("standard.nii.gz reads");
+    // Stored RAS (sform only); read as LPS: x and y flipped.
     assert_eq!(v.dims, [4, 5, 7]);
-    assert_eq!(v.spacing, [1.0, 3.0, 2.0]);
+    assert_eq!(v.spacing(), [1.0, 3.0, 2.0]);
     assert_eq!(v.data.iter().map(|&x| x as u64).sum::<u64>(), 7650);
-    assert_eq!(v.data[v.index(1, 2, 3)], 255);
+    assert_eq!(v.data[v.index(2, 2, 3)], 255);
+    assert_eq!(v.data[v.index(1, 2, 3)], 0);
+    assert_eq!(v.data[v.index(0, 0, 1)], 255);
+    assert_eq!(v.affine.0, [[-1.0, 0.0, 0.0, 3.0], [0.0, -3.0, 0.0, 12.0], [0.0, 0.0, 2.0, 0.0]]);
 }
 
 #[test]
@@ -37,7 +46,7 @@ fn rejects_4d_with_a_clear_error() {
 fn sample_volume() -> Volume<f32> {
     let dims = [5, 4, 3];
     let data = (0..60).map(|i| (i as f32 * 7.0) - 200.0).collect();
-    Volume { dims, spacing: [0.8, 0.9, 2.5], data }
+    Volume::new(dims, [0.8, 0.9, 2.5], data)
 }
 
 #[test]
@@ -48,11 +57,7 @@ fn images_and_labels_round_trip_in_both_forms() {
         let img = sample_volume();
         write_image(&p, &img).expect("write image");
         assert_eq!(read_image(&p).expect("read image"), img);
-        let labels = Volume {
-            dims: img.dims,
-            spacing: img.spacing,
-            data: (0..60).map(|i| (i % 7) as u16).collect(),
-        };
+        let labels = img.with_data((0..60).map(|i| (i % 7) as u16).collect());
         write_labels(&p, &labels).expect("write labels");
         assert_eq!(read_labels(&p).expect("read labels"), labels);
         let wide =
@@ -110,7 +115,9 @@ fn applies_slope_and_intercept_in_either_byte_order() {
         let p = dir.path().join(format!("f32_{big}.nii"));
         std::fs::write(&p, nifti_bytes([2, 2, 1], 16, 32, &bytes, big)).expect("write");
         let v = read_image(&p).expect("float32 reads");
-        assert_eq!(v.data, vals.iter().map(|x| x * 2.0 - 5.0).collect::<Vec<_>>());
+        // No sform or qform: nibabel's Analyze affine (LAS), so reading as LPS swaps the rows.
+        let scaled: Vec<f32> = vals.iter().map(|x| x * 2.0 - 5.0).collect();
+        assert_eq!(v.data, [&scaled[2..], &scaled[..2]].concat());
     }
 }
 

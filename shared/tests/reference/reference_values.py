@@ -73,6 +73,17 @@ for f in ["anatomical.nii", "standard.nii.gz", "example4d.nii.gz"]:
           f"v000={data.flat[0]!r} v_last={data.reshape(-1, order='F')[-1]!r} "
           f"v123={data[1, 2, 3] if data.ndim == 3 else None!r}")
 
+# The same files as fedtune reads them: reoriented to LPS (fedtune's canonical order).
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
+
+for f in ["anatomical.nii", "standard.nii.gz"]:
+    img = nib.load(os.path.join(root, f))
+    t = ornt_transform(io_orientation(img.affine), axcodes2ornt(("L", "P", "S")))
+    lps = apply_orientation(np.asanyarray(img.dataobj).astype(np.float64), t)
+    aff = img.affine @ inv_ornt_aff(t, img.shape)
+    print(f"{f} as LPS: v000={lps[0, 0, 0]!r} v123={lps[1, 2, 3]!r} v223={lps[2, 2, 3]!r} "
+          f"v001={lps[0, 0, 1]!r} v_last={lps.reshape(-1, order='F')[-1]!r} affine={aff[:3].tolist()}")
+
 std = np.asanyarray(nib.load(os.path.join(root, "standard.nii.gz")).dataobj) > 0
 shifted = np.zeros_like(std)
 shifted[1:, :, :] = std[:-1, :, :]

@@ -116,8 +116,8 @@ impl Site {
             // Unreadable cases are reported when a task validates its split, not here.
             if let Ok(image) = shared::data::read_image(&case.image) {
                 for i in 0..3 {
-                    lo[i] = lo[i].min(f64::from(image.spacing[i]));
-                    hi[i] = hi[i].max(f64::from(image.spacing[i]));
+                    lo[i] = lo[i].min(f64::from(image.spacing()[i]));
+                    hi[i] = hi[i].max(f64::from(image.spacing()[i]));
                 }
             }
         }
