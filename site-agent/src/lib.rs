@@ -6,6 +6,8 @@
 //! - [`evaluate`]: whole-volume prediction at the original grid, and per-case Dice and HD95.
 //! - [`experiment`]: the published three-arm experiment (Model_S, Model_T, Model_ST) on one machine.
 //! - [`bench`]: training and inference throughput on this machine.
+//! - [`dicom`]: DICOM CT series and RTSTRUCT in (`import-dicom`), predicted contours out as an
+//!   RTSTRUCT.
 //! - [`commands`]: what each `site-agent` subcommand does; `main.rs` only parses flags.
 //!
 //! # Invariants
@@ -15,6 +17,7 @@
 pub mod agent;
 pub mod bench;
 pub mod commands;
+pub mod dicom;
 pub mod evaluate;
 pub mod experiment;
 pub mod progress;

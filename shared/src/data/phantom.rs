@@ -414,6 +414,16 @@ pub fn generate_case(profile: &Profile, seed: u64) -> (Image, Labels) {
     (image, labels)
 }
 
+/// Case `index` of `center`'s patients for `seed`: the same case `write_center` writes.
+pub fn center_case(center: Center, seed: u64, index: usize) -> (Image, Labels) {
+    let center_salt = match center {
+        Center::Source => 0x5eed_0000,
+        Center::TargetA => 0x5eed_a000,
+        Center::TargetB => 0x5eed_b000,
+    };
+    generate_case(&center.profile(), seed ^ center_salt ^ ((index as u64) << 20))
+}
+
 /// Writes `cases` phantom cases of `center` under `out` (`images/`, `labels/`, `manifest.toml`);
 /// the last `test` cases form the test split. Returns the manifest.
 pub fn write_center(
@@ -431,20 +441,14 @@ pub fn write_center(
             ),
         });
     }
-    let profile = center.profile();
     for sub in ["images", "labels"] {
         let dir = out.join(sub);
         std::fs::create_dir_all(&dir).map_err(|source| DataError::Write { path: dir, source })?;
     }
-    let center_salt = match center {
-        Center::Source => 0x5eed_0000,
-        Center::TargetA => 0x5eed_a000,
-        Center::TargetB => 0x5eed_b000,
-    };
     let mut manifest_cases = Vec::with_capacity(cases);
     for i in 0..cases {
         let id = format!("{center}-{:03}", i + 1);
-        let (image, labels) = generate_case(&profile, seed ^ center_salt ^ ((i as u64) << 20));
+        let (image, labels) = center_case(center, seed, i);
         let image_path = out.join("images").join(format!("{id}.nii.gz"));
         let label_path = out.join("labels").join(format!("{id}.nii.gz"));
         super::write_image(&image_path, &image)?;

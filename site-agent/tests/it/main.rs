@@ -1,12 +1,31 @@
 //! Engine tests on tiny phantoms: the frozen prefix stays frozen, the cache changes nothing but
 //! speed, runs are reproducible, and fine-tuning helps at a new center.
 
+mod dicom;
+mod orientation;
+
+use std::path::PathBuf;
+
 use candle_core::Device;
 use shared::data::{Dataset, Manifest, Split, phantom};
 use shared::model::{ModelConfig, Net};
 use shared::weights::{self, Provenance};
 use site_agent::evaluate::{dice_of, evaluate};
 use site_agent::train::{SliceSet, TrainOptions, train};
+
+/// `../shared/testdata` beside the repository, or `None` (tests then skip with a message).
+pub(crate) fn testdata(rel: &str) -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/testdata").join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!(
+            "skipped: {} is absent (the shared test data sits beside the repository)",
+            p.display()
+        );
+        None
+    }
+}
 
 fn center(
     c: phantom::Center,

@@ -1,5 +1,7 @@
 //! The `site-agent` subcommands: flags (clap) and what each one does.
 
+mod dicom;
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -36,6 +38,8 @@ pub enum Command {
     Phantom(PhantomArgs),
     /// Validate a manifest and every case it lists (a dry run for hospital IT).
     CheckData(CheckDataArgs),
+    /// Convert DICOM CT series and their RTSTRUCTs to NIfTI images, labels and a manifest.
+    ImportDicom(dicom::ImportDicomArgs),
     /// Train a model from scratch on a manifest's train split.
     Train(TrainArgs),
     /// Fine-tune the last K layers of a model on a manifest's train split.
@@ -90,6 +94,10 @@ pub struct PhantomArgs {
     pub seed: u64,
     #[arg(long)]
     pub out: PathBuf,
+    /// Write a planning-system export instead: one folder per patient with its CT series and
+    /// an RTSTRUCT (for trying import-dicom).
+    #[arg(long)]
+    pub dicom: bool,
 }
 
 #[derive(Debug, Args)]
@@ -184,11 +192,16 @@ pub enum SplitArg {
 pub struct PredictArgs {
     #[arg(long)]
     pub weights: PathBuf,
+    /// A NIfTI image, or the folder of one DICOM CT series.
     #[arg(long)]
     pub image: PathBuf,
-    /// Output label map (.nii or .nii.gz).
+    /// Output label map (.nii or .nii.gz), on the input's own grid and header (for DICOM
+    /// input: the grid import-dicom writes).
     #[arg(long)]
     pub out: PathBuf,
+    /// Also write the predicted organs as a DICOM RTSTRUCT on the CT (DICOM input only).
+    #[arg(long)]
+    pub rtstruct_out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +302,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Phantom(a) => phantom_cmd(&a),
         Command::CheckData(a) => check_data(&a),
+        Command::ImportDicom(a) => dicom::import_dicom(&a),
         Command::Train(a) => train_cmd(&a, quiet),
         Command::Finetune(a) => finetune_cmd(&a, quiet),
         Command::Evaluate(a) => evaluate_cmd(&a),
@@ -360,11 +374,14 @@ fn audit_cmd(a: &AuditArgs) -> Result<()> {
 }
 
 #[allow(clippy::print_stdout)]
-fn out(s: &str) {
+pub(crate) fn out(s: &str) {
     println!("{s}");
 }
 
 fn phantom_cmd(a: &PhantomArgs) -> Result<()> {
+    if a.dicom {
+        return dicom::phantom_export(a.center, a.cases, a.seed, &a.out);
+    }
     let test = a.test.unwrap_or((a.cases / 5).max(1));
     let m = phantom::write_center(a.center, a.cases, test, a.seed, &a.out)
         .with_context(|| format!("writing phantom center {} to {}", a.center, a.out.display()))?;
@@ -490,6 +507,23 @@ fn evaluate_cmd(a: &EvaluateArgs) -> Result<()> {
 
 fn predict_cmd(a: &PredictArgs) -> Result<()> {
     let (net, _, _) = weights::load(&a.weights, &Device::Cpu)?;
+    if a.image.is_dir() {
+        let input = dicom::read_dicom_input(&a.image)?;
+        let labels = predict(&net, &input.image)?;
+        data::write_labels(&a.out, &labels)?;
+        out(&format!("wrote {}", a.out.display()));
+        if let Some(rt) = &a.rtstruct_out {
+            dicom::write_prediction_rtstruct(&input, &labels, net.organs(), rt)?;
+        }
+        return Ok(());
+    }
+    if let Some(rt) = &a.rtstruct_out {
+        bail!(
+            "--rtstruct-out {}: an RTSTRUCT references the CT's DICOM slices, so give --image \
+             the folder of the DICOM CT series rather than a NIfTI file",
+            rt.display()
+        );
+    }
     let (image, source) = data::read_image_with_source(&a.image)?;
     let labels = predict(&net, &image)?;
     data::write_labels_like(&a.out, &labels, &source)?;
