@@ -163,15 +163,13 @@ impl Orientation {
     pub fn canonical_affine(&self, stored: &Affine) -> Affine {
         let origin = self.stored_index([0, 0, 0]).map(|v| v as f64);
         let t = stored.apply(origin);
-        let mut m = [[0.0; 4]; 3];
-        for (r, row) in m.iter_mut().enumerate() {
-            for a in 0..3 {
+        Affine(std::array::from_fn(|r| {
+            let col = |a: usize| {
                 let sign = if self.flip[a] { -1.0 } else { 1.0 };
-                row[a] = sign * stored.0[r][self.axis[a]];
-            }
-            row[3] = t[r];
-        }
-        Affine(m)
+                sign * stored.0[r][self.axis[a]]
+            };
+            [col(0), col(1), col(2), t[r]]
+        }))
     }
 
     /// Reorders stored data (x fastest) into canonical order.

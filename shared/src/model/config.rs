@@ -83,10 +83,11 @@ impl ModelConfig {
                 }
             };
         let cfg = match name {
-            // Fields of view: 240 mm (the phantoms' widest scan), 240 mm, and 384 mm (a
+            // Fields of view: 230.4 mm (the source and target-b phantoms' scan width, which
+            // target-a's 240 mm scan is cropped to at its edges of air), and 384 mm (a
             // head-and-neck CT down to the shoulders at 1.5 mm).
-            "tiny" => c(1, 32, 7.5, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
-            "small" => c(3, 48, 5.0, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
+            "tiny" => c(1, 32, 7.2, &[8, 16, 32], &[1, 1, 1], &[1, 1]),
+            "small" => c(3, 48, 4.8, &[16, 32, 64], &[1, 2, 3], &[2, 1]),
             "resnet103" => c(3, 256, 1.5, &[32, 64, 128, 256], &[3, 8, 24, 8], &[2, 2, 2]),
             other => return Err(ModelError::UnknownPreset(other.to_owned())),
         };

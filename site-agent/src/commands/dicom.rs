@@ -69,8 +69,11 @@ pub(super) fn import_dicom(a: &ImportDicomArgs) -> Result<()> {
                 c.unmatched.join(", ")
             ));
         }
-        for s in c.skipped.iter().chain(&c.overlaps) {
-            out(&format!("  note: {s}"));
+        for s in &c.skipped {
+            out(&format!("  skipped: {s}"));
+        }
+        for s in &c.overlaps {
+            out(&format!("  warning: overlapping structures: {s}"));
         }
     }
     for s in &report.not_imported {

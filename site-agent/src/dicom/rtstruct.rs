@@ -91,7 +91,7 @@ impl RtStruct {
             });
             for c in items(item, tags::CONTOUR_SEQUENCE) {
                 let data = numbers(c, tags::CONTOUR_DATA).unwrap_or_default();
-                if data.len() % 3 != 0 || data.iter().any(|v| !v.is_finite()) {
+                if !data.len().is_multiple_of(3) || data.iter().any(|v| !v.is_finite()) {
                     return Err(fail(format!(
                         "ROI \"{}\" has a contour of {} numbers, not x, y, z triples",
                         roi.name,

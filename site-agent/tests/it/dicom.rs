@@ -427,3 +427,58 @@ fn files_under(dir: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+#[test]
+fn overlapping_structures_give_the_voxels_to_the_smaller_and_say_so() {
+    use dicom_core::value::DataSetSequence;
+    use dicom_core::{DataElement, VR};
+    use dicom_dictionary_std::tags;
+    use site_agent::dicom::export::write_rtstruct;
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _) = phantom_export(root.path(), 1, "OVL").remove(0);
+    let mut ct = CtSeries::read_dir(&dir.join("CT")).expect("series");
+    ct.read_image().expect("pixels");
+    let [w, h, nz] = ct.dims();
+    // A 10 x 10 parotid and a 4 x 4 brainstem inside it on the middle slice.
+    let square = |label: u16, lo: usize, n: usize| {
+        let mut v = vec![0u16; w * h * nz];
+        for y in lo..lo + n {
+            for x in lo..lo + n {
+                v[(nz / 2) * w * h + y * w + x] = label;
+            }
+        }
+        v
+    };
+    let organs = shared::structures::standard_organ_map();
+    let (a, b) = (root.path().join("a.dcm"), root.path().join("b.dcm"));
+    write_rtstruct(&ct, &square(4, 20, 10), &organs, &a).expect("parotid");
+    write_rtstruct(&ct, &square(1, 23, 4), &organs, &b).expect("brainstem");
+    // One structure set holding both ROIs (numbered 4 and 1 by their organs).
+    let mut merged = site_agent::dicom::open(&a).expect("a");
+    let other = site_agent::dicom::open(&b).expect("b");
+    for tag in [
+        tags::STRUCTURE_SET_ROI_SEQUENCE,
+        tags::ROI_CONTOUR_SEQUENCE,
+        tags::RTROI_OBSERVATIONS_SEQUENCE,
+    ] {
+        let mut items = site_agent::dicom::items(&merged, tag).to_vec();
+        items.extend_from_slice(site_agent::dicom::items(&other, tag));
+        merged.put(DataElement::new(tag, VR::SQ, DataSetSequence::from(items)));
+    }
+    let rs = root.path().join("merged.dcm");
+    merged.write_to_file(&rs).expect("write");
+    let out = root.path().join("out");
+    let report =
+        import(Source::Case { ct: dir.join("CT"), rtstruct: rs }, &out, NameMap::builtin())
+            .expect("imports");
+    let c = &report.cases[0];
+    assert_eq!(c.organs["parotid_l"].1, 100);
+    assert_eq!(c.organs["brainstem"].1, 16);
+    assert_eq!(
+        c.overlaps,
+        vec!["16 voxels drawn in both parotid_l and brainstem: given to brainstem".to_owned()]
+    );
+    let labels = read_labels(&out.join("labels/case-001.nii.gz")).expect("labels");
+    let count = |l: u16| labels.data.iter().filter(|&&v| v == l).count();
+    assert_eq!((count(4), count(1)), (84, 16));
+}

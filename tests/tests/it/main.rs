@@ -6,5 +6,6 @@ mod demo;
 mod disk;
 mod faults;
 mod federation;
+mod hospital;
 mod hostile_rpc;
 mod stalled;
