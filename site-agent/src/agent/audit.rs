@@ -30,6 +30,13 @@ pub struct AuditEntry {
     pub hash: String,
 }
 
+impl AuditEntry {
+    /// The message as it was sent (empty if `message_hex` was altered into non-hex).
+    pub fn message(&self) -> Vec<u8> {
+        hex::decode(&self.message_hex).unwrap_or_default()
+    }
+}
+
 fn entry_hash(seq: u64, time_ms: i64, rpc: &str, sha256: &str, prev: &str) -> String {
     let mut h = Sha256::new();
     h.update(seq.to_be_bytes());
@@ -161,7 +168,7 @@ pub fn verify(entries: &[AuditEntry]) -> Vec<String> {
         if e.seq != expected_seq {
             problems.push(format!("entry {expected_seq} is missing (next is {})", e.seq));
         }
-        let message = hex::decode(&e.message_hex).unwrap_or_default();
+        let message = e.message();
         if hex::encode(Sha256::digest(&message)) != e.sha256 || message.len() as u64 != e.bytes {
             problems.push(format!("entry {}: the message does not match its hash", e.seq));
         }

@@ -92,8 +92,12 @@ pub fn run(opts: &ImportOptions) -> DicomResult<ImportReport> {
         Source::Root(root) => scan(root, &mut report.not_imported)?,
     };
     if pairings.is_empty() {
-        return Err(DicomError::Series {
-            dir: opts.out.clone(),
+        let searched = match &opts.source {
+            Source::Root(root) => root.clone(),
+            Source::Case { ct, .. } => ct.clone(),
+        };
+        return Err(DicomError::File {
+            path: searched,
             reason: format!(
                 "no CT series with a structure set was found ({}); export each patient's planning \
                  CT together with its RTSTRUCT",
@@ -256,7 +260,7 @@ fn scan(root: &Path, not_imported: &mut Vec<String>) -> DicomResult<Vec<Pairing>
     let mut series: BTreeMap<String, Vec<CtHeader>> = BTreeMap::new();
     let mut structs = Vec::new();
     let mut stack = vec![root.to_path_buf()];
-    let mut unreadable = 0usize;
+    let mut unreadable: Vec<PathBuf> = Vec::new();
     while let Some(dir) = stack.pop() {
         let entries = std::fs::read_dir(&dir)
             .map_err(|source| DicomError::Io { path: dir.clone(), source })?;
@@ -267,22 +271,34 @@ fn scan(root: &Path, not_imported: &mut Vec<String>) -> DicomResult<Vec<Pairing>
                 continue;
             }
             let Ok(obj) = super::open_header(&path) else {
-                unreadable += 1;
+                unreadable.push(path);
                 continue;
             };
             let class =
                 super::text(&obj, dicom_dictionary_std::tags::SOP_CLASS_UID).unwrap_or_default();
             let modality =
                 super::text(&obj, dicom_dictionary_std::tags::MODALITY).unwrap_or_default();
+            // A broken file skips itself (said in the report), not the whole export.
             if class == super::RT_STRUCTURE_SET_STORAGE || modality == "RTSTRUCT" {
-                structs.push(RtStruct::read(&path)?);
-            } else if let Some(h) = CtHeader::from_object(&path, &obj)? {
-                series.entry(h.series_uid.clone()).or_default().push(h);
+                match RtStruct::read(&path) {
+                    Ok(rt) => structs.push(rt),
+                    Err(e) => not_imported.push(e.to_string()),
+                }
+            } else {
+                match CtHeader::from_object(&path, &obj) {
+                    Ok(Some(h)) => series.entry(h.series_uid.clone()).or_default().push(h),
+                    Ok(None) => {}
+                    Err(e) => not_imported.push(e.to_string()),
+                }
             }
         }
     }
-    if unreadable > 0 {
-        tracing::info!(files = unreadable, "skipped files that are not DICOM");
+    if let Some(first) = unreadable.iter().min() {
+        not_imported.push(format!(
+            "{} files are not readable DICOM (for example {}): damaged, or not DICOM at all",
+            unreadable.len(),
+            first.display()
+        ));
     }
     // Newest structure set per series.
     structs.sort_by(|a, b| b.date_time.cmp(&a.date_time).then(a.path.cmp(&b.path)));

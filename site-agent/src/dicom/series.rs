@@ -118,6 +118,9 @@ impl CtHeader {
                 .get(tag)
                 .and_then(|e| e.to_int::<u32>().ok())
                 .ok_or_else(|| fail(format!("the CT slice has no {what}")))?;
+            if v == 0 {
+                return Err(fail(format!("{what} is 0: the slice holds no image")));
+            }
             Ok(v as usize)
         };
         Ok(Some(Self {

@@ -361,9 +361,18 @@ fn nothing_written_by_an_import_names_a_patient_a_uid_or_a_folder() {
     let root = tempfile::tempdir().expect("tempdir");
     let export = root.path().join("export");
     let cases = phantom_export(&export, 3, "SECRET4711");
+    // A damaged structure set and a stray text file skip themselves, not the export.
+    let rs = std::fs::read(cases[0].0.join("RS.dcm")).expect("rs");
+    std::fs::write(export.join("damaged.dcm"), &rs[..rs.len() / 2]).expect("write");
+    std::fs::write(export.join("README.txt"), "exported by the TPS").expect("write");
     let out = root.path().join("out");
     let report = import(Source::Root(export.clone()), &out, NameMap::builtin()).expect("imports");
     assert_eq!(report.cases.len(), 3);
+    let skipped = report.not_imported.join("\n");
+    assert!(
+        skipped.contains("2 files are not readable DICOM") && skipped.contains("README.txt"),
+        "{skipped}"
+    );
     let m = Manifest::load(&report.manifest).expect("manifest");
     assert!(m.check().is_empty());
     assert_eq!((m.cases_in(Split::Train).count(), m.cases_in(Split::Test).count()), (2, 1));

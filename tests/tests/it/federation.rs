@@ -79,7 +79,7 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
         assert_eq!(submits, 2, "{site}: one submission per round");
         let secrets = site_secrets(&fed.data_dir(site))?;
         for e in &entries {
-            let bytes = hex_decode(&e.message_hex);
+            let bytes = e.message();
             for s in &secrets {
                 assert!(
                     !bytes.windows(s.len()).any(|w| w == s.as_bytes()),
@@ -108,10 +108,6 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
         }
     }
     fed.shutdown().await
-}
-
-fn hex_decode(s: &str) -> Vec<u8> {
-    (0..s.len() / 2).map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap_or(0)).collect()
 }
 
 /// A download cut after its first chunk resumes from its offset: at most one chunk's worth
@@ -238,7 +234,7 @@ async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
     }
     let (entries, _) = site_agent::agent::audit::AuditLog::read(&fed.storage("site-b"))?;
     for e in &entries {
-        let bytes = hex_decode(&e.message_hex);
+        let bytes = e.message();
         for s in &secrets {
             assert!(
                 !bytes.windows(s.len()).any(|w| w == s.as_bytes()),

@@ -162,9 +162,7 @@ async fn an_agent_on_imported_dicom_sends_no_identifier() -> Result<()> {
     let (entries, _) = site_agent::agent::audit::AuditLog::read(&fed.storage(&site))?;
     assert!(entries.len() >= 4, "{} audited messages", entries.len());
     for e in &entries {
-        let bytes: Vec<u8> = (0..e.message_hex.len() / 2)
-            .map(|i| u8::from_str_radix(&e.message_hex[2 * i..2 * i + 2], 16).unwrap_or(0))
-            .collect();
+        let bytes = e.message();
         for secret in &secrets {
             assert!(
                 !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
