@@ -491,3 +491,19 @@ pub fn site_secrets(data_dir: &Path) -> Result<Vec<String>> {
     }
     Ok(out)
 }
+
+/// Fails naming the RPC and the string when an audited outbound message carries any of
+/// `secrets`.
+pub fn assert_sends_none_of(
+    site: &str,
+    entries: &[site_agent::agent::audit::AuditEntry],
+    secrets: &[String],
+) {
+    for e in entries {
+        let bytes = e.message();
+        for s in secrets {
+            let found = bytes.windows(s.len()).any(|w| w == s.as_bytes());
+            assert!(!found, "{site}: {} carries \"{s}\"", e.rpc);
+        }
+    }
+}

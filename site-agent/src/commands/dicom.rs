@@ -144,9 +144,10 @@ pub(super) fn phantom_export(
 ) -> Result<()> {
     for i in 0..cases {
         let (image, labels) = shared::data::phantom::center_case(center, seed, i);
-        let ids = crate::dicom::synthetic::SeriesIds::new(
+        let ids = crate::dicom::synthetic::SeriesIds::seeded(
             &format!("PHANTOM-{center}-{:03}", i + 1),
             &format!("Phantom^{center}^{:03}", i + 1),
+            &format!("fedtune phantom {center} seed {seed} case {i}"),
         );
         let dir = out_dir.join(format!("patient-{:03}", i + 1));
         crate::dicom::synthetic::write_case(&image, &labels, &ids, &dir)?;

@@ -21,18 +21,40 @@ pub struct SeriesIds {
     pub study_uid: String,
     pub series_uid: String,
     pub frame_of_reference_uid: String,
+    /// What every UID of this series is derived from.
+    seed: String,
+}
+
+/// A UID under the UUID root (`2.25.`) derived from `seed` and `what`: the same inputs give
+/// the same UID, so a phantom export is reproducible from its seed.
+fn derived_uid(seed: &str, what: &str) -> String {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{seed}/{what}"));
+    let n = u128::from_be_bytes(d[..16].try_into().expect("16 bytes of a sha256"));
+    format!("2.25.{n}")
 }
 
 impl SeriesIds {
     /// Fresh UIDs for a patient.
     pub fn new(patient_id: &str, patient_name: &str) -> Self {
+        Self::seeded(patient_id, patient_name, &new_uid())
+    }
+
+    /// UIDs derived from `seed`.
+    pub fn seeded(patient_id: &str, patient_name: &str, seed: &str) -> Self {
         Self {
             patient_id: patient_id.into(),
             patient_name: patient_name.into(),
-            study_uid: new_uid(),
-            series_uid: new_uid(),
-            frame_of_reference_uid: new_uid(),
+            study_uid: derived_uid(seed, "study"),
+            series_uid: derived_uid(seed, "series"),
+            frame_of_reference_uid: derived_uid(seed, "frame of reference"),
+            seed: seed.into(),
         }
+    }
+
+    /// The SOP instance UID of slice `k`.
+    pub fn instance_uid(&self, k: usize) -> String {
+        derived_uid(&self.seed, &format!("instance {k}"))
     }
 }
 
@@ -129,7 +151,7 @@ pub fn write_series(image: &Image, ids: &SeriesIds, dir: &Path) -> DicomResult<V
             &path,
             &SliceSpec {
                 ids,
-                sop_instance_uid: new_uid(),
+                sop_instance_uid: ids.instance_uid(k),
                 instance_number: (nz - k) as i64,
                 position: lps([0.0, 0.0, k as f64]),
                 orientation: [
