@@ -175,3 +175,50 @@ fn configs_without_position_channels_still_load() {
     .expect("input");
     net.infer(&x).expect("an older model runs on slices alone");
 }
+
+/// A model sees millimetres, not pixels: the same anatomy scanned on a 40 x 40 grid of 2 mm
+/// (80 mm across) and a 120 x 120 grid of 1 mm (120 mm across) gives the same input at 4.8 mm
+/// pixels where both scans reach, and air beyond. Configs without `pixel_mm` (older
+/// weights) stretch each slice to the input size, as they were trained.
+#[test]
+fn slices_are_resampled_to_the_models_pixel_spacing() {
+    use shared::data::{Volume, slice_stack};
+    let cfg = ModelConfig::preset("small").expect("preset");
+    assert_eq!(cfg.pixel_mm, Some(4.8));
+    let spec = cfg.slice_spec();
+    // A smooth HU ramp in mm from the centre: the same function on both grids.
+    let scan = |n: usize, mm: f32| {
+        let data = (0..n * n)
+            .map(|i| {
+                let (x, y) =
+                    ((i % n) as f32 + 0.5 - n as f32 / 2.0, (i / n) as f32 + 0.5 - n as f32 / 2.0);
+                (x * mm) * 2.0 - (y * mm) * 1.5
+            })
+            .collect();
+        Volume::new([n, n, 1], [mm, mm, 2.0], data)
+    };
+    let (coarse, fine) = (slice_stack(&scan(40, 2.0), &spec), slice_stack(&scan(120, 1.0), &spec));
+    let s = spec.size;
+    // Channel 1 is the slice itself (3 adjacent slices, edges repeated); inside the 80 mm scan.
+    // Stretched to the input size instead, the two would differ everywhere but the centre.
+    let plane = |v: &[f32]| v[s * s..2 * s * s].to_vec();
+    let (a, b) = (plane(&coarse), plane(&fine));
+    let inside = |i: usize| {
+        let (x, y) = ((i % s) as f32 + 0.5 - s as f32 / 2.0, (i / s) as f32 + 0.5 - s as f32 / 2.0);
+        x.abs() * 4.8 < 38.0 && y.abs() * 4.8 < 38.0
+    };
+    let worst = (0..s * s).filter(|&i| inside(i)).map(|i| (a[i] - b[i]).abs()).fold(0f32, f32::max);
+    assert!(worst < 1e-5, "same millimetres, same input: worst difference {worst}");
+    // Outside the scans the model's 230 mm field is air.
+    let air = spec.window.apply(-1024.0);
+    assert_eq!((a[0], b[0], b[s * s - 1]), (air, air, air));
+    // Without a pixel spacing, each slice fills the input whatever its spacing.
+    let mut old = cfg.clone();
+    old.pixel_mm = None;
+    let stretched = plane(&slice_stack(&scan(40, 2.0), &old.slice_spec()));
+    assert_ne!(stretched[0], air, "stretched: the scan's own corner");
+    let mut json = serde_json::to_value(&cfg).expect("json");
+    json.as_object_mut().expect("object").remove("pixel_mm");
+    let parsed: ModelConfig = serde_json::from_value(json).expect("an older manifest parses");
+    assert_eq!(parsed.pixel_mm, None);
+}
