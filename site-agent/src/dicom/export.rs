@@ -136,6 +136,13 @@ pub fn write_rtstruct(
         ]));
     }
 
+    if ss_rois.is_empty() {
+        return Err(DicomError::Write {
+            path: path.into(),
+            reason: "the label map holds no organ of the model, so there is no contour to write"
+                .into(),
+        });
+    }
     let referenced_frame = obj(vec![
         el(tags::FRAME_OF_REFERENCE_UID, VR::UI, &frame),
         seq(
@@ -199,7 +206,6 @@ pub fn write_rtstruct(
         }
     }
     ds_obj.put(el(tags::STUDY_INSTANCE_UID, VR::UI, &ct.study_uid));
-    ds_obj.remove_element(tags::FRAME_OF_REFERENCE_UID);
     let file = ds_obj
         .with_meta(FileMetaTableBuilder::new().transfer_syntax(EXPLICIT_VR_LITTLE_ENDIAN))
         .map_err(|e| DicomError::Write { path: path.into(), reason: e.to_string() })?;

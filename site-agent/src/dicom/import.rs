@@ -333,9 +333,22 @@ fn scan(root: &Path, not_imported: &mut Vec<String>) -> DicomResult<Vec<Pairing>
         out.push(Pairing { ct, rtstruct: structs[first].clone() });
     }
     for (s, used) in structs.iter().zip(used) {
-        if !used {
-            not_imported.push(format!("{}: its CT series is not in the folder", s.path.display()));
+        if used {
+            continue;
         }
+        not_imported.push(if s.referenced_series.is_empty() && s.frames_of_reference.is_empty() {
+            format!(
+                "{}: names no CT series or frame of reference; import it with --ct DIR --rtstruct FILE",
+                s.path.display()
+            )
+        } else {
+            format!(
+                "{}: the CT it references (series {:?}, frame of reference {:?}) is not in the folder",
+                s.path.display(),
+                s.referenced_series,
+                s.frames_of_reference
+            )
+        });
     }
     // A stable order that depends on the data, not on the file system's.
     out.sort_by(|a, b| {

@@ -150,7 +150,7 @@ impl CtHeader {
 }
 
 /// Patient and study attributes an RTSTRUCT repeats from its CT.
-const PATIENT_STUDY_TAGS: [dicom_core::Tag; 12] = [
+const PATIENT_STUDY_TAGS: [dicom_core::Tag; 11] = [
     tags::PATIENT_NAME,
     tags::PATIENT_ID,
     tags::PATIENT_BIRTH_DATE,
@@ -162,7 +162,6 @@ const PATIENT_STUDY_TAGS: [dicom_core::Tag; 12] = [
     tags::STUDY_DESCRIPTION,
     tags::ACCESSION_NUMBER,
     tags::REFERRING_PHYSICIAN_NAME,
-    tags::FRAME_OF_REFERENCE_UID,
 ];
 
 impl CtSeries {

@@ -491,3 +491,22 @@ fn overlapping_structures_give_the_voxels_to_the_smaller_and_say_so() {
     let count = |l: u16| labels.data.iter().filter(|&&v| v == l).count();
     assert_eq!((count(4), count(1)), (84, 16));
 }
+
+#[test]
+fn an_empty_prediction_writes_no_structure_set() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let (dir, _) = phantom_export(root.path(), 1, "EMPTY").remove(0);
+    let ct = CtSeries::read_dir(&dir.join("CT")).expect("series");
+    let [w, h, nz] = ct.dims();
+    let path = root.path().join("none.dcm");
+    let err = site_agent::dicom::export::write_rtstruct(
+        &ct,
+        &vec![0u16; w * h * nz],
+        &shared::structures::standard_organ_map(),
+        &path,
+    )
+    .expect_err("nothing to contour")
+    .to_string();
+    assert!(err.contains("no organ"), "{err}");
+    assert!(!path.exists());
+}
