@@ -510,3 +510,23 @@ fn an_empty_prediction_writes_no_structure_set() {
     assert!(err.contains("no organ"), "{err}");
     assert!(!path.exists());
 }
+
+#[test]
+fn a_structure_set_of_another_patients_ct_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let cases = phantom_export(root.path(), 2, "OTHER");
+    let out = root.path().join("out");
+    let err = import(
+        Source::Case { ct: cases[0].0.join("CT"), rtstruct: cases[1].0.join("RS.dcm") },
+        &out,
+        NameMap::builtin(),
+    )
+    .expect_err("another series");
+    assert!(
+        err.contains("was drawn on another CT")
+            && err.contains(&cases[1].1.series_uid)
+            && err.contains(&cases[0].1.series_uid),
+        "{err}"
+    );
+    assert!(!out.join("manifest.toml").exists());
+}
