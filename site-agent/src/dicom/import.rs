@@ -164,8 +164,16 @@ fn write_file(path: &Path, text: &str, private: bool) -> DicomResult<()> {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(0o600);
     }
-    let _ = private;
     let mut f = opts.open(path).map_err(fail)?;
+    // A key file left by an earlier, failed import keeps its mode on open: set it before
+    // anything is written.
+    #[cfg(unix)]
+    if private {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(fail)?;
+    }
+    #[cfg(not(unix))]
+    let _ = private;
     std::io::Write::write_all(&mut f, text.as_bytes()).map_err(fail)?;
     f.sync_all().map_err(fail)
 }

@@ -366,6 +366,15 @@ fn nothing_written_by_an_import_names_a_patient_a_uid_or_a_folder() {
     std::fs::write(export.join("damaged.dcm"), &rs[..rs.len() / 2]).expect("write");
     std::fs::write(export.join("README.txt"), "exported by the TPS").expect("write");
     let out = root.path().join("out");
+    // A key file left readable by an earlier, failed import is made private again.
+    std::fs::create_dir_all(&out).expect("mkdir");
+    std::fs::write(out.join("patient-key.local.toml"), "stale").expect("write");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let open = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(out.join("patient-key.local.toml"), open).expect("chmod");
+    }
     let report = import(Source::Root(export.clone()), &out, NameMap::builtin()).expect("imports");
     assert_eq!(report.cases.len(), 3);
     let skipped = report.not_imported.join("\n");
