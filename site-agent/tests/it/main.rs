@@ -2,6 +2,7 @@
 //! speed, runs are reproducible, and fine-tuning helps at a new center.
 
 mod dicom;
+mod dicom_export;
 mod orientation;
 
 use std::path::PathBuf;
