@@ -245,9 +245,4 @@ mod tests {
         assert!(m.add_toml("[names]\neye_l = [\"--\"]\n").is_err());
         assert!(m.add_toml("[nomes]\n").is_err());
     }
-
-    #[test]
-    fn the_standard_map_matches_the_phantoms() {
-        assert_eq!(standard_organ_map(), crate::data::phantom::organ_map());
-    }
 }

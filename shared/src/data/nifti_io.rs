@@ -219,10 +219,7 @@ fn quaternion(a: &Affine) -> Option<([f64; 3], f64)> {
             }
         }
     }
-    let det = r[0][0] * (r[1][1] * r[2][2] - r[1][2] * r[2][1])
-        - r[0][1] * (r[1][0] * r[2][2] - r[1][2] * r[2][0])
-        + r[0][2] * (r[1][0] * r[2][1] - r[1][1] * r[2][0]);
-    let qfac = if det < 0.0 {
+    let qfac = if super::geometry::det3(r) < 0.0 {
         for row in &mut r {
             row[2] = -row[2];
         }

@@ -18,28 +18,14 @@ use std::path::{Path, PathBuf};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
-use std::collections::BTreeMap;
 
 use super::{DataError, DataResult, Image, Labels, Manifest, ManifestCase, Split, Volume};
 use crate::organs::OrganMap;
 
-/// The organs every phantom carries, by label value.
-pub const ORGANS: [(u16, &str); 9] = [
-    (1, "brainstem"),
-    (2, "spinal_cord"),
-    (3, "mandible"),
-    (4, "parotid_l"),
-    (5, "parotid_r"),
-    (6, "temporal_lobe_l"),
-    (7, "temporal_lobe_r"),
-    (8, "eye_l"),
-    (9, "eye_r"),
-];
-
-/// The phantoms' organ map.
+/// The phantoms' organ map: every organ fedtune knows, at its standard label
+/// ([`crate::structures::KNOWN_ORGANS`]).
 pub fn organ_map() -> OrganMap {
-    OrganMap::new(ORGANS.iter().map(|(k, v)| (*k, (*v).to_owned())).collect::<BTreeMap<_, _>>())
-        .expect("the phantom organ map is valid")
+    crate::structures::standard_organ_map()
 }
 
 /// A phantom center.

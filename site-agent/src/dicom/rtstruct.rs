@@ -187,7 +187,7 @@ pub fn rasterize(roi: &Roi, ct: &CtSeries) -> RasterRoi {
     let [w, h, nz] = ct.dims();
     let mut per_slice: BTreeMap<usize, Vec<Vec<[f64; 2]>>> = BTreeMap::new();
     let mut skipped = Vec::new();
-    let (mut off_plane, mut off_heights) = (0usize, Vec::new());
+    let mut off_heights = Vec::new();
     for c in &roi.contours {
         if c.geometric_type != "CLOSED_PLANAR" {
             skipped.push(format!(
@@ -208,8 +208,7 @@ pub fn rasterize(roi: &Roi, ct: &CtSeries) -> RasterRoi {
         }
         let slice = k.round();
         if (k - slice).abs() > PLANE_TOLERANCE || slice < 0.0 || slice >= nz as f64 {
-            off_plane += 1;
-            off_heights.push(ct.to_patient([0.0, 0.0, k]));
+            off_heights.push(ct.height(k));
             continue;
         }
         per_slice
@@ -217,14 +216,15 @@ pub fn rasterize(roi: &Roi, ct: &CtSeries) -> RasterRoi {
             .or_default()
             .push(vox.iter().map(|v| [v[0], v[1]]).collect());
     }
-    if off_plane > 0 {
-        let along: Vec<f64> = off_heights.iter().map(|p| super::dot(*p, ct.normal)).collect();
-        let (lo, hi) = along.iter().fold((f64::MAX, f64::MIN), |(a, b), &z| (a.min(z), b.max(z)));
+    if !off_heights.is_empty() {
+        let (lo, hi) =
+            off_heights.iter().fold((f64::MAX, f64::MIN), |(a, b), &z| (a.min(z), b.max(z)));
         skipped.push(format!(
-            "{off_plane} contours on planes that match no CT slice (heights {lo:.2} to {hi:.2} mm; \
+            "{} contours on planes that match no CT slice (heights {lo:.2} to {hi:.2} mm; \
              the CT covers {:.2} to {:.2} mm)",
-            super::dot(ct.slices[0].position, ct.normal),
-            super::dot(ct.slices[nz - 1].position, ct.normal)
+            off_heights.len(),
+            ct.height(0.0),
+            ct.height((nz - 1) as f64)
         ));
     }
     let mut mask = vec![false; w * h * nz];

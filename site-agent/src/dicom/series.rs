@@ -346,6 +346,11 @@ impl CtSeries {
         })
     }
 
+    /// Height of (fractional) slice `k` along the slice normal (mm).
+    pub fn height(&self, k: f64) -> f64 {
+        dot(self.slices[0].position, self.normal) + k * self.slice_spacing
+    }
+
     /// DICOM patient position (LPS mm) -> stored voxel index (fractional).
     pub fn to_voxel(&self, p: [f64; 3]) -> [f64; 3] {
         let d = sub(p, self.slices[0].position);
