@@ -10,6 +10,7 @@ use std::process::{Command, Output};
 use anyhow::{Context, Result, bail};
 
 pub mod federation;
+pub mod privacy;
 
 /// Path of a workspace binary built next to this test executable.
 pub fn bin(name: &str) -> Result<PathBuf> {

@@ -56,7 +56,7 @@ fn the_demo_runs_the_study_and_writes_a_report_that_parses() -> Result<()> {
         );
     }
     let text = serde_json::to_string(&json)?;
-    for secret in tests::federation::site_secrets(&out.join("target-a").join("data"))? {
+    for secret in tests::privacy::site_secrets(&out.join("target-a").join("data"))? {
         assert!(!text.contains(&secret), "the report carries {secret}");
     }
 

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use proto::pb;
-use tests::federation::{Federation, assert_sends_none_of, site_secrets};
+use tests::federation::Federation;
+use tests::privacy::{assert_sends_none_of, site_secrets};
 use tests::site_agent;
 
 fn s(p: &Path) -> &str {

@@ -8,4 +8,5 @@ mod faults;
 mod federation;
 mod hospital;
 mod hostile_rpc;
+mod policy;
 mod stalled;
