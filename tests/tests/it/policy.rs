@@ -63,12 +63,21 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
     }
     let _ = stop_b.send(());
     tokio::time::timeout(Duration::from_secs(60), agent_b).await???;
-    let r = fed
-        .admin()
-        .await?
-        .get_round(pb::RoundRequest { round_id: round.clone() })
-        .await?
-        .into_inner();
+    // site-a refuses on its next poll, which on a loaded machine can come after site-b trains.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let r = loop {
+        let r = fed
+            .admin()
+            .await?
+            .get_round(pb::RoundRequest { round_id: round.clone() })
+            .await?
+            .into_inner();
+        let a = r.tasks.iter().find(|t| t.site == "site-a").expect("task");
+        if a.state != pb::TaskState::Pending as i32 || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
     let a_task = r.tasks.iter().find(|t| t.site == "site-a").expect("task");
     assert_eq!(a_task.state, pb::TaskState::Refused as i32, "{a_task:?}");
     assert_eq!(a_task.reason, "kind not allowed");
