@@ -346,6 +346,24 @@ pub async fn push_model(
     Ok(info)
 }
 
+/// What a site trains on, from its last Hello: `  cuda (NVIDIA H200, 139.8 GiB, policy cap
+/// 40.0 GiB)` or `  cpu (16 threads)`.
+fn device_summary(c: &pb::Capabilities) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match c.device.as_str() {
+        "" => String::new(),
+        "cuda" => {
+            let cap = if c.max_gpu_memory_bytes > 0 {
+                format!(", policy cap {:.1} GiB", gib(c.max_gpu_memory_bytes))
+            } else {
+                String::new()
+            };
+            format!("  cuda ({}, {:.1} GiB{cap})", c.gpu_name, gib(c.gpu_memory_bytes))
+        }
+        other => format!("  {other} ({} threads)", c.threads),
+    }
+}
+
 fn task_state(s: i32) -> &'static str {
     match pb::TaskState::try_from(s).unwrap_or(pb::TaskState::Unspecified) {
         pb::TaskState::Waiting => "waiting",
@@ -570,7 +588,8 @@ pub async fn run_admin(command: Command) -> Result<()> {
                         )
                     })
                     .unwrap_or_default();
-                out(&format!("{:<16} {state}{data}{cert}", s.name));
+                let device = s.capabilities.as_ref().map(device_summary).unwrap_or_default();
+                out(&format!("{:<16} {state}{device}{data}{cert}", s.name));
             }
             Ok(())
         }

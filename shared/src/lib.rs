@@ -10,6 +10,7 @@
 //!   the loss, and the frozen-prefix split.
 //! - [`weights`]: safetensors files whose `__metadata__` carries the model manifest.
 //! - [`metrics`]: Dice, HD95 and the paired statistics used by every report.
+//! - [`device`]: `--device auto|cpu|cuda[:N]`, checked against the build and the machine.
 //! - [`cli`]: the logging flags, exit codes and tracing set-up both binaries share.
 //!
 //! # Invariants
@@ -20,6 +21,7 @@
 pub mod cert;
 pub mod cli;
 pub mod data;
+pub mod device;
 pub mod metrics;
 pub mod model;
 pub mod organs;

@@ -24,6 +24,9 @@ pub struct BenchOptions {
     /// Timed runs per figure; the figure is the fastest.
     pub repeat: usize,
     pub trainable_layers: Option<usize>,
+    pub device: Device,
+    /// How the device is described in the result.
+    pub device_name: String,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -35,12 +38,19 @@ pub struct BenchResult {
     pub trainable_layers: usize,
     pub parameters: usize,
     pub threads: usize,
+    /// The device, as `--device` chose it (`cpu (model)` or `cuda:N (name, memory)`).
+    pub device: String,
+    /// cuDNN allowed TF32 tensor cores (`FEDTUNE_TF32=1`); false is strict fp32.
+    pub tf32: bool,
     pub repeat: usize,
     pub full_train_images_per_s: f64,
     pub tail_recompute_images_per_s: f64,
     pub tail_cached_images_per_s: f64,
     pub eval_slices_per_s: f64,
     pub peak_rss_mib: Option<f64>,
+    /// GPU only: the most memory in use on the GPU at the end of a training step, as the
+    /// driver reports it (candle's pool included, and any other process's).
+    pub peak_device_mib: Option<f64>,
 }
 
 fn random_slices(net: &Net, n: usize, seed: u64) -> TrainResult<SliceSet> {
@@ -65,16 +75,38 @@ fn train_rate(
     batch: usize,
     cache: bool,
     repeat: usize,
+    peak: &mut DevicePeak,
 ) -> TrainResult<f64> {
     let opts = TrainOptions { epochs: 1, batch_size: batch, cache, ..Default::default() };
-    train(net, k, data, &opts, &mut |_| {})?;
+    let mut watch = |_: &crate::train::TrainEvent| peak.observe(net.device());
+    train(net, k, data, &opts, &mut watch)?;
     let mut best = 0f64;
     for _ in 0..repeat.max(1) {
-        let report = train(net, k, data, &opts, &mut |_| {})?;
+        let report = train(net, k, data, &opts, &mut watch)?;
         // The cache build is a one-off cost per fine-tune, reported with the cache figure.
         best = best.max(data.len() as f64 / (report.seconds - report.cache_seconds));
     }
     Ok(best)
+}
+
+/// The most GPU memory seen in use (total minus free, from the driver).
+#[derive(Debug, Default)]
+struct DevicePeak {
+    total: Option<u64>,
+    most: Option<u64>,
+}
+
+impl DevicePeak {
+    fn new(total: Option<u64>) -> Self {
+        Self { total, most: None }
+    }
+
+    fn observe(&mut self, device: &Device) {
+        if let (Some(total), Some(free)) = (self.total, shared::device::free_memory_bytes(device)) {
+            let used = total.saturating_sub(free);
+            self.most = Some(self.most.map_or(used, |m| m.max(used)));
+        }
+    }
 }
 
 /// Peak resident set size of this process, from /proc (Linux only).
@@ -86,16 +118,18 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
-    let device = Device::Cpu;
+    let device = &opts.device;
     let organs = phantom::organ_map();
-    let net = Net::new(&opts.config, &organs, 1, &device)?;
+    let net = Net::new(&opts.config, &organs, 1, device)?;
     let layers = net.num_layers();
     let k = opts.trainable_layers.unwrap_or_else(|| opts.config.default_trainable_layers());
     let n = opts.batch * opts.steps.max(1);
     let data = random_slices(&net, n, 7)?;
-    let full = train_rate(&net, layers, &data, opts.batch, false, opts.repeat)?;
-    let tail = train_rate(&net, k, &data, opts.batch, false, opts.repeat)?;
-    let cached = train_rate(&net, k, &data, opts.batch, true, opts.repeat)?;
+    let total = (!device.is_cpu()).then(|| shared::device::total_memory_bytes(device)).flatten();
+    let mut peak = DevicePeak::new(total);
+    let full = train_rate(&net, layers, &data, opts.batch, false, opts.repeat, &mut peak)?;
+    let tail = train_rate(&net, k, &data, opts.batch, false, opts.repeat, &mut peak)?;
+    let cached = train_rate(&net, k, &data, opts.batch, true, opts.repeat, &mut peak)?;
     let _ = net.infer(&data.images.narrow(0, 0, opts.batch)?)?;
     let mut eval = 0f64;
     for _ in 0..opts.repeat.max(1) {
@@ -106,6 +140,7 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
             let _ = net.infer(&data.images.narrow(0, start, len)?)?;
             start += len;
         }
+        device.synchronize()?;
         eval = eval.max(n as f64 / t.elapsed().as_secs_f64());
     }
     // Trainable tensors only: batch-norm running statistics are buffers, not parameters.
@@ -118,11 +153,14 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
         trainable_layers: k,
         parameters,
         threads: rayon::current_num_threads(),
+        device: opts.device_name.clone(),
+        tf32: shared::model::ops::tf32_allowed() && !device.is_cpu(),
         repeat: opts.repeat.max(1),
         full_train_images_per_s: full,
         tail_recompute_images_per_s: tail,
         tail_cached_images_per_s: cached,
         eval_slices_per_s: eval,
         peak_rss_mib: peak_rss_mib(),
+        peak_device_mib: peak.most.map(|b| b as f64 / (1u64 << 20) as f64),
     })
 }

@@ -32,6 +32,8 @@ pub struct ExperimentOptions {
     pub finetune: TrainOptions,
     /// Where to write the three weights files and `results.json`.
     pub out: Option<PathBuf>,
+    /// Where to train and evaluate.
+    pub device: Device,
     pub quiet: bool,
 }
 
@@ -125,7 +127,7 @@ pub fn run(
         });
     }
     let organs = &source.organs;
-    let device = Device::Cpu;
+    let device = opts.device.clone();
     // Validate every case before any work.
     let source_train = source.load_split(Split::Train)?;
     let target_train = target.load_split(Split::Train)?;

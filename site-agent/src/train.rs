@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -33,6 +33,12 @@ pub struct TrainOptions {
     pub augment: bool,
     /// Use the frozen-prefix cache when it applies (a frozen prefix and no augmentation).
     pub cache: bool,
+    /// Most bytes the frozen-prefix cache may hold on the training device; beyond it the cache
+    /// is kept in host memory and each batch is copied over. `None`: on a GPU, half of its
+    /// free memory when the cache is built (a CPU's cache is in host memory either way).
+    /// A property of the machine, not of the training: not saved with the options.
+    #[serde(skip)]
+    pub cache_device_budget: Option<u64>,
 }
 
 impl Default for TrainOptions {
@@ -46,6 +52,7 @@ impl Default for TrainOptions {
             seed: 17,
             augment: false,
             cache: true,
+            cache_device_budget: None,
         }
     }
 }
@@ -122,6 +129,9 @@ pub struct TrainReport {
     pub seconds: f64,
     pub cache_seconds: f64,
     pub used_cache: bool,
+    /// The cache was beyond the device budget and lived in host memory.
+    #[serde(default)]
+    pub cache_in_host_memory: bool,
     pub trainable_layers: usize,
     pub slices: usize,
     pub steps: usize,
@@ -167,32 +177,82 @@ fn epoch_batches(n: usize, batch: usize, seed: u64, epoch: usize) -> Vec<Vec<u32
     batches
 }
 
-/// Computes the frozen prefix for every slice, in batches; returns the state parts
-/// concatenated over slices.
+/// The frozen prefix of every slice: the state parts concatenated over slices.
+#[derive(Debug)]
+pub struct PrefixCache {
+    pub parts: Vec<Tensor>,
+    pub has_residual: bool,
+    /// The parts are in host memory (the device budget was too small), not on the net's device.
+    pub in_host_memory: bool,
+}
+
+impl PrefixCache {
+    /// The prefix state of the slices `idx` (u32 indices), on `device`.
+    fn batch(&self, idx: &[u32], device: &Device) -> TrainResult<State> {
+        let at = if self.in_host_memory { &Device::Cpu } else { device };
+        let idx = Tensor::from_slice(idx, idx.len(), at)?;
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| p.index_select(&idx, 0)?.to_device(device))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(State::from_parts(parts, self.has_residual))
+    }
+}
+
+/// How many bytes of the frozen-prefix cache may stay on `device` (see
+/// [`TrainOptions::cache_device_budget`]).
+fn device_budget(device: &Device, asked: Option<u64>) -> u64 {
+    match asked {
+        Some(b) => b,
+        None if device.is_cpu() => u64::MAX,
+        None => shared::device::free_memory_bytes(device).map_or(0, |free| free / 2),
+    }
+}
+
+/// Computes the frozen prefix for every slice, in batches of `batch`. The first batch tells
+/// the cache's size; when that is beyond `budget` bytes, every batch is moved to host memory
+/// as it is made.
 pub fn build_cache(
     net: &Net,
     k: usize,
     images: &Tensor,
     batch: usize,
+    budget: Option<u64>,
     on_event: &mut dyn FnMut(&TrainEvent),
-) -> TrainResult<(Vec<Tensor>, bool)> {
+) -> TrainResult<PrefixCache> {
     let n = images.dim(0)?;
+    let budget = device_budget(net.device(), budget);
     let mut parts: Vec<Vec<Tensor>> = Vec::new();
+    let mut in_host_memory = false;
     let mut start = 0;
     while start < n {
         let len = batch.min(n - start);
         let state = net.prefix(&images.narrow(0, start, len)?, k)?;
-        for (i, p) in state.parts().into_iter().enumerate() {
+        let state_parts = state.parts();
+        if start == 0 {
+            let bytes: usize = state_parts.iter().map(|p| p.elem_count() * 4).sum();
+            let total = (bytes / len.max(1)) as u64 * n as u64;
+            in_host_memory = total > budget;
+            if in_host_memory {
+                tracing::info!(
+                    cache_mib = total >> 20,
+                    budget_mib = budget >> 20,
+                    "the frozen-prefix cache is beyond the device budget: kept in host memory"
+                );
+            }
+        }
+        for (i, p) in state_parts.into_iter().enumerate() {
             if parts.len() <= i {
                 parts.push(Vec::new());
             }
-            parts[i].push(p);
+            parts[i].push(if in_host_memory { p.to_device(&Device::Cpu)? } else { p });
         }
         start += len;
         on_event(&TrainEvent::Caching { done: start, total: n });
     }
-    let cat = parts.iter().map(|p| Tensor::cat(p, 0)).collect::<Result<Vec<_>, _>>()?;
-    Ok((cat, net.prefix_has_residual(k)?))
+    let parts = parts.iter().map(|p| Tensor::cat(p, 0)).collect::<Result<Vec<_>, _>>()?;
+    Ok(PrefixCache { parts, has_residual: net.prefix_has_residual(k)?, in_host_memory })
 }
 
 /// Trains the last `k` layers of `net` on `data` (all layers when `k == net.num_layers()`).
@@ -246,11 +306,12 @@ pub fn train_until(
             ..Default::default()
         },
     )?;
-    let (cache, has_residual) = if use_cache {
+    let cache = if use_cache {
         let _span = tracing::info_span!("frozen_prefix_cache").entered();
-        build_cache(net, k, &data.images, opts.batch_size.max(32), on_event)?
+        let batch = opts.batch_size.max(32);
+        Some(build_cache(net, k, &data.images, batch, opts.cache_device_budget, on_event)?)
     } else {
-        (Vec::new(), false)
+        None
     };
     let cache_seconds = started.elapsed().as_secs_f64();
     let mut rng = ChaCha8Rng::seed_from_u64(opts.seed ^ 0xa5a5);
@@ -265,10 +326,8 @@ pub fn train_until(
         for (step, batch) in batches.iter().enumerate() {
             let idx = Tensor::from_slice(batch, batch.len(), net.device())?;
             let targets = data.labels.index_select(&idx, 0)?;
-            let state = if use_cache {
-                let parts =
-                    cache.iter().map(|p| p.index_select(&idx, 0)).collect::<Result<Vec<_>, _>>()?;
-                State::from_parts(parts, has_residual)
+            let state = if let Some(cache) = &cache {
+                cache.batch(batch, net.device())?
             } else {
                 let mut x = data.images.index_select(&idx, 0)?;
                 if opts.augment {
@@ -303,6 +362,7 @@ pub fn train_until(
         seconds: started.elapsed().as_secs_f64(),
         cache_seconds: if use_cache { cache_seconds } else { 0.0 },
         used_cache: use_cache,
+        cache_in_host_memory: cache.as_ref().is_some_and(|c| c.in_host_memory),
         trainable_layers: k,
         slices: data.len(),
         steps: total_steps,

@@ -175,6 +175,60 @@ impl ModelConfig {
         out
     }
 
+    /// An estimate of the device memory one training step of the last `trainable` layers
+    /// takes at `batch` slices, in bytes: every weight (4 bytes), and for the trained layers
+    /// their gradient and two AdamW moments (12 more); the activations a trained layer keeps
+    /// for its backward pass (its input, convolution and normalised outputs, and their
+    /// gradients: about four copies of its output); for the frozen prefix, which keeps no
+    /// graph, the largest layer output twice (in and out) and the skips it hands on; the input
+    /// slices twice; and a quarter more for cuDNN workspaces and the allocator's slack. A
+    /// planning figure for `policy.max_gpu_memory_gb`, not a measurement.
+    pub fn training_memory_bytes(&self, classes: usize, batch: usize, trainable: usize) -> u64 {
+        let layers = self.layers(classes);
+        let first_trained = layers.len().saturating_sub(trainable);
+        let mut size = self.image_size;
+        let (mut weights, mut trained_weights, mut activations) = (0usize, 0usize, 0usize);
+        let (mut frozen_peak, mut prev_out) = (0usize, 0usize);
+        for (i, l) in layers.iter().enumerate() {
+            let frozen = i < first_trained;
+            if let LayerKind::BlockIn { push_skip: true, .. } = l.kind
+                && frozen
+            {
+                activations += prev_out; // the skip, kept until its decoder level
+            }
+            let (params, out) = match l.kind {
+                LayerKind::Stem { cin, cout } => (cin * cout * 9, cout),
+                LayerKind::BlockIn { cin, cout, stride, .. } => {
+                    size /= stride.max(1);
+                    (cin * cout * 9, cout)
+                }
+                LayerKind::BlockOut { cin, cout, stride } => {
+                    let proj = if cin != cout || stride != 1 { cin * cout + 2 * cout } else { 0 };
+                    (cout * cout * 9 + proj, cout)
+                }
+                LayerKind::Fuse { cin, cskip, cout } => {
+                    size *= 2;
+                    ((cin + cskip) * cout * 9, cout + cin + cskip)
+                }
+                LayerKind::Head { cin, classes } => (cin * classes + classes, classes),
+            };
+            let bn = if matches!(l.kind, LayerKind::Head { .. }) { 0 } else { 2 * out };
+            weights += params + bn;
+            let floats = out * size * size * batch;
+            if frozen {
+                frozen_peak = frozen_peak.max(floats);
+            } else {
+                trained_weights += params + bn;
+                activations += 4 * floats;
+            }
+            prev_out = out * size * size * batch;
+        }
+        activations += 2 * frozen_peak;
+        let input = batch * self.slice_spec().channels() * self.image_size * self.image_size;
+        let floats = weights + 3 * trained_weights + activations + 2 * input;
+        (floats as u64 * 4) * 5 / 4
+    }
+
     /// Number of layers (independent of the class count).
     pub fn num_layers(&self) -> usize {
         self.layers(2).len()

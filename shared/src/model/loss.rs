@@ -52,12 +52,16 @@ pub fn loss_reference(logits: &Tensor, targets: &Tensor, dice_weight: f64) -> Mo
     // Only the foreground classes present in the batch's targets.
     let present =
         target.sum((0, 2, 3))?.narrow(D::Minus1, 1, classes - 1)?.gt(0f64)?.to_dtype(DType::F32)?;
-    let count = present.sum_all()?.to_scalar::<f32>()?;
-    if count == 0.0 {
-        return Ok(ce);
-    }
-    let fg = (dice.narrow(D::Minus1, 1, classes - 1)?.mul(&present)?.sum_all()? / count as f64)?;
-    Ok((ce + ((1.0 - fg)? * dice_weight)?)?)
+    // On the device throughout (no read-back to the host per step): with no foreground class
+    // present, `any` is 0 and the loss is the cross-entropy alone.
+    let count = present.sum_all()?;
+    let any = count.clamp(0f32, 1f32)?;
+    let fg = dice
+        .narrow(D::Minus1, 1, classes - 1)?
+        .mul(&present)?
+        .sum_all()?
+        .div(&count.maximum(1f32)?)?;
+    Ok((ce + ((1.0 - fg)?.mul(&any)? * dice_weight)?)?)
 }
 
 /// The fused loss: value in the forward pass, `d loss / d logits` kept for the backward pass.

@@ -15,6 +15,8 @@
 //! that is 1 + 2 * 43 + (3 + 2 * 6) + 1 = 103.
 
 mod config;
+#[cfg(feature = "cuda")]
+mod cudnn;
 mod layers;
 pub mod loss;
 mod net;

@@ -1,4 +1,5 @@
-//! CPU training ops: convolution through im2col + GEMM, and a fused batch norm (+ ReLU).
+//! Training ops: convolution through im2col + GEMM (cuDNN on CUDA), and a fused batch norm
+//! (+ ReLU) on the CPU.
 //!
 //! candle 0.11's CPU convolution backward runs a direct `conv_transpose2d` loop for the input
 //! gradient and a convolution with an HxW kernel for the weight gradient, about ten times slower
@@ -52,6 +53,20 @@ impl Geometry {
     }
     fn image_len(&self) -> usize {
         self.channels * self.h * self.w
+    }
+    /// The same convolution for cuDNN, with `co` output channels.
+    #[cfg(feature = "cuda")]
+    fn cudnn(&self, co: usize) -> super::cudnn::ConvShape {
+        super::cudnn::ConvShape {
+            batch: self.batch,
+            ci: self.channels,
+            h: self.h,
+            w: self.w,
+            co,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        }
     }
     /// A 1x1 convolution with stride 1 and no padding: the image is its own im2col matrix.
     fn is_pointwise(&self) -> bool {
@@ -324,6 +339,18 @@ impl CustomOp2 for Conv2d {
         Ok((CpuStorage::F32(y), Shape::from((g.batch, co, g.out_h(), g.out_w()))))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, co) = self.geometry(xl, wl)?;
+        super::cudnn::forward(g.cudnn(co), xs, xl, ws, wl)
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -393,6 +420,21 @@ impl CustomOp2 for ConvBackwardData {
         });
         Ok((CpuStorage::F32(dx), self.x.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, co) = self.conv.geometry(&Layout::contiguous(self.x.clone()), wl)?;
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        super::cudnn::backward_data(g.cudnn(co), gs, gl, ws, wl)
+    }
 }
 
 /// `dw` from `(x, dy)`: `dW = sum_b dy[b] @ im2col(x[b])^T`.
@@ -457,13 +499,44 @@ impl CustomOp2 for ConvBackwardFilter {
         };
         Ok((CpuStorage::F32(dw), self.w.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, co) = self.conv.geometry(xl, &Layout::contiguous(self.w.clone()))?;
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        super::cudnn::backward_filter(g.cudnn(co), xs, xl, gs, gl)
+    }
+}
+
+/// Whether cuDNN may use TF32 tensor cores for fp32 convolutions (`FEDTUNE_TF32=1`, CUDA
+/// builds only); off, CPU and GPU agree to fp32 rounding.
+pub fn tf32_allowed() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        super::cudnn::tf32_allowed()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
 }
 
 /// A square-kernel 2-D convolution without bias, differentiable in both arguments.
 ///
-/// On the CPU with f32 it runs as im2col + GEMM; elsewhere it is candle's `conv2d`.
+/// With f32 it runs as im2col + GEMM on the CPU, and as cuDNN forward, backward-data and
+/// backward-filter calls on CUDA (`cuda` feature, [`super::cudnn`]); elsewhere it is candle's
+/// `conv2d`.
 pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+    let ours = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    if !ours || x.dtype() != candle_core::DType::F32 {
         return x.conv2d(w, pad, stride, 1, 1);
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { stride, pad })

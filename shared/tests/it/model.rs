@@ -222,3 +222,35 @@ fn slices_are_resampled_to_the_models_pixel_spacing() {
     let parsed: ModelConfig = serde_json::from_value(json).expect("an older manifest parses");
     assert_eq!(parsed.pixel_mm, None);
 }
+
+/// The GPU memory estimate behind `policy.max_gpu_memory_gb`, worked by hand for a one-level
+/// net (stem, one residual block, head) at 8x8, batch 2, 2 classes, training the head only:
+/// weights 44 + 152 + 152 + 10 floats, the head's gradient and moments 3 x 10, the frozen
+/// layers' largest output twice 2 x 512, the head's kept activations 4 x 256, the input twice
+/// 2 x 128; 2692 floats, 10768 bytes, and a quarter more.
+#[test]
+fn the_training_memory_estimate_counts_weights_optimizer_and_activations() {
+    let mut c = ModelConfig::preset("tiny").expect("preset");
+    c.widths = vec![4];
+    c.encoder_blocks = vec![1];
+    c.decoder_blocks = vec![];
+    c.in_channels = 1;
+    c.position_channels = false;
+    c.image_size = 8;
+    c.validate().expect("a valid config");
+    assert_eq!(c.num_layers(), 4);
+    assert_eq!(c.training_memory_bytes(2, 2, 1), 13460);
+    // More slices, more trained layers, a bigger model: more memory.
+    let r = ModelConfig::preset("resnet103").expect("preset");
+    let at = |batch, k| r.training_memory_bytes(10, batch, k);
+    assert!(at(16, 10) > at(8, 10) && at(16, 103) > at(16, 10));
+    let t = ModelConfig::preset("tiny").expect("preset");
+    assert!(t.training_memory_bytes(10, 16, t.num_layers()) < at(16, 103));
+    eprintln!(
+        "estimated training memory, resnet103 at {0}x{0}, batch 16: all layers {1:.2} GiB, \
+         last 10 {2:.2} GiB",
+        r.image_size,
+        at(16, 103) as f64 / (1u64 << 30) as f64,
+        at(16, 10) as f64 / (1u64 << 30) as f64
+    );
+}

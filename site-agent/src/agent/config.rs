@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use shared::device::DeviceChoice;
 
 /// The parsed configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -74,6 +75,10 @@ pub struct Policy {
     pub max_hours: f64,
     /// Whether trained weights may leave the site. Default false.
     pub share_weights: bool,
+    /// Most GPU memory a task may plan to use, in GiB (the GPU is shared with other work).
+    /// A task whose estimated need (`ModelConfig::training_memory_bytes`) is beyond it is
+    /// refused, and the frozen-prefix cache keeps within what is left. Default: no cap.
+    pub max_gpu_memory_gb: Option<f64>,
 }
 
 impl Default for Policy {
@@ -88,6 +93,7 @@ impl Default for Policy {
             max_epochs: 200,
             max_hours: 24.0,
             share_weights: false,
+            max_gpu_memory_gb: None,
         }
     }
 }
@@ -101,7 +107,8 @@ pub struct AgentConfig {
     pub heartbeat_seconds: u32,
     /// Longest wait between reconnection attempts. Default 30 s.
     pub max_backoff_seconds: u32,
-    /// Training device: `cpu` (this build has no CUDA).
+    /// Training device: `auto` (the first CUDA GPU when the build has CUDA and one is
+    /// visible, else the CPU), `cpu`, `cuda` or `cuda:N`. Default `auto`.
     pub device: String,
 }
 
@@ -111,7 +118,7 @@ impl Default for AgentConfig {
             poll_seconds: 20,
             heartbeat_seconds: 5,
             max_backoff_seconds: 30,
-            device: "cpu".into(),
+            device: "auto".into(),
         }
     }
 }
@@ -133,6 +140,11 @@ impl SiteConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError { path: path.to_owned(), message: e.to_string() })?;
         Self::parse(&text, path)
+    }
+
+    /// The device `agent.device` names (checked by [`SiteConfig::parse`]).
+    pub fn device_choice(&self) -> DeviceChoice {
+        self.agent.device.parse().unwrap_or_default()
     }
 
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
@@ -158,10 +170,19 @@ impl SiteConfig {
         if !(cfg.policy.max_hours.is_finite() && cfg.policy.max_hours > 0.0) {
             problems.push("policy.max_hours must be a positive number".into());
         }
-        if cfg.agent.device != "cpu" {
+        match cfg.agent.device.parse::<DeviceChoice>() {
+            Err(e) => problems.push(format!("agent.device: {e}")),
+            Ok(d @ DeviceChoice::Cuda(_)) if !shared::device::cuda_built() => {
+                problems.push(format!("agent.device: {}", shared::device::DeviceError::NotBuilt(d)))
+            }
+            Ok(_) => {}
+        }
+        if let Some(gb) = cfg.policy.max_gpu_memory_gb
+            && !(gb.is_finite() && gb > 0.0)
+        {
             problems.push(format!(
-                "agent.device = \"{}\": this build trains on the CPU only",
-                cfg.agent.device
+                "policy.max_gpu_memory_gb = {gb}: give a positive number of GiB, or leave it out \
+                 for no cap"
             ));
         }
         if cfg.agent.heartbeat_seconds == 0 || cfg.agent.poll_seconds == 0 {
@@ -178,5 +199,49 @@ impl SiteConfig {
             }
         }
         Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &str) -> Result<SiteConfig, ConfigError> {
+        let text = format!(
+            "version = 1\n[coordinator]\naddress = \"https://c:1\"\n[tls]\nbundle = \"b\"\n\
+             [data]\nmanifest = \"m.toml\"\n{extra}"
+        );
+        SiteConfig::parse(&text, Path::new("/etc/fedtune/site.toml"))
+    }
+
+    #[test]
+    fn the_device_defaults_to_auto_and_is_checked_against_the_build() {
+        let cfg = parse("").expect("defaults");
+        assert_eq!(cfg.agent.device, "auto");
+        assert_eq!(cfg.device_choice(), DeviceChoice::Auto);
+        assert_eq!(cfg.policy.max_gpu_memory_gb, None);
+        let cpu = parse("[agent]\ndevice = \"cpu\"").expect("cpu");
+        assert_eq!(cpu.device_choice(), DeviceChoice::Cpu);
+        let bad = parse("[agent]\ndevice = \"tpu\"").expect_err("tpu").to_string();
+        assert!(bad.starts_with("/etc/fedtune/site.toml: agent.device"), "{bad}");
+        assert!(bad.contains("auto, cpu, cuda, cuda:N"), "{bad}");
+        let cuda = parse("[agent]\ndevice = \"cuda:1\"");
+        if shared::device::cuda_built() {
+            assert_eq!(cuda.expect("a CUDA build").device_choice(), DeviceChoice::Cuda(1));
+        } else {
+            let e = cuda.expect_err("a CPU build").to_string();
+            assert!(e.contains("agent.device: device cuda:1 needs a build with CUDA"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_gpu_memory_cap_must_be_a_positive_size() {
+        let cfg = parse("[policy]\nmax_gpu_memory_gb = 12.5").expect("cap");
+        assert_eq!(cfg.policy.max_gpu_memory_gb, Some(12.5));
+        for bad in ["0", "-4", "nan"] {
+            let e =
+                parse(&format!("[policy]\nmax_gpu_memory_gb = {bad}")).expect_err(bad).to_string();
+            assert!(e.contains("policy.max_gpu_memory_gb"), "{bad}: {e}");
+        }
     }
 }

@@ -33,6 +33,49 @@ impl Outcome {
     }
 }
 
+/// How running a task ended early: a failure, or a refusal found once the model was known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ended {
+    Failure(pb::FailureCode),
+    Refusal(pb::RefusalCode),
+}
+
+impl From<pb::FailureCode> for Ended {
+    fn from(c: pb::FailureCode) -> Self {
+        Self::Failure(c)
+    }
+}
+
+/// `policy.max_gpu_memory_gb` against the estimated memory of training the last `k` layers of
+/// `config` at `batch` slices (it does not apply on the CPU). Returns the frozen-prefix cache's
+/// device budget: what the cap leaves beside the training itself (`None`: no cap).
+fn check_gpu_memory(
+    site: &Site,
+    config: &ModelConfig,
+    k: usize,
+    batch: usize,
+) -> Result<Option<u64>, Ended> {
+    let Some(cap_gb) = site.policy.max_gpu_memory_gb else { return Ok(None) };
+    if site.device.is_cpu() {
+        return Ok(None);
+    }
+    let cap = (cap_gb * (1u64 << 30) as f64) as u64;
+    let classes = site.manifest.organs.num_classes();
+    let need = config.training_memory_bytes(classes, batch, k);
+    if need > cap {
+        tracing::warn!(
+            need_gib = need as f64 / (1u64 << 30) as f64,
+            cap_gib = cap_gb,
+            config = %config.name,
+            batch,
+            trainable_layers = k,
+            "task refused: its estimated GPU memory is beyond policy.max_gpu_memory_gb"
+        );
+        return Err(Ended::Refusal(pb::RefusalCode::GpuMemory));
+    }
+    Ok(Some(cap - need))
+}
+
 /// The policy's name for a task kind (`policy.allowed_tasks`).
 pub fn kind_name(kind: pb::TaskKind) -> &'static str {
     match kind {
@@ -106,10 +149,16 @@ pub struct Site {
     pub policy: Policy,
     /// Smallest and largest voxel spacing per axis over the site's images (read at start).
     pub spacing_range: ([f64; 3], [f64; 3]),
+    /// Where the engine runs (`agent.device`, selected at start).
+    pub device: Device,
+    pub device_info: shared::device::DeviceInfo,
 }
 
 impl Site {
-    pub fn open(cfg: &SiteConfig) -> Result<Self, shared::data::DataError> {
+    pub fn open(
+        cfg: &SiteConfig,
+        selected: shared::device::Selected,
+    ) -> Result<Self, shared::data::DataError> {
         let manifest = Manifest::load(&cfg.data.manifest)?;
         let (mut lo, mut hi) = ([f64::INFINITY; 3], [0f64; 3]);
         for case in &manifest.cases {
@@ -126,6 +175,8 @@ impl Site {
             storage: cfg.storage.dir.clone(),
             policy: cfg.policy.clone(),
             spacing_range: (lo, hi),
+            device: selected.device,
+            device_info: selected.info,
         })
     }
 
@@ -280,7 +331,7 @@ fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
 
 /// Base weights that fit this site's organ map: the net, its manifest and sha256.
 fn load_base(bytes: &[u8], site: &Site) -> Result<(Net, WeightsManifest, String), pb::FailureCode> {
-    let (net, manifest, sha) = weights::from_bytes(bytes, &Device::Cpu)
+    let (net, manifest, sha) = weights::from_bytes(bytes, &site.device)
         .map_err(fail(pb::FailureCode::ModelMismatch, "loading the base weights"))?;
     if manifest.organs != site.manifest.organs {
         tracing::error!(
@@ -307,14 +358,15 @@ pub fn run_task(
     let mut runner = Runner { progress, stop, span: (0.05, 1.0) };
     let result = match kind {
         pb::TaskKind::TransferTarget => run_arms(site, task, &spec, base, &mut runner),
-        pb::TaskKind::Unspecified => Err(pb::FailureCode::Internal),
+        pb::TaskKind::Unspecified => Err(pb::FailureCode::Internal.into()),
         _ => run_single(site, task, kind, &spec, base, &mut runner),
     };
     runner.span = (0.0, 1.0);
     runner.phase("done", 1.0);
     match result {
         Ok(r) => Outcome::Result(r),
-        Err(code) => Outcome::Failure(code),
+        Err(Ended::Failure(code)) => Outcome::Failure(code),
+        Err(Ended::Refusal(code)) => Outcome::Refusal(code),
     }
 }
 
@@ -326,15 +378,15 @@ fn run_single(
     spec: &pb::TaskSpec,
     base: Option<&Path>,
     runner: &mut Runner<'_>,
-) -> Result<pb::TaskResult, pb::FailureCode> {
+) -> Result<pb::TaskResult, Ended> {
     let organs = &site.manifest.organs;
-    let opts = train_options(spec);
+    let mut opts = train_options(spec);
     let (net, parent) = match (kind, base) {
         (pb::TaskKind::Train | pb::TaskKind::TransferSource, _) => {
             let name = if spec.config.is_empty() { "small" } else { spec.config.as_str() };
             let config = ModelConfig::preset(name)
                 .map_err(fail(pb::FailureCode::ModelMismatch, "the task's model config"))?;
-            let net = Net::new(&config, organs, opts.seed, &Device::Cpu)
+            let net = Net::new(&config, organs, opts.seed, &site.device)
                 .map_err(fail(pb::FailureCode::Internal, "building the model"))?;
             (net, None)
         }
@@ -344,20 +396,23 @@ fn run_single(
             let (net, _, sha) = load_base(&bytes, site)?;
             (net, Some(sha))
         }
-        (_, None) => return Err(pb::FailureCode::Internal),
+        (_, None) => return Err(pb::FailureCode::Internal.into()),
     };
+    let k = match kind {
+        pb::TaskKind::Finetune => spec.trainable_layers as usize,
+        _ => net.num_layers(),
+    };
+    if kind != pb::TaskKind::Evaluate {
+        if k == 0 || k > net.num_layers() {
+            return Err(pb::FailureCode::ModelMismatch.into());
+        }
+        opts.cache_device_budget = check_gpu_memory(site, net.config(), k, opts.batch_size)?;
+    }
     runner.phase("load", 0.0);
     let test = load_split(site, Split::Test)?;
     let mut arm = pb::ArmResult::default();
     if kind != pb::TaskKind::Evaluate {
         let train = load_split(site, Split::Train)?;
-        let k = match kind {
-            pb::TaskKind::Finetune => spec.trainable_layers as usize,
-            _ => net.num_layers(),
-        };
-        if k == 0 || k > net.num_layers() {
-            return Err(pb::FailureCode::ModelMismatch);
-        }
         let slices = SliceSet::from_dataset(&train, &net)
             .map_err(fail(pb::FailureCode::Internal, "preparing training slices"))?;
         arm = runner.train(Training {
@@ -377,7 +432,7 @@ fn run_single(
         cache_seconds: arm.cache_seconds,
         eval_seconds: arm.eval_seconds,
         epoch_losses: arm.epoch_losses,
-        device: "cpu".into(),
+        device: site.device_info.kind.into(),
         weights_sha256: arm.weights_sha256,
         train_slices: arm.train_slices,
         arms: Vec::new(),
@@ -391,12 +446,26 @@ fn run_arms(
     spec: &pb::TaskSpec,
     base: Option<&Path>,
     runner: &mut Runner<'_>,
-) -> Result<pb::TaskResult, pb::FailureCode> {
+) -> Result<pb::TaskResult, Ended> {
     let organs = &site.manifest.organs;
     let path = base.ok_or(pb::FailureCode::Internal)?;
     let bytes =
         std::fs::read(path).map_err(fail(pb::FailureCode::Internal, "reading the base weights"))?;
     let (base_net, base_manifest, base_sha) = load_base(&bytes, site)?;
+    // Every trained arm within the GPU memory cap before any work; the largest sets the
+    // cache budget.
+    let mut cache_budget: Option<u64> = None;
+    for a in &spec.arms {
+        let k = match pb::ArmKind::try_from(a.kind) {
+            Ok(pb::ArmKind::Scratch) => base_net.num_layers(),
+            Ok(pb::ArmKind::Finetune) => (a.trainable_layers as usize).min(base_net.num_layers()),
+            _ => continue,
+        };
+        let batch = train_options(spec).batch_size;
+        if let Some(b) = check_gpu_memory(site, &base_manifest.config, k, batch)? {
+            cache_budget = Some(cache_budget.map_or(b, |c| c.min(b)));
+        }
+    }
     runner.phase("load", 0.0);
     let test = load_split(site, Split::Test)?;
     let train = if spec.arms.iter().any(|a| a.kind != pb::ArmKind::Base as i32) {
@@ -413,6 +482,7 @@ fn run_arms(
         runner.span = (0.05 + 0.95 * i as f64 / total, 0.05 + 0.95 * (i + 1) as f64 / total);
         let arm_kind = pb::ArmKind::try_from(arm_spec.kind).unwrap_or(pb::ArmKind::Unspecified);
         let mut opts = train_options(spec);
+        opts.cache_device_budget = cache_budget;
         if arm_spec.epochs > 0 {
             opts.epochs = arm_spec.epochs as usize;
         }
@@ -426,7 +496,7 @@ fn run_arms(
         let (net, k, parent) = match arm_kind {
             pb::ArmKind::Base => (None, 0, None),
             pb::ArmKind::Scratch => {
-                let net = Net::new(&base_manifest.config, organs, opts.seed, &Device::Cpu)
+                let net = Net::new(&base_manifest.config, organs, opts.seed, &site.device)
                     .map_err(fail(pb::FailureCode::Internal, "building the model"))?;
                 let k = net.num_layers();
                 (Some(net), k, None)
@@ -435,11 +505,11 @@ fn run_arms(
                 let (net, _, _) = load_base(&bytes, site)?;
                 let k = arm_spec.trainable_layers as usize;
                 if k == 0 || k > net.num_layers() {
-                    return Err(pb::FailureCode::ModelMismatch);
+                    return Err(pb::FailureCode::ModelMismatch.into());
                 }
                 (Some(net), k, Some(base_sha.clone()))
             }
-            pb::ArmKind::Unspecified => return Err(pb::FailureCode::Internal),
+            pb::ArmKind::Unspecified => return Err(pb::FailureCode::Internal.into()),
         };
         let mut result = match &net {
             None => pb::ArmResult::default(),
@@ -475,5 +545,5 @@ fn run_arms(
         );
         arms.push(result);
     }
-    Ok(pb::TaskResult { device: "cpu".into(), arms, ..Default::default() })
+    Ok(pb::TaskResult { device: site.device_info.kind.into(), arms, ..Default::default() })
 }

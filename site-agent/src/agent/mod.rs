@@ -50,6 +50,8 @@ pub enum AgentError {
     Bundle { path: PathBuf, message: String },
     #[error("the coordinator refused this site: {0}")]
     Refused(String),
+    #[error("agent.device in the site config: {0}")]
+    Device(#[from] shared::device::DeviceError),
 }
 
 /// Why a call to the coordinator failed.
@@ -308,8 +310,12 @@ impl Link {
     }
 }
 
-/// Capabilities and a dataset summary: counts, organ names and spacing ranges, nothing that
-/// identifies a case.
+fn gib_to_bytes(gib: f64) -> u64 {
+    (gib * (1u64 << 30) as f64) as u64
+}
+
+/// Capabilities (the compute device, with a GPU's name and memory) and a dataset summary:
+/// counts, organ names and spacing ranges, nothing that identifies a case.
 fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
     let kinds = cfg
         .policy
@@ -326,8 +332,19 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
     let ranges = lo.iter().all(|v| v.is_finite());
     pb::HelloRequest {
         capabilities: Some(pb::Capabilities {
-            device: cfg.agent.device.clone(),
-            memory_bytes: 0,
+            device: site.device_info.kind.into(),
+            memory_bytes: shared::device::host_memory_bytes().unwrap_or(0),
+            gpu_name: if site.device_info.ordinal.is_some() {
+                site.device_info.name.clone()
+            } else {
+                String::new()
+            },
+            gpu_memory_bytes: if site.device_info.ordinal.is_some() {
+                site.device_info.memory_bytes
+            } else {
+                0
+            },
+            max_gpu_memory_bytes: cfg.policy.max_gpu_memory_gb.map_or(0, gib_to_bytes),
             threads: rayon::current_num_threads() as u32,
             allowed_kinds: kinds,
             max_epochs: cfg.policy.max_epochs,
@@ -363,7 +380,9 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.storage.dir)
         .map_err(|source| AgentError::Io { path: cfg.storage.dir.clone(), source })?;
     let audit = AuditLog::open(&cfg.storage.dir)?;
-    let site = Arc::new(Site::open(&cfg)?);
+    let selected = cfg.device_choice().select()?;
+    tracing::info!(device = %selected.info, "compute device");
+    let site = Arc::new(Site::open(&cfg, selected)?);
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     {

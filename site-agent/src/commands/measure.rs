@@ -3,12 +3,12 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Args;
 use shared::data::phantom;
 use shared::model::ModelConfig;
 
-use super::{load_manifest, out};
+use super::{DeviceArg, load_manifest, out};
 use crate::experiment::{self, ExperimentOptions};
 use crate::train::TrainOptions;
 
@@ -64,13 +64,14 @@ pub struct ExperimentArgs {
     /// Print the results as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Only cpu in this build.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub device: DeviceArg,
     #[arg(long, default_value = "tiny")]
     pub config: String,
     #[arg(long, default_value_t = 8)]
@@ -136,6 +137,7 @@ pub(super) fn experiment_cmd(a: &ExperimentArgs, quiet: bool) -> Result<()> {
         finetune,
         out: out_dir.clone(),
         quiet,
+        device: a.device.select()?,
     };
     let result = experiment::run(&source, &target, &opts)?;
     if a.json {
@@ -150,9 +152,7 @@ pub(super) fn experiment_cmd(a: &ExperimentArgs, quiet: bool) -> Result<()> {
 }
 
 pub(super) fn bench_cmd(a: &BenchArgs) -> Result<()> {
-    if a.device != "cpu" {
-        bail!("--device {}: this build trains on the CPU only; use --device cpu", a.device);
-    }
+    let selected = a.device.device.select()?;
     let mut config = ModelConfig::preset(&a.config)?;
     if let Some(s) = a.size {
         config.image_size = s;
@@ -164,20 +164,25 @@ pub(super) fn bench_cmd(a: &BenchArgs) -> Result<()> {
         steps: a.steps,
         repeat: a.repeat as usize,
         trainable_layers: a.trainable_layers,
+        device: selected.device,
+        device_name: selected.info.to_string(),
     })?;
     if a.json {
         out(&serde_json::to_string(&r)?);
     } else {
         out(&format!(
-            "config {} size {} batch {} ({} layers, {} trained in tail runs, {} parameters, {} threads)",
-            r.config, r.size, r.batch, r.layers, r.trainable_layers, r.parameters, r.threads
+            "config {} size {} batch {} ({} layers, {} trained in tail runs, {} parameters) on {}",
+            r.config, r.size, r.batch, r.layers, r.trainable_layers, r.parameters, r.device
         ));
         out(&format!("full training              {:>9.1} images/s", r.full_train_images_per_s));
         out(&format!("tail, prefix recomputed    {:>9.1} images/s", r.tail_recompute_images_per_s));
         out(&format!("tail, frozen-prefix cache  {:>9.1} images/s", r.tail_cached_images_per_s));
         out(&format!("evaluation                 {:>9.1} slices/s", r.eval_slices_per_s));
         if let Some(m) = r.peak_rss_mib {
-            out(&format!("peak memory                {m:>9.0} MiB"));
+            out(&format!("peak memory (host)         {m:>9.0} MiB"));
+        }
+        if let Some(m) = r.peak_device_mib {
+            out(&format!("peak memory (GPU, driver)  {m:>9.0} MiB"));
         }
     }
     Ok(())

@@ -19,6 +19,24 @@ use crate::progress::TrainProgress;
 use crate::train::{SliceSet, TrainOptions, train};
 use measure::{BenchArgs, ExperimentArgs, bench_cmd, experiment_cmd};
 
+/// `--device`, shared by every command that computes.
+#[derive(Debug, Args)]
+pub struct DeviceArg {
+    /// Where to compute: auto (the first CUDA GPU when this build has CUDA and the driver shows
+    /// one, else the CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", env = "FEDTUNE_DEVICE")]
+    pub device: shared::device::DeviceChoice,
+}
+
+impl DeviceArg {
+    /// Opens the device, logging which one and why.
+    pub fn select(&self) -> Result<Device> {
+        let s = self.device.select()?;
+        tracing::info!(device = %s.info, "compute device");
+        Ok(s.device)
+    }
+}
+
 /// The fedtune site agent: runs next to a hospital's data.
 #[derive(Debug, Parser)]
 #[command(name = "site-agent", version, about)]
@@ -152,6 +170,8 @@ pub struct TrainArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub train: TrainFlags,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +188,8 @@ pub struct FinetuneArgs {
     pub out: PathBuf,
     #[command(flatten)]
     pub train: TrainFlags,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
@@ -181,6 +203,8 @@ pub struct EvaluateArgs {
     pub split: SplitArg,
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -203,6 +227,8 @@ pub struct PredictArgs {
     /// Also write the predicted organs as a DICOM RTSTRUCT on the CT (DICOM input only).
     #[arg(long)]
     pub rtstruct_out: Option<PathBuf>,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Debug, Args)]
@@ -381,13 +407,13 @@ fn train_cmd(a: &TrainArgs, quiet: bool) -> Result<()> {
     let m = load_manifest(&a.manifest)?;
     let config = ModelConfig::preset(&a.config)?;
     let opts = a.train.options();
-    let net = Net::new(&config, &m.organs, opts.seed, &Device::Cpu)?;
+    let net = Net::new(&config, &m.organs, opts.seed, &a.device.select()?)?;
     train_and_save(&net, net.num_layers(), &m, &opts, None, &a.out, quiet)
 }
 
 fn finetune_cmd(a: &FinetuneArgs, quiet: bool) -> Result<()> {
     let m = load_manifest(&a.manifest)?;
-    let (net, manifest, sha) = weights::load(&a.base, &Device::Cpu)?;
+    let (net, manifest, sha) = weights::load(&a.base, &a.device.select()?)?;
     weights::check_compatible(&manifest, &m.organs, None).with_context(|| {
         format!("base weights {} against {}", a.base.display(), a.manifest.display())
     })?;
@@ -397,7 +423,7 @@ fn finetune_cmd(a: &FinetuneArgs, quiet: bool) -> Result<()> {
 
 fn evaluate_cmd(a: &EvaluateArgs) -> Result<()> {
     let m = load_manifest(&a.manifest)?;
-    let (net, manifest, _) = weights::load(&a.weights, &Device::Cpu)?;
+    let (net, manifest, _) = weights::load(&a.weights, &a.device.select()?)?;
     weights::check_compatible(&manifest, &m.organs, None)?;
     let split = match a.split {
         SplitArg::Train => Split::Train,
@@ -428,7 +454,7 @@ fn evaluate_cmd(a: &EvaluateArgs) -> Result<()> {
 }
 
 fn predict_cmd(a: &PredictArgs) -> Result<()> {
-    let (net, _, _) = weights::load(&a.weights, &Device::Cpu)?;
+    let (net, _, _) = weights::load(&a.weights, &a.device.select()?)?;
     if a.image.is_dir() {
         let input = dicom::read_dicom_input(&a.image)?;
         let labels = predict(&net, &input.image)?;

@@ -113,6 +113,29 @@ fn cached_and_uncached_fine_tuning_follow_the_same_losses() {
     }
 }
 
+/// A frozen-prefix cache beyond the device budget is kept in host memory and batches are
+/// copied over: the losses are those of the cache on the device. (On the CPU both are host
+/// memory; a budget of 0 bytes takes the spilling path all the same.)
+#[test]
+fn a_cache_beyond_the_device_budget_spills_to_host_memory_and_trains_the_same() {
+    let (_d, m) = center(phantom::Center::TargetA, 2, 1, 8);
+    let data = m.load_split(Split::Train).expect("data");
+    let base = tiny(9);
+    let slices = SliceSet::from_dataset(&data, &base).expect("slices");
+    let run = |budget: Option<u64>| {
+        let net = clone_net(&base);
+        let opts = TrainOptions { cache_device_budget: budget, ..quick(2) };
+        let r = train(&net, 3, &slices, &opts, &mut |_| {}).expect("train");
+        assert!(r.used_cache);
+        (r.cache_in_host_memory, r.epoch_losses, tensors(&net))
+    };
+    let (spilled, on_device, small_enough) = (run(Some(0)), run(None), run(Some(u64::MAX)));
+    assert!(spilled.0, "a 0-byte budget keeps the cache in host memory");
+    assert!(!on_device.0 && !small_enough.0, "within the budget the cache stays on the device");
+    assert_eq!(spilled.1, on_device.1, "the same batches give the same losses");
+    assert!(spilled.2 == on_device.2, "and the same weights");
+}
+
 #[test]
 fn training_is_reproducible_with_a_seed() {
     let (_d, m) = center(phantom::Center::Source, 2, 1, 5);

@@ -187,6 +187,40 @@ fn bad_site_data_fails_naming_case_and_file() -> Result<()> {
 fn usage_errors_exit_64() -> Result<()> {
     let out = site_agent(&["train", "--config", "tiny"])?;
     assert_eq!(out.code, Some(64), "{}", out.stderr);
+    // A device that is not a device is a usage error naming the forms.
+    let out = site_agent(&["bench", "--device", "tpu"])?;
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(out.stderr.contains("auto, cpu, cuda, cuda:N"), "{}", out.stderr);
+    Ok(())
+}
+
+/// Asking for a GPU the build or the machine cannot give fails before any work and says what
+/// to do; `auto` falls back to the CPU and says so.
+#[test]
+fn an_unavailable_gpu_is_refused_with_what_to_do() -> Result<()> {
+    let out = site_agent(&["bench", "--device", "cuda:0", "--steps", "1", "--repeat", "1"])?;
+    if shared::device::cuda_built() {
+        // A CUDA build: refused only where the driver shows no GPU.
+        if out.code != Some(0) {
+            assert!(out.stderr.contains("no CUDA GPU is visible"), "{}", out.stderr);
+        }
+    } else {
+        assert_eq!(out.code, Some(1), "{}", out.stderr);
+        assert!(out.stderr.contains("needs a build with CUDA"), "{}", out.stderr);
+        assert!(out.stderr.contains("--features cuda"), "{}", out.stderr);
+        assert!(!out.stdout.contains("images/s"), "nothing ran: {}", out.stdout);
+    }
+    let auto = site_agent(&[
+        "bench", "--device", "auto", "--steps", "1", "--repeat", "1", "--batch", "2", "--json",
+    ])?
+    .ok()?;
+    let r: serde_json::Value = serde_json::from_str(auto.stdout.trim())?;
+    let device = r["device"].as_str().unwrap_or_default();
+    if !shared::device::cuda_built() {
+        assert!(device.starts_with("cpu"), "{device}");
+        assert!(device.ends_with("; auto: this build has no CUDA"), "{device}");
+        assert!(r["peak_device_mib"].is_null(), "{r}");
+    }
     Ok(())
 }
 

@@ -61,6 +61,16 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
             }
         }
     }
+    // Each site's Hello said what it trains on (agent.device defaults to auto: the CPU in a
+    // build without CUDA) and the machine's memory; every result names the same device.
+    let listed = fed.admin().await?.list_sites(pb::ListSitesRequest {}).await?.into_inner();
+    let want = if shared::device::cuda_built() { ["cpu", "cuda"].as_slice() } else { &["cpu"] };
+    for s in &listed.sites {
+        let c = s.capabilities.as_ref().expect("capabilities from the Hello");
+        assert!(want.contains(&c.device.as_str()), "{}: {c:?}", s.name);
+        assert!(c.memory_bytes > 0, "{}: the machine's memory: {c:?}", s.name);
+        assert_eq!(c.gpu_name.is_empty(), c.device == "cpu", "{c:?}");
+    }
     // The audit log: every RPC the agents make is there, the chain verifies, and nothing in
     // any message names a case or a file of the site.
     let mut fed = fed;
