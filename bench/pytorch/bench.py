@@ -1,7 +1,12 @@
 """PyTorch reference for `site-agent bench`: the same architectures, loss, optimizer and timing.
 
-Usage: python3 bench/pytorch/bench.py --config tiny|small --batch B --steps N [--size S]
-       [--threads T] [--trainable-layers K] [--expect-params P] [--json]
+Usage: python3 bench/pytorch/bench.py --config tiny|small|resnet103 --batch B --steps N
+       [--size S] [--threads T] [--trainable-layers K] [--expect-params P]
+       [--device cpu|cuda] [--precision fp32|tf32|bf16] [--json]
+
+On CUDA, `--precision fp32` turns TF32 off for matmuls and cuDNN (strict fp32, as fedtune's
+default), `tf32` allows it, and `bf16` runs the forward pass and loss under bf16 autocast (TF32
+allowed); timings synchronise the GPU, and the peak memory is torch.cuda.max_memory_allocated.
 
 The model mirrors shared::model (same layer list, same convolutions, batch norm, nearest 2x
 upsampling, residual and skip wiring), trained with AdamW on cross-entropy + soft Dice on random
@@ -102,7 +107,18 @@ def loss_fn(logits, targets):
     return ce + (1.0 - dice[1:].mean())
 
 
-def train_rate(layers, k, images, labels, batch, cache, repeat):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device, precision):
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def train_rate(layers, k, images, labels, batch, cache, repeat, precision="fp32"):
     """Images/s of the fastest of `repeat` timed epochs after one warm-up epoch, as site_agent::bench."""
     n_layers = len(layers)
     split = n_layers - k
@@ -114,31 +130,39 @@ def train_rate(layers, k, images, labels, batch, cache, repeat):
     opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=1e-4)
     n = images.shape[0]
 
+    device = images.device
+
     def epoch():
+        sync(device)
         start = time.perf_counter()
         cached = None
         if cache and split > 0:
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, precision):
                 cached = [run(layers, (images[i:i + 32], None, []), 0, split) for i in range(0, n, 32)]
                 xs = torch.cat([s[0] for s in cached])
                 rs = torch.cat([s[1] for s in cached]) if cached[0][1] is not None else None
                 sk = [torch.cat([s[2][j] for s in cached]) for j in range(len(cached[0][2]))]
+        sync(device)
         cache_s = time.perf_counter() - start
-        perm = torch.randperm(n)
+        perm = torch.randperm(n, device=device)
         for i in range(0, n, batch):
             idx = perm[i:i + batch]
             if cached is not None:
                 state = (xs[idx], rs[idx] if rs is not None else None, [s[idx] for s in sk])
             elif split > 0:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device, precision):
                     state = run(layers, (images[idx], None, []), 0, split)
             else:
                 state = (images[idx], None, [])
-            logits = run(layers, state, split, n_layers)[0]
-            loss = loss_fn(logits, labels[idx])
+            with autocast(device, precision):
+                logits = run(layers, state, split, n_layers)[0]
+                loss = loss_fn(logits.float(), labels[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            # As fedtune reads each step's loss (progress and divergence checks).
+            loss.item()
+        sync(device)
         return n / (time.perf_counter() - start - cache_s)
 
     epoch()
@@ -155,9 +179,16 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--trainable-layers", type=int)
     ap.add_argument("--expect-params", type=int)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "tf32", "bf16"])
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        tf32 = a.precision != "fp32"
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     torch.manual_seed(1)
     in_ch, size, widths, enc, dec = PRESETS[a.config]
     size = a.size or size
@@ -168,24 +199,30 @@ def main():
     if a.expect_params is not None and params != a.expect_params:
         raise SystemExit(f"parameter count {params} differs from the Rust model's {a.expect_params}")
     n = a.batch * a.steps
-    images = torch.rand(n, in_ch, size, size) * 2 - 1
-    labels = torch.randint(0, CLASSES, (n, size, size))
-    full = train_rate(layers, n_layers, images, labels, a.batch, False, a.repeat)
-    tail = train_rate(layers, k, images, labels, a.batch, False, a.repeat)
-    cached = train_rate(layers, k, images, labels, a.batch, True, a.repeat)
+    layers = layers.to(device)
+    images = (torch.rand(n, in_ch, size, size) * 2 - 1).to(device)
+    labels = torch.randint(0, CLASSES, (n, size, size)).to(device)
+    full = train_rate(layers, n_layers, images, labels, a.batch, False, a.repeat, a.precision)
+    tail = train_rate(layers, k, images, labels, a.batch, False, a.repeat, a.precision)
+    cached = train_rate(layers, k, images, labels, a.batch, True, a.repeat, a.precision)
     for l in layers:
         l.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast(device, a.precision):
         run(layers, (images[:a.batch], None, []), 0, n_layers)
         ev = 0.0
         for _ in range(max(1, a.repeat)):
+            sync(device)
             start = time.perf_counter()
             for i in range(0, n, a.batch):
                 run(layers, (images[i:i + a.batch], None, []), 0, n_layers)
+            sync(device)
             ev = max(ev, n / (time.perf_counter() - start))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_device = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     r = {
-        "engine": f"pytorch {torch.__version__}", "config": a.config, "size": size, "batch": a.batch,
+        "engine": f"pytorch {torch.__version__}", "device": a.device, "precision": a.precision,
+        "peak_device_mib": peak_device,
+        "config": a.config, "size": size, "batch": a.batch,
         "layers": n_layers, "trainable_layers": k, "parameters": params, "threads": torch.get_num_threads(), "repeat": max(1, a.repeat),
         "full_train_images_per_s": full, "tail_recompute_images_per_s": tail,
         "tail_cached_images_per_s": cached, "eval_slices_per_s": ev, "peak_rss_mib": peak,

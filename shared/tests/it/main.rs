@@ -2,6 +2,7 @@
 //! manifests, the model and its weights, and the CPU training ops against candle's own.
 //! Hostile input: the readers and parsers answer damaged and arbitrary bytes without panicking.
 
+mod cuda;
 mod hostile;
 mod manifest;
 mod metrics;

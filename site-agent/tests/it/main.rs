@@ -1,6 +1,7 @@
 //! Engine tests on tiny phantoms: the frozen prefix stays frozen, the cache changes nothing but
 //! speed, runs are reproducible, and fine-tuning helps at a new center.
 
+mod cuda;
 mod dicom;
 mod dicom_export;
 mod orientation;
