@@ -358,7 +358,12 @@ fn device_summary(c: &pb::Capabilities) -> String {
             } else {
                 String::new()
             };
-            format!("  cuda ({}, {:.1} GiB{cap})", c.gpu_name, gib(c.gpu_memory_bytes))
+            format!(
+                "  cuda ({}, {:.1} GiB, {:.1} GiB free at hello{cap})",
+                c.gpu_name,
+                gib(c.gpu_memory_bytes),
+                gib(c.gpu_free_bytes)
+            )
         }
         other => format!("  {other} ({} threads)", c.threads),
     }
@@ -838,4 +843,29 @@ fn pki(p: PkiCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_list_says_what_each_site_trains_on() {
+        let cpu = pb::Capabilities { device: "cpu".into(), threads: 16, ..Default::default() };
+        assert_eq!(device_summary(&cpu), "  cpu (16 threads)");
+        let gib = 1u64 << 30;
+        let gpu = pb::Capabilities {
+            device: "cuda".into(),
+            gpu_name: "NVIDIA H200".into(),
+            gpu_memory_bytes: 140 * gib,
+            gpu_free_bytes: 139 * gib,
+            max_gpu_memory_bytes: 40 * gib,
+            ..Default::default()
+        };
+        assert_eq!(
+            device_summary(&gpu),
+            "  cuda (NVIDIA H200, 140.0 GiB, 139.0 GiB free at hello, policy cap 40.0 GiB)"
+        );
+        assert_eq!(device_summary(&pb::Capabilities::default()), "", "an agent before devices");
+    }
 }

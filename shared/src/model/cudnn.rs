@@ -123,6 +123,8 @@ fn descriptors(cudnn: &Arc<Cudnn>, c: &ConvShape) -> Result<Descriptors> {
 
 /// Runs `f` with this thread's cuDNN state for `dev`.
 fn with_state<R>(dev: &CudaDevice, f: impl FnOnce(&mut PerDevice) -> Result<R>) -> Result<R> {
+    // cuDNN calls run in the current context of the calling thread: make it this device's.
+    dev.cuda_stream().context().bind_to_thread()?;
     STATE.with(|cell| {
         let mut map = cell.borrow_mut();
         let state = match map.entry(dev.id()) {

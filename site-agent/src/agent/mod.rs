@@ -345,6 +345,7 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
                 0
             },
             max_gpu_memory_bytes: cfg.policy.max_gpu_memory_gb.map_or(0, gib_to_bytes),
+            gpu_free_bytes: shared::device::free_memory_bytes(&site.device).unwrap_or(0),
             threads: rayon::current_num_threads() as u32,
             allowed_kinds: kinds,
             max_epochs: cfg.policy.max_epochs,
