@@ -1,4 +1,4 @@
-//! Running one task with the engine, off the async runtime: policy check, data, weights,
+//! Running one task with the engine, off the async runtime: data, weights,
 //! training, evaluation, and the result message (scores by case index only).
 
 use std::path::{Path, PathBuf};
@@ -11,6 +11,7 @@ use shared::model::{ModelConfig, Net};
 use shared::weights::{self, WeightsManifest};
 
 use super::config::{Policy, SiteConfig};
+use super::policy::{check_gpu_memory, effective_epochs};
 use crate::evaluate::evaluate;
 use crate::train::{SliceSet, TrainError, TrainEvent, TrainOptions, train_until};
 
@@ -44,90 +45,6 @@ impl From<pb::FailureCode> for Ended {
     fn from(c: pb::FailureCode) -> Self {
         Self::Failure(c)
     }
-}
-
-/// `policy.max_gpu_memory_gb` against the estimated memory of training the last `k` layers of
-/// `config` at `batch` slices (it does not apply on the CPU). Returns the frozen-prefix cache's
-/// device budget: what the cap leaves beside the training itself (`None`: no cap).
-fn check_gpu_memory(
-    site: &Site,
-    config: &ModelConfig,
-    k: usize,
-    batch: usize,
-) -> Result<Option<u64>, Ended> {
-    let Some(cap_gb) = site.policy.max_gpu_memory_gb else { return Ok(None) };
-    if site.device.is_cpu() {
-        return Ok(None);
-    }
-    let cap = (cap_gb * (1u64 << 30) as f64) as u64;
-    let classes = site.manifest.organs.num_classes();
-    let need = config.training_memory_bytes(classes, batch, k);
-    if need > cap {
-        tracing::warn!(
-            need_gib = need as f64 / (1u64 << 30) as f64,
-            cap_gib = cap_gb,
-            config = %config.name,
-            batch,
-            trainable_layers = k,
-            "task refused: its estimated GPU memory is beyond policy.max_gpu_memory_gb"
-        );
-        return Err(Ended::Refusal(pb::RefusalCode::GpuMemory));
-    }
-    Ok(Some(cap - need))
-}
-
-/// The policy's name for a task kind (`policy.allowed_tasks`).
-pub fn kind_name(kind: pb::TaskKind) -> &'static str {
-    match kind {
-        pb::TaskKind::Evaluate => "evaluate",
-        pb::TaskKind::Finetune => "finetune",
-        pb::TaskKind::Train => "train",
-        pb::TaskKind::TransferSource | pb::TaskKind::TransferTarget => "transfer",
-        pb::TaskKind::Unspecified => "unspecified",
-    }
-}
-
-/// Rough seconds per training slice per epoch on this machine's CPU, for the `max_hours`
-/// check; deliberately generous (the `small` config's measured rate is ~25 ms per slice).
-const SECONDS_PER_SLICE_EPOCH: f64 = 0.05;
-
-/// The policy's verdict on a task, before any work: `Some(reason)` refuses it.
-pub fn check_policy(
-    policy: &Policy,
-    spec: &pb::TaskSpec,
-    train_slices: usize,
-) -> Option<pb::RefusalCode> {
-    let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
-    if !policy.allowed_tasks.iter().any(|k| k == kind_name(kind)) {
-        return Some(pb::RefusalCode::KindNotAllowed);
-    }
-    if kind == pb::TaskKind::TransferSource && !policy.share_weights {
-        return Some(pb::RefusalCode::SharingNotAllowed);
-    }
-    // Epochs of every model the task trains.
-    let trainings: Vec<u32> = match kind {
-        pb::TaskKind::Evaluate => Vec::new(),
-        pb::TaskKind::TransferTarget => spec
-            .arms
-            .iter()
-            .filter(|a| a.kind != pb::ArmKind::Base as i32)
-            .map(|a| if a.epochs == 0 { effective_epochs(spec) } else { a.epochs })
-            .collect(),
-        _ => vec![effective_epochs(spec)],
-    };
-    if trainings.iter().any(|&e| e > policy.max_epochs) {
-        return Some(pb::RefusalCode::TooManyEpochs);
-    }
-    let epochs: u32 = trainings.iter().sum();
-    let hours = f64::from(epochs) * train_slices as f64 * SECONDS_PER_SLICE_EPOCH / 3600.0;
-    if hours > policy.max_hours {
-        return Some(pb::RefusalCode::TooLong);
-    }
-    None
-}
-
-fn effective_epochs(spec: &pb::TaskSpec) -> u32 {
-    if spec.epochs == 0 { TrainOptions::default().epochs as u32 } else { spec.epochs }
 }
 
 fn train_options(spec: &pb::TaskSpec) -> TrainOptions {
@@ -406,7 +323,8 @@ fn run_single(
         if k == 0 || k > net.num_layers() {
             return Err(pb::FailureCode::ModelMismatch.into());
         }
-        opts.cache_device_budget = check_gpu_memory(site, net.config(), k, opts.batch_size)?;
+        opts.cache_device_budget =
+            check_gpu_memory(site, net.config(), k, opts.batch_size).map_err(Ended::Refusal)?;
     }
     runner.phase("load", 0.0);
     let test = load_split(site, Split::Test)?;
@@ -462,7 +380,9 @@ fn run_arms(
             _ => continue,
         };
         let batch = train_options(spec).batch_size;
-        if let Some(b) = check_gpu_memory(site, &base_manifest.config, k, batch)? {
+        if let Some(b) =
+            check_gpu_memory(site, &base_manifest.config, k, batch).map_err(Ended::Refusal)?
+        {
             cache_budget = Some(cache_budget.map_or(b, |c| c.min(b)));
         }
     }

@@ -12,11 +12,13 @@
 //! - [`config`]: the `site.toml` file.
 //! - [`audit`]: the audit log.
 //! - [`exec`]: running a task with the engine.
+//! - [`policy`]: the site policy applied to a task before any work.
 
 pub mod audit;
 pub mod config;
 pub mod exec;
 pub mod faults;
+pub mod policy;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -526,8 +528,8 @@ async fn run_leased(
 ) -> Result<Option<Outcome>, CallError> {
     let spec = task.spec.clone().unwrap_or_default();
     let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
-    tracing::info!(task = %task.task_id, attempt = task.attempt, kind = exec::kind_name(kind), "task received");
-    if let Some(code) = exec::check_policy(&site.policy, &spec, site.train_cases() * 64) {
+    tracing::info!(task = %task.task_id, attempt = task.attempt, kind = policy::kind_name(kind), "task received");
+    if let Some(code) = policy::check_policy(&site.policy, &spec, site.train_cases() * 64) {
         tracing::warn!(task = %task.task_id, reason = code.as_str_name(), "task refused by site policy");
         return Ok(Some(Outcome::Refusal(code)));
     }

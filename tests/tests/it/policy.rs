@@ -44,12 +44,7 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
     // Wait until site-b is training, then stop its agent.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
     loop {
-        let r = fed
-            .admin()
-            .await?
-            .get_round(pb::RoundRequest { round_id: round.clone() })
-            .await?
-            .into_inner();
+        let r = fed.round(&round).await?;
         let b = r.tasks.iter().find(|t| t.site == "site-b").expect("task");
         if b.progress.as_ref().is_some_and(|p| p.phase == "train") {
             break;
@@ -66,12 +61,7 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
     // site-a refuses on its next poll, which on a loaded machine can come after site-b trains.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let r = loop {
-        let r = fed
-            .admin()
-            .await?
-            .get_round(pb::RoundRequest { round_id: round.clone() })
-            .await?
-            .into_inner();
+        let r = fed.round(&round).await?;
         let a = r.tasks.iter().find(|t| t.site == "site-a").expect("task");
         if a.state != pb::TaskState::Pending as i32 || tokio::time::Instant::now() > deadline {
             break r;

@@ -1,0 +1,398 @@
+//! The convolution op: forward, backward-data and backward-filter, through im2col + GEMM on
+//! the CPU and cuDNN on CUDA.
+
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::gemm::{Mat, batch_parallel, matmul, per_image, with_scratch};
+use super::{contiguous, dims4};
+
+/// Geometry of a 2-D convolution over one `[channels, h, w]` image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Geometry {
+    batch: usize,
+    channels: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl Geometry {
+    fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    fn cols_len(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+    /// Rows of one image's im2col matrix: `channels * k * k`.
+    fn patch(&self) -> usize {
+        self.channels * self.k * self.k
+    }
+    fn image_len(&self) -> usize {
+        self.channels * self.h * self.w
+    }
+    /// The same convolution for cuDNN, with `co` output channels.
+    #[cfg(feature = "cuda")]
+    fn cudnn(&self, co: usize) -> crate::model::cudnn::ConvShape {
+        crate::model::cudnn::ConvShape {
+            batch: self.batch,
+            ci: self.channels,
+            h: self.h,
+            w: self.w,
+            co,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
+    /// A 1x1 convolution with stride 1 and no padding: the image is its own im2col matrix.
+    fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// The output index range `[lo, hi)` along one axis for kernel offset `ki`, where the input
+    /// index `o * stride + ki - pad` is inside `0..n`.
+    fn valid(&self, n: usize, n_out: usize, ki: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if ki >= self.pad { 0 } else { (self.pad - ki).div_ceil(s) };
+        // o * s + ki - pad <= n - 1  <=>  o <= (n - 1 + pad - ki) / s
+        let hi = if n + self.pad > ki { ((n - 1 + self.pad - ki) / s + 1).min(n_out) } else { 0 };
+        (lo.min(hi), hi)
+    }
+}
+
+/// One image `[c, h, w]` -> its im2col matrix `[c*k*k, out_h*out_w]`, written over `out`
+/// (every element, padding taps included, so `out` may hold anything before).
+fn im2col(g: &Geometry, img: &[f32], out: &mut [f32]) {
+    let (oh, ow, l, kk) = (g.out_h(), g.out_w(), g.cols_len(), g.k * g.k);
+    for (plane, block) in img.chunks_exact(g.h * g.w).zip(out.chunks_exact_mut(kk * l)) {
+        for ki in 0..g.k {
+            let (y0, y1) = g.valid(g.h, oh, ki);
+            for kj in 0..g.k {
+                let (x0, x1) = g.valid(g.w, ow, kj);
+                let row = &mut block[(ki * g.k + kj) * l..][..l];
+                if x0 == x1 || y0 == y1 {
+                    row.fill(0.0); // this tap only ever reads padding
+                    continue;
+                }
+                row[..y0 * ow].fill(0.0);
+                row[y1 * ow..].fill(0.0);
+                for oy in y0..y1 {
+                    let iy = oy * g.stride + ki - g.pad;
+                    let src = &plane[iy * g.w..(iy + 1) * g.w];
+                    let dst = &mut row[oy * ow..(oy + 1) * ow];
+                    dst[..x0].fill(0.0);
+                    dst[x1..].fill(0.0);
+                    if g.stride == 1 {
+                        let ix0 = x0 + kj - g.pad;
+                        dst[x0..x1].copy_from_slice(&src[ix0..ix0 + (x1 - x0)]);
+                    } else {
+                        for ox in x0..x1 {
+                            dst[ox] = src[ox * g.stride + kj - g.pad];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The adjoint of [`im2col`] for one image: `[c*k*k, out_h*out_w]` -> `[c, h, w]`, summing
+/// overlapping taps into `img`, which must be zero on entry.
+fn col2im(g: &Geometry, cols: &[f32], img: &mut [f32]) {
+    let (oh, ow, l, kk) = (g.out_h(), g.out_w(), g.cols_len(), g.k * g.k);
+    for (plane, block) in img.chunks_exact_mut(g.h * g.w).zip(cols.chunks_exact(kk * l)) {
+        for ki in 0..g.k {
+            let (y0, y1) = g.valid(g.h, oh, ki);
+            for kj in 0..g.k {
+                let (x0, x1) = g.valid(g.w, ow, kj);
+                if x0 == x1 {
+                    continue; // this tap only ever reads padding
+                }
+                let row = &block[(ki * g.k + kj) * l..][..l];
+                for oy in y0..y1 {
+                    let iy = oy * g.stride + ki - g.pad;
+                    let dst = &mut plane[iy * g.w..(iy + 1) * g.w];
+                    let src = &row[oy * ow..(oy + 1) * ow];
+                    if g.stride == 1 {
+                        let ix0 = x0 + kj - g.pad;
+                        for (d, s) in dst[ix0..ix0 + (x1 - x0)].iter_mut().zip(&src[x0..x1]) {
+                            *d += s;
+                        }
+                    } else {
+                        for ox in x0..x1 {
+                            dst[ox * g.stride + kj - g.pad] += src[ox];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv2d(x, w)` for `x: [b, ci, h, w]`, `w: [co, ci, k, k]`, no bias.
+#[derive(Debug, Clone, Copy)]
+struct Conv2d {
+    stride: usize,
+    pad: usize,
+}
+
+impl Conv2d {
+    fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, usize)> {
+        let [batch, channels, h, w] = dims4(xl, "conv2d input")?;
+        let [co, ci, k, k2] = dims4(wl, "conv2d weight")?;
+        if ci != channels
+            || k != k2
+            || self.stride == 0
+            || h + 2 * self.pad < k
+            || w + 2 * self.pad < k
+        {
+            candle_core::bail!(
+                "conv2d: weight {co}x{ci}x{k}x{k2} (stride {}, padding {}) does not fit input \
+                 {batch}x{channels}x{h}x{w}",
+                self.stride,
+                self.pad
+            );
+        }
+        Ok((Geometry { batch, channels, h, w, k, stride: self.stride, pad: self.pad }, co))
+    }
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "fedtune-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, co) = self.geometry(xl, wl)?;
+        let x = contiguous(xs, xl, "conv2d input")?;
+        let wt = Mat::row_major(contiguous(ws, wl, "conv2d weight")?, co, g.patch());
+        let l = g.cols_len();
+        let mut y = vec![0f32; g.batch * co * l];
+        per_image(&mut y, co * l, g.batch, |b, par, yb| {
+            let img = &x[b * g.image_len()..][..g.image_len()];
+            if g.is_pointwise() {
+                matmul(yb, wt, Mat::row_major(img, g.channels, l), false, par);
+            } else {
+                with_scratch(g.patch() * l, |cols| {
+                    im2col(&g, img, cols);
+                    matmul(yb, wt, Mat::row_major(cols, g.patch(), l), false, par);
+                });
+            }
+        });
+        Ok((CpuStorage::F32(y), Shape::from((g.batch, co, g.out_h(), g.out_w()))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, co) = self.geometry(xl, wl)?;
+        crate::model::cudnn::forward(g.cudnn(co), xs, xl, ws, wl)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            Some(grad.apply_op2_no_bwd(
+                &w.contiguous()?,
+                &ConvBackwardData { conv: *self, x: x.shape().clone() },
+            )?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.contiguous()?.apply_op2_no_bwd(
+                &grad,
+                &ConvBackwardFilter { conv: *self, w: w.shape().clone() },
+            )?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `dx` from `(dy, w)`: `dx[b] = col2im(W^T @ dy[b])`.
+#[derive(Debug)]
+struct ConvBackwardData {
+    conv: Conv2d,
+    /// Shape of the forward input.
+    x: Shape,
+}
+
+impl CustomOp2 for ConvBackwardData {
+    fn name(&self) -> &'static str {
+        "fedtune-conv2d-backward-data"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gs: &CpuStorage,
+        gl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, co) = self.conv.geometry(&Layout::contiguous(self.x.clone()), wl)?;
+        let dy = contiguous(gs, gl, "conv2d output gradient")?;
+        let l = g.cols_len();
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        let wt = Mat::row_major(contiguous(ws, wl, "conv2d weight")?, co, g.patch()).t();
+        let mut dx = vec![0f32; g.batch * g.image_len()];
+        per_image(&mut dx, g.image_len(), g.batch, |b, par, dxb| {
+            let dyb = Mat::row_major(&dy[b * co * l..][..co * l], co, l);
+            if g.is_pointwise() {
+                matmul(dxb, wt, dyb, false, par);
+            } else {
+                with_scratch(g.patch() * l, |dcols| {
+                    matmul(dcols, wt, dyb, false, par);
+                    col2im(&g, dcols, dxb);
+                });
+            }
+        });
+        Ok((CpuStorage::F32(dx), self.x.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, co) = self.conv.geometry(&Layout::contiguous(self.x.clone()), wl)?;
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        crate::model::cudnn::backward_data(g.cudnn(co), gs, gl, ws, wl)
+    }
+}
+
+/// `dw` from `(x, dy)`: `dW = sum_b dy[b] @ im2col(x[b])^T`.
+#[derive(Debug)]
+struct ConvBackwardFilter {
+    conv: Conv2d,
+    /// Shape of the weight.
+    w: Shape,
+}
+
+impl CustomOp2 for ConvBackwardFilter {
+    fn name(&self) -> &'static str {
+        "fedtune-conv2d-backward-filter"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (g, co) = self.conv.geometry(xl, &Layout::contiguous(self.w.clone()))?;
+        let x = contiguous(xs, xl, "conv2d input")?;
+        let dy = contiguous(gs, gl, "conv2d output gradient")?;
+        let (l, p) = (g.cols_len(), g.patch());
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        let add_image = |acc: &mut [f32], b: usize, par: Parallelism| {
+            let img = &x[b * g.image_len()..][..g.image_len()];
+            let dyb = Mat::row_major(&dy[b * co * l..][..co * l], co, l);
+            if g.is_pointwise() {
+                matmul(acc, dyb, Mat::row_major(img, g.channels, l).t(), true, par);
+            } else {
+                with_scratch(p * l, |cols| {
+                    im2col(&g, img, cols);
+                    matmul(acc, dyb, Mat::row_major(cols, p, l).t(), true, par);
+                });
+            }
+        };
+        let dw = match batch_parallel(g.batch) {
+            None => (0..g.batch)
+                .into_par_iter()
+                .fold(
+                    || vec![0f32; co * p],
+                    |mut acc, b| {
+                        add_image(&mut acc, b, Parallelism::None);
+                        acc
+                    },
+                )
+                .reduce_with(|mut a, b| {
+                    a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                    a
+                })
+                .unwrap_or_else(|| vec![0f32; co * p]),
+            Some(par) => {
+                let mut acc = vec![0f32; co * p];
+                (0..g.batch).for_each(|b| add_image(&mut acc, b, par));
+                acc
+            }
+        };
+        Ok((CpuStorage::F32(dw), self.w.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (g, co) = self.conv.geometry(xl, &Layout::contiguous(self.w.clone()))?;
+        if gl.dims() != [g.batch, co, g.out_h(), g.out_w()] {
+            candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
+        }
+        crate::model::cudnn::backward_filter(g.cudnn(co), xs, xl, gs, gl)
+    }
+}
+
+/// Whether cuDNN may use TF32 tensor cores for fp32 convolutions (`FEDTUNE_TF32=1`, CUDA
+/// builds only); off, CPU and GPU agree to fp32 rounding.
+pub fn tf32_allowed() -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        crate::model::cudnn::tf32_allowed()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        false
+    }
+}
+
+/// A square-kernel 2-D convolution without bias, differentiable in both arguments.
+///
+/// With f32 it runs as im2col + GEMM on the CPU, and as cuDNN forward, backward-data and
+/// backward-filter calls on CUDA (`cuda` feature, [`crate::model::cudnn`]); elsewhere it is candle's
+/// `conv2d`.
+pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
+    let ours = x.device().is_cpu() || (cfg!(feature = "cuda") && x.device().is_cuda());
+    if !ours || x.dtype() != candle_core::DType::F32 {
+        return x.conv2d(w, pad, stride, 1, 1);
+    }
+    x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { stride, pad })
+}

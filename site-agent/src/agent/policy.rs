@@ -1,0 +1,93 @@
+//! The site's policy applied to a task, before any work: the kinds it runs, epochs and hours,
+//! whether weights may leave, and the GPU memory a task may plan to use.
+
+use proto::pb;
+use shared::model::ModelConfig;
+
+use super::config::Policy;
+use super::exec::Site;
+use crate::train::TrainOptions;
+
+/// `policy.max_gpu_memory_gb` against the estimated memory of training the last `k` layers of
+/// `config` at `batch` slices (it does not apply on the CPU). Returns the frozen-prefix cache's
+/// device budget: what the cap leaves beside the training itself (`None`: no cap).
+pub fn check_gpu_memory(
+    site: &Site,
+    config: &ModelConfig,
+    k: usize,
+    batch: usize,
+) -> Result<Option<u64>, pb::RefusalCode> {
+    let Some(cap_gb) = site.policy.max_gpu_memory_gb else { return Ok(None) };
+    if site.device.is_cpu() {
+        return Ok(None);
+    }
+    let cap = (cap_gb * (1u64 << 30) as f64) as u64;
+    let classes = site.manifest.organs.num_classes();
+    let need = config.training_memory_bytes(classes, batch, k);
+    if need > cap {
+        tracing::warn!(
+            need_gib = need as f64 / (1u64 << 30) as f64,
+            cap_gib = cap_gb,
+            config = %config.name,
+            batch,
+            trainable_layers = k,
+            "task refused: its estimated GPU memory is beyond policy.max_gpu_memory_gb"
+        );
+        return Err(pb::RefusalCode::GpuMemory);
+    }
+    Ok(Some(cap - need))
+}
+
+/// The policy's name for a task kind (`policy.allowed_tasks`).
+pub fn kind_name(kind: pb::TaskKind) -> &'static str {
+    match kind {
+        pb::TaskKind::Evaluate => "evaluate",
+        pb::TaskKind::Finetune => "finetune",
+        pb::TaskKind::Train => "train",
+        pb::TaskKind::TransferSource | pb::TaskKind::TransferTarget => "transfer",
+        pb::TaskKind::Unspecified => "unspecified",
+    }
+}
+
+/// Rough seconds per training slice per epoch on this machine's CPU, for the `max_hours`
+/// check; deliberately generous (the `small` config's measured rate is ~25 ms per slice).
+const SECONDS_PER_SLICE_EPOCH: f64 = 0.05;
+
+/// The policy's verdict on a task, before any work: `Some(reason)` refuses it.
+pub fn check_policy(
+    policy: &Policy,
+    spec: &pb::TaskSpec,
+    train_slices: usize,
+) -> Option<pb::RefusalCode> {
+    let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
+    if !policy.allowed_tasks.iter().any(|k| k == kind_name(kind)) {
+        return Some(pb::RefusalCode::KindNotAllowed);
+    }
+    if kind == pb::TaskKind::TransferSource && !policy.share_weights {
+        return Some(pb::RefusalCode::SharingNotAllowed);
+    }
+    // Epochs of every model the task trains.
+    let trainings: Vec<u32> = match kind {
+        pb::TaskKind::Evaluate => Vec::new(),
+        pb::TaskKind::TransferTarget => spec
+            .arms
+            .iter()
+            .filter(|a| a.kind != pb::ArmKind::Base as i32)
+            .map(|a| if a.epochs == 0 { effective_epochs(spec) } else { a.epochs })
+            .collect(),
+        _ => vec![effective_epochs(spec)],
+    };
+    if trainings.iter().any(|&e| e > policy.max_epochs) {
+        return Some(pb::RefusalCode::TooManyEpochs);
+    }
+    let epochs: u32 = trainings.iter().sum();
+    let hours = f64::from(epochs) * train_slices as f64 * SECONDS_PER_SLICE_EPOCH / 3600.0;
+    if hours > policy.max_hours {
+        return Some(pb::RefusalCode::TooLong);
+    }
+    None
+}
+
+pub(super) fn effective_epochs(spec: &pb::TaskSpec) -> u32 {
+    if spec.epochs == 0 { TrainOptions::default().epochs as u32 } else { spec.epochs }
+}
