@@ -1,0 +1,273 @@
+//! `Link`: the agent's audited client of the coordinator's `SiteService`. Every request is
+//! written to the audit log before it is sent; downloads resume from the last whole chunk of a
+//! kept part and are checked against their sha256.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use prost::Message;
+use proto::limits;
+use proto::pb::{self, site_service_client::SiteServiceClient};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use super::audit::{self, AuditLog};
+use super::config::SiteConfig;
+use super::faults;
+
+/// Why a call to the coordinator failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{0}")]
+    Status(#[from] tonic::Status),
+    #[error("connecting: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Audit(#[from] audit::AuditError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("download of {0} stopped on request")]
+    Interrupted(String),
+    #[error("model {sha256}: {message}")]
+    Download { sha256: String, message: String },
+    /// A download resumed from a kept part did not verify: the part was damaged.
+    /// `Link::fetch_model` answers it by fetching again from the start.
+    #[error("model {sha256}: resumed download {message}")]
+    ResumedMismatch { sha256: String, message: String },
+    /// The site's own certificate cannot be used (expired, not yet valid, unreadable).
+    #[error("{0}")]
+    Certificate(String),
+}
+
+impl CallError {
+    /// Refusals the agent cannot fix by retrying: a revoked or unknown certificate.
+    pub(super) fn is_fatal(&self) -> bool {
+        matches!(self, CallError::Certificate(_))
+            || matches!(self, CallError::Status(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::Unauthenticated))
+    }
+}
+
+/// Refuses to dial with an expired or not yet valid site certificate, saying what to do (the
+/// coordinator would only drop the handshake); warns when it expires soon.
+fn check_certificate(path: &Path) -> Result<(), CallError> {
+    let renew = "ask the study lead for a new bundle (`coordinator pki revoke site NAME`, then \
+                 `coordinator pki issue-site NAME`) and point [tls] bundle at it";
+    match shared::cert::check_own(path, "site", renew) {
+        Err(e) => Err(CallError::Certificate(e)),
+        Ok(Some(days_left)) => {
+            tracing::warn!(days_left, "the site certificate expires soon; {renew}");
+            Ok(())
+        }
+        Ok(None) => Ok(()),
+    }
+}
+
+/// A connection to the coordinator whose every request is audited before it is sent.
+#[derive(Clone, Debug)]
+pub struct Link {
+    client: SiteServiceClient<Channel>,
+    audit: AuditLog,
+}
+
+const SVC: &str = "fedtune.v1.SiteService";
+
+impl Link {
+    pub async fn connect(cfg: &SiteConfig, audit: AuditLog) -> Result<Self, CallError> {
+        let bundle = &cfg.tls.bundle;
+        check_certificate(&bundle.join("cert.pem"))?;
+        let read = |f: &str| {
+            let path = bundle.join(f);
+            std::fs::read(&path).map_err(|source| CallError::Io { path, source })
+        };
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("ca.pem")?))
+            .identity(Identity::from_pem(read("cert.pem")?, read("key.pem")?))
+            .domain_name(cfg.coordinator.server_name.clone());
+        let channel = Channel::from_shared(cfg.coordinator.address.clone())
+            .map_err(|e| CallError::Download { sha256: String::new(), message: e.to_string() })?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(true)
+            .connect()
+            .await?;
+        let client = SiteServiceClient::new(channel)
+            .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
+        Ok(Self { client, audit })
+    }
+
+    fn audit<M: Message>(&self, rpc: &str, m: &M) -> Result<(), CallError> {
+        self.audit.record(&format!("{SVC}/{rpc}"), &m.encode_to_vec())?;
+        Ok(())
+    }
+
+    pub async fn hello(&mut self, req: pb::HelloRequest) -> Result<pb::HelloResponse, CallError> {
+        self.audit("Hello", &req)?;
+        Ok(self.client.hello(req).await?.into_inner())
+    }
+
+    pub async fn next_task(&mut self, wait_seconds: u32) -> Result<Option<pb::Task>, CallError> {
+        let req = pb::NextTaskRequest { wait_seconds };
+        self.audit("NextTask", &req)?;
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(Duration::from_secs(u64::from(wait_seconds) + 30));
+        Ok(self.client.next_task(r).await?.into_inner().task)
+    }
+
+    pub async fn heartbeat(
+        &mut self,
+        req: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, CallError> {
+        self.audit("Heartbeat", &req)?;
+        Ok(self.client.heartbeat(req).await?.into_inner())
+    }
+
+    pub async fn submit(&mut self, req: pb::SubmitResultRequest) -> Result<bool, CallError> {
+        self.audit("SubmitResult", &req)?;
+        faults::pause_at("submit");
+        Ok(self.client.submit_result(req).await?.into_inner().recorded)
+    }
+
+    /// Uploads the weights a source task trained (Model_S), each message audited. Safe to
+    /// repeat: the coordinator accepts the same bytes again.
+    pub async fn upload_model(
+        &mut self,
+        task_id: &str,
+        attempt: u32,
+        path: &Path,
+    ) -> Result<pb::ModelInfo, CallError> {
+        let bytes = tokio::fs::read(path)
+            .await
+            .map_err(|source| CallError::Io { path: path.to_owned(), source })?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let mut msgs = vec![pb::UploadModelRequest {
+            part: Some(pb::upload_model_request::Part::Header(pb::UploadHeader {
+                task_id: task_id.into(),
+                attempt,
+                model: Some(pb::ModelRef {
+                    sha256: sha256.clone(),
+                    size: bytes.len() as u64,
+                    name: String::new(),
+                }),
+            })),
+        }];
+        msgs.extend(bytes.chunks(limits::CHUNK_BYTES).map(|c| pb::UploadModelRequest {
+            part: Some(pb::upload_model_request::Part::Chunk(c.to_vec())),
+        }));
+        for m in &msgs {
+            self.audit("UploadModel", m)?;
+        }
+        tracing::info!(task = task_id, sha256 = %sha256, bytes = bytes.len(), "uploading Model_S (policy share_weights = true)");
+        Ok(self.client.upload_model(tokio_stream::iter(msgs)).await?.into_inner())
+    }
+
+    /// Downloads a model into `dir/<sha256>`, resuming from `dir/<sha256>.part`, and verifies
+    /// its hash. A resumed download that does not verify (the kept part was damaged) is
+    /// discarded and fetched again from the start, once. `stop_after` cuts the download after
+    /// that many bytes of this call (tests use it to simulate a broken connection). Returns the
+    /// file and the bytes received.
+    pub async fn fetch_model(
+        &mut self,
+        model: &pb::ModelRef,
+        dir: &Path,
+        stop_after: Option<u64>,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(PathBuf, u64), CallError> {
+        match self.fetch_once(model, dir, stop_after, progress).await {
+            Err(e @ CallError::ResumedMismatch { .. }) => {
+                tracing::warn!(error = %e, "fetching the model again from the start");
+                self.fetch_once(model, dir, stop_after, progress).await
+            }
+            other => other,
+        }
+    }
+
+    async fn fetch_once(
+        &mut self,
+        model: &pb::ModelRef,
+        dir: &Path,
+        stop_after: Option<u64>,
+        progress: &mut (dyn FnMut(u64, u64) + Send),
+    ) -> Result<(PathBuf, u64), CallError> {
+        let sha = model.sha256.to_ascii_lowercase();
+        if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(CallError::Download { sha256: sha, message: "not a sha256".into() });
+        }
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| CallError::Io { path, source }
+        };
+        tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
+        let done = dir.join(&sha);
+        if done.exists() {
+            let bytes = tokio::fs::read(&done).await.map_err(io(&done))?;
+            if hex::encode(Sha256::digest(&bytes)) == sha {
+                return Ok((done, 0));
+            }
+            tracing::warn!(path = %done.display(), "cached model does not match its hash; fetching again");
+            tokio::fs::remove_file(&done).await.map_err(io(&done))?;
+        }
+        let part = dir.join(format!("{sha}.part"));
+        // Resume: the part file holds whole chunks received in order; hash what is there.
+        let have = tokio::fs::read(&part).await.unwrap_or_default();
+        let mut hasher = Sha256::new();
+        hasher.update(&have);
+        let mut offset = have.len() as u64;
+        if offset > model.size {
+            offset = 0;
+            hasher = Sha256::new();
+            let _ = tokio::fs::remove_file(&part).await;
+        }
+        if offset > 0 {
+            tracing::info!(sha256 = %sha, offset, "resuming download");
+        }
+        let resumed_from = offset;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&part)
+            .await
+            .map_err(io(&part))?;
+        let req = pb::FetchModelRequest { sha256: sha.clone(), offset };
+        self.audit("FetchModel", &req)?;
+        let mut stream = self.client.fetch_model(req).await?.into_inner();
+        let mut received = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            if chunk.offset != offset || chunk.total_size != model.size {
+                return Err(CallError::Download {
+                    sha256: sha,
+                    message: format!(
+                        "chunk at {} (size {}), expected {offset} (size {})",
+                        chunk.offset, chunk.total_size, model.size
+                    ),
+                });
+            }
+            file.write_all(&chunk.data).await.map_err(io(&part))?;
+            file.flush().await.map_err(io(&part))?;
+            faults::pause_at("download");
+            hasher.update(&chunk.data);
+            offset += chunk.data.len() as u64;
+            received += chunk.data.len() as u64;
+            progress(offset, model.size);
+            if stop_after.is_some_and(|n| received >= n) && offset < model.size {
+                return Err(CallError::Interrupted(sha));
+            }
+        }
+        file.sync_all().await.map_err(io(&part))?;
+        let got = hex::encode(hasher.finalize());
+        if offset != model.size || got != sha {
+            let _ = tokio::fs::remove_file(&part).await;
+            let message =
+                format!("received {offset} of {} bytes with sha256 {got}; discarded", model.size);
+            return Err(if resumed_from > 0 {
+                CallError::ResumedMismatch { sha256: sha, message }
+            } else {
+                CallError::Download { sha256: sha, message }
+            });
+        }
+        tokio::fs::rename(&part, &done).await.map_err(io(&done))?;
+        Ok((done, received))
+    }
+}
