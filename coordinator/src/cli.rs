@@ -246,18 +246,21 @@ pub enum RoundCommand {
         deadline_seconds: Option<u32>,
         #[arg(long)]
         max_attempts: Option<u32>,
-        /// Follow the round until it ends.
+        /// Follow the round until it ends (exit 0 completed, 2 failed, 3 cancelled).
         #[arg(long)]
         watch: bool,
         #[command(flatten)]
         conn: Conn,
     },
+    /// A round's state and each site's task; exits 2 if the round failed, 3 if it was
+    /// cancelled (0 while it runs and once it completed).
     Status {
         round: String,
         #[command(flatten)]
         conn: Conn,
     },
-    /// Per-site progress bars until the round ends.
+    /// Per-site progress bars until the round ends; exits 0 when it completed, 2 when it
+    /// failed, 3 when it was cancelled.
     Watch {
         round: String,
         #[command(flatten)]
@@ -389,6 +392,38 @@ pub fn round_state(s: i32) -> &'static str {
         pb::RoundState::Failed => "failed",
         pb::RoundState::Cancelled => "cancelled",
         pb::RoundState::Unspecified => "?",
+    }
+}
+
+/// A round that ended without completing, as `round start --watch`, `round watch` and `round
+/// status` report it: the process exits with [`RoundNotCompleted::exit_code`], so that a script
+/// or scheduler can tell a failed round from a good one.
+#[derive(Debug, thiserror::Error)]
+#[error("round {round} {state}{reason}")]
+pub struct RoundNotCompleted {
+    pub round: String,
+    pub state: &'static str,
+    /// ` (why)`, or empty.
+    pub reason: String,
+}
+
+impl RoundNotCompleted {
+    /// 2 for a failed round, 3 for a cancelled one.
+    pub fn exit_code(&self) -> u8 {
+        if self.state == "cancelled" { 3 } else { 2 }
+    }
+}
+
+/// `Err` for a round that failed or was cancelled; a running or completed round is `Ok`.
+fn ended_well(r: &pb::RoundInfo) -> Result<()> {
+    match pb::RoundState::try_from(r.state) {
+        Ok(pb::RoundState::Failed | pb::RoundState::Cancelled) => Err(RoundNotCompleted {
+            round: r.round_id.clone(),
+            state: round_state(r.state),
+            reason: if r.reason.is_empty() { String::new() } else { format!(" ({})", r.reason) },
+        }
+        .into()),
+        _ => Ok(()),
     }
 }
 
@@ -742,6 +777,7 @@ pub async fn run_admin(command: Command) -> Result<()> {
             if follow {
                 let r = watch(&mut c, &r.round_id).await?;
                 print_round(&r);
+                return ended_well(&r);
             }
             Ok(())
         }
@@ -753,12 +789,12 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .map_err(status)?
                 .into_inner();
             print_round(&r);
-            Ok(())
+            ended_well(&r)
         }
         Command::Round(RoundCommand::Watch { round, conn }) => {
             let r = watch(&mut connect(&conn).await?, &round).await?;
             print_round(&r);
-            Ok(())
+            ended_well(&r)
         }
         Command::Round(RoundCommand::Cancel { round, conn }) => {
             let r = connect(&conn)

@@ -30,7 +30,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            match e.downcast_ref::<coordinator::cli::RoundNotCompleted>() {
+                Some(r) => ExitCode::from(r.exit_code()),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -258,3 +258,56 @@ fn coordinator_pki_commands() -> Result<()> {
     assert_eq!(coordinator(&["round", "start"])?.code, Some(64));
     Ok(())
 }
+
+/// A script can tell a failed or cancelled round from a good one by the exit code of
+/// `round start --watch`, `round watch` and `round status`: 0 completed, 2 failed, 3 cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_commands_exit_nonzero_for_a_failed_or_cancelled_round() -> Result<()> {
+    use coordinator::identity::Role;
+    use proto::pb;
+    let fed = tests::federation::Federation::builder().sites(1).start().await?;
+    fed.study("codes", "tiny").await?;
+    let conn = fed.conn(Role::Admin, "lead");
+    let (addr, bundle) = (conn.coordinator.clone(), conn.bundle.display().to_string());
+    let cli = move |args: Vec<String>| {
+        let mut all = args;
+        all.extend(["--coordinator".into(), addr.clone(), "--bundle".into(), bundle.clone()]);
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            tests::coordinator(&refs)
+        })
+    };
+    let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    // The site refuses 5000 epochs (policy.max_epochs 200): the round fails.
+    let failed = cli(words("round start codes --task train --config tiny --epochs 5000 --watch"))
+        .await??;
+    assert_eq!(failed.code, Some(2), "{}\n{}", failed.stdout, failed.stderr);
+    assert!(failed.stderr.contains("failed"), "{}", failed.stderr);
+    let round = failed
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("round ")?.strip_suffix(" started"))
+        .expect("the round id")
+        .to_owned();
+    let status = cli(vec!["round".into(), "status".into(), round.clone()]).await??;
+    assert_eq!(status.code, Some(2), "{}", status.stderr);
+    let watch = cli(vec!["round".into(), "watch".into(), round]).await??;
+    assert_eq!(watch.code, Some(2), "{}", watch.stderr);
+    // A completed round: 0.
+    let good = cli(words("round start codes --task evaluate --watch")).await??;
+    assert_eq!(good.code, Some(0), "{}\n{}", good.stdout, good.stderr);
+    // A cancelled round: 3 (cancelling itself succeeds).
+    let spec = pb::TaskSpec {
+        kind: pb::TaskKind::Train as i32,
+        epochs: 150,
+        config: "tiny".into(),
+        ..Default::default()
+    };
+    let round = fed.start_round("codes", spec).await?;
+    let cancel = cli(vec!["round".into(), "cancel".into(), round.clone()]).await??;
+    assert_eq!(cancel.code, Some(0), "{}", cancel.stderr);
+    let status = cli(vec!["round".into(), "status".into(), round]).await??;
+    assert_eq!(status.code, Some(3), "{}", status.stderr);
+    assert!(status.stderr.contains("cancelled"), "{}", status.stderr);
+    fed.shutdown().await
+}
