@@ -403,16 +403,35 @@ fn mean_sd(s: Option<&Summary>) -> String {
     }
 }
 
+/// `mean ± SD (median)`, as the methods text promises.
+fn mean_sd_median(s: Option<&Summary>) -> String {
+    match s {
+        Some(s) => format!("{} ({:.3})", mean_sd(Some(s)), s.median),
+        None => "-".into(),
+    }
+}
+
+/// A p-value with four decimals, or in scientific notation below 0.0001 (never "0.0000").
+pub(crate) fn fmt_p(p: f64) -> String {
+    if !p.is_finite() {
+        "-".into()
+    } else if p >= 1e-4 {
+        format!("{p:.4}")
+    } else {
+        format!("{p:.1e}")
+    }
+}
+
 fn p_w(c: &Comparison) -> String {
     match &c.wilcoxon {
-        Some(w) => format!("{:.4} ({})", w.p_value, w.method),
+        Some(w) => format!("{} ({})", fmt_p(w.p_value), w.method),
         None => "-".into(),
     }
 }
 
 fn p_t(c: &Comparison) -> String {
     match &c.ttest {
-        Some(t) if t.p_value.is_finite() => format!("{:.4}", t.p_value),
+        Some(t) if t.p_value.is_finite() => fmt_p(t.p_value),
         _ => "-".into(),
     }
 }
@@ -470,9 +489,9 @@ fn scope_rows(s: &Scope) -> Vec<Vec<String>> {
         .map(|o| {
             vec![
                 o.organ.clone(),
-                mean_sd(o.dice.get(MODEL_S)),
-                mean_sd(o.dice.get(MODEL_T)),
-                mean_sd(o.dice.get(MODEL_ST)),
+                mean_sd_median(o.dice.get(MODEL_S)),
+                mean_sd_median(o.dice.get(MODEL_T)),
+                mean_sd_median(o.dice.get(MODEL_ST)),
                 p_w(&o.st_vs_s),
                 p_t(&o.st_vs_s),
                 p_w(&o.st_vs_t),
@@ -484,9 +503,9 @@ fn scope_rows(s: &Scope) -> Vec<Vec<String>> {
 
 const SCOPE_HEADER: [&str; 8] = [
     "organ",
-    "Model_S",
-    "Model_T",
-    "Model_ST",
+    "Model_S mean ± SD (median)",
+    "Model_T mean ± SD (median)",
+    "Model_ST mean ± SD (median)",
     "ST vs S Wilcoxon p",
     "ST vs S t-test p",
     "ST vs T Wilcoxon p",
@@ -746,7 +765,11 @@ fn html(r: &Report) -> String {
             body.push_str(&html_table(&SCOPE_HEADER, &scope_rows(&t.pooled)));
             body.push_str("<h3>HD95 (mm), pooled, cases where both masks are non-empty</h3>");
             body.push_str(&html_table(&HD95_HEADER, &hd95_rows(&t.pooled)));
-            body.push_str("<h2>Dice per organ (box plots, pooled)</h2><div class=\"plots\">");
+            body.push_str(
+                "<h2>Dice per organ (box plots, pooled)</h2><p>Box: first quartile, median, third \
+                 quartile; whiskers: the most extreme case within 1.5 IQR of the box; dots: every \
+                 case.</p><div class=\"plots\">",
+            );
             for o in &t.pooled.organs {
                 let series: Vec<(&str, Vec<f64>)> = [MODEL_S, MODEL_T, MODEL_ST]
                     .into_iter()

@@ -204,7 +204,9 @@ fn csv_md_table_and_html_render() {
         assert!(html.contains(&format!(">\n{organ}\n</text>")), "{organ}'s plot is titled");
     }
     assert!(!html.contains("could not be drawn"));
+    assert!(html.contains("whiskers: the most extreme case within 1.5 IQR"), "the rule is stated");
     let md = report::render(&r, Format::Md);
+    assert!(md.contains("Model_ST mean ± SD (median)"), "{md}");
     assert!(md.contains("| brainstem") && md.contains("0.0052 (exact)"), "{md}");
     let table = report::render(&r, Format::Table);
     assert!(table.contains("Site target-b (n = 9 test cases)"));

@@ -279,8 +279,8 @@ async fn round_commands_exit_nonzero_for_a_failed_or_cancelled_round() -> Result
     };
     let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
     // The site refuses 5000 epochs (policy.max_epochs 200): the round fails.
-    let failed = cli(words("round start codes --task train --config tiny --epochs 5000 --watch"))
-        .await??;
+    let failed =
+        cli(words("round start codes --task train --config tiny --epochs 5000 --watch")).await??;
     assert_eq!(failed.code, Some(2), "{}\n{}", failed.stdout, failed.stderr);
     assert!(failed.stderr.contains("failed"), "{}", failed.stderr);
     let round = failed
