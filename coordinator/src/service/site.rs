@@ -246,8 +246,12 @@ impl SiteService for SiteApi {
             }
             Some(pb::submit_result_request::Outcome::Refusal(code)) => {
                 let code = pb::RefusalCode::try_from(code).unwrap_or(pb::RefusalCode::Unspecified);
-                task.state =
-                    TaskState::Refused { reason: reason_name(code.as_str_name(), "REFUSAL_CODE_") };
+                let mut reason = reason_name(code.as_str_name(), "REFUSAL_CODE_");
+                let detail = refusal_detail(&body.refusal_detail);
+                if !detail.is_empty() {
+                    reason = format!("{reason}: {detail}");
+                }
+                task.state = TaskState::Refused { reason };
             }
             None => {
                 return Err(
@@ -351,5 +355,34 @@ impl SiteService for SiteApi {
         c.store.flush().await.map_err(ServiceError::from)?;
         tracing::info!(site = %id.name, task = %header.task_id, sha256 = %record.sha256, "Model_S uploaded");
         Ok(Response::new(super::model_info(&record)))
+    }
+}
+
+/// Most characters of a site's refusal detail that are kept.
+const MAX_REFUSAL_DETAIL: usize = 300;
+
+/// A site's refusal detail as stored and shown: one line of printable characters, cut at
+/// [`MAX_REFUSAL_DETAIL`] (the agent writes a sentence; a hostile one gets no more room).
+fn refusal_detail(raw: &str) -> String {
+    let one_line: String = raw
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(MAX_REFUSAL_DETAIL)
+        .collect();
+    one_line.trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_detail_is_one_bounded_line() {
+        assert_eq!(
+            refusal_detail("  the task asks 5000 epochs\n; max 200\u{7}  "),
+            "the task asks 5000 epochs ; max 200"
+        );
+        assert_eq!(refusal_detail(&"x".repeat(10_000)).len(), MAX_REFUSAL_DETAIL);
+        assert_eq!(refusal_detail(""), "");
     }
 }

@@ -20,7 +20,8 @@ use crate::train::{SliceSet, TrainError, TrainEvent, TrainOptions, train_until};
 pub enum Outcome {
     Result(pb::TaskResult),
     Failure(pb::FailureCode),
-    Refusal(pb::RefusalCode),
+    /// The code and which limit, in the policy's words.
+    Refusal(pb::RefusalCode, String),
 }
 
 impl Outcome {
@@ -29,16 +30,24 @@ impl Outcome {
         match self {
             Outcome::Result(r) => O::Result(r),
             Outcome::Failure(c) => O::Failure(c as i32),
-            Outcome::Refusal(c) => O::Refusal(c as i32),
+            Outcome::Refusal(c, _) => O::Refusal(c as i32),
+        }
+    }
+
+    /// Which limit a refusal hit (empty for other outcomes).
+    pub fn refusal_detail(&self) -> &str {
+        match self {
+            Outcome::Refusal(_, d) => d,
+            _ => "",
         }
     }
 }
 
 /// How running a task ended early: a failure, or a refusal found once the model was known.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 enum Ended {
     Failure(pb::FailureCode),
-    Refusal(pb::RefusalCode),
+    Refusal(pb::RefusalCode, String),
 }
 
 impl From<pb::FailureCode> for Ended {
@@ -283,7 +292,7 @@ pub fn run_task(
     match result {
         Ok(r) => Outcome::Result(r),
         Err(Ended::Failure(code)) => Outcome::Failure(code),
-        Err(Ended::Refusal(code)) => Outcome::Refusal(code),
+        Err(Ended::Refusal(code, detail)) => Outcome::Refusal(code, detail),
     }
 }
 
@@ -323,8 +332,8 @@ fn run_single(
         if k == 0 || k > net.num_layers() {
             return Err(pb::FailureCode::ModelMismatch.into());
         }
-        opts.cache_device_budget =
-            check_gpu_memory(site, net.config(), k, opts.batch_size).map_err(Ended::Refusal)?;
+        opts.cache_device_budget = check_gpu_memory(site, net.config(), k, opts.batch_size)
+            .map_err(|(c, d)| Ended::Refusal(c, d))?;
     }
     runner.phase("load", 0.0);
     let test = load_split(site, Split::Test)?;
@@ -380,8 +389,8 @@ fn run_arms(
             _ => continue,
         };
         let batch = train_options(spec).batch_size;
-        if let Some(b) =
-            check_gpu_memory(site, &base_manifest.config, k, batch).map_err(Ended::Refusal)?
+        if let Some(b) = check_gpu_memory(site, &base_manifest.config, k, batch)
+            .map_err(|(c, d)| Ended::Refusal(c, d))?
         {
             cache_budget = Some(cache_budget.map_or(b, |c| c.min(b)));
         }

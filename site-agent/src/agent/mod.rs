@@ -214,6 +214,7 @@ async fn session(
                 task_id: p.task_id.clone(),
                 attempt: p.attempt,
                 outcome: Some(p.outcome.clone().into_proto()),
+                refusal_detail: p.outcome.refusal_detail().to_owned(),
             };
             match link.submit(req).await {
                 Ok(recorded) => tracing::info!(task = %p.task_id, recorded, "result submitted"),
@@ -271,9 +272,10 @@ async fn run_leased(
     let spec = task.spec.clone().unwrap_or_default();
     let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
     tracing::info!(task = %task.task_id, attempt = task.attempt, kind = policy::kind_name(kind), "task received");
-    if let Some(code) = policy::check_policy(&site.policy, &spec, site.train_cases() * 64) {
-        tracing::warn!(task = %task.task_id, reason = code.as_str_name(), "task refused by site policy");
-        return Ok(Some(Outcome::Refusal(code)));
+    if let Some((code, detail)) = policy::check_policy(&site.policy, &spec, site.train_cases() * 64)
+    {
+        tracing::warn!(task = %task.task_id, reason = code.as_str_name(), %detail, "task refused by site policy");
+        return Ok(Some(Outcome::Refusal(code, detail)));
     }
     let progress =
         Arc::new(Mutex::new(pb::Progress { phase: "download".into(), ..Default::default() }));
@@ -362,8 +364,8 @@ async fn run_leased(
             Outcome::Failure(c) => {
                 tracing::warn!(task = %task.task_id, code = c.as_str_name(), "task failed")
             }
-            Outcome::Refusal(c) => {
-                tracing::warn!(task = %task.task_id, code = c.as_str_name(), "task refused")
+            Outcome::Refusal(c, detail) => {
+                tracing::warn!(task = %task.task_id, code = c.as_str_name(), %detail, "task refused")
             }
         }
     }

@@ -10,13 +10,14 @@ use crate::train::TrainOptions;
 
 /// `policy.max_gpu_memory_gb` against the estimated memory of training the last `k` layers of
 /// `config` at `batch` slices (it does not apply on the CPU). Returns the frozen-prefix cache's
-/// device budget: what the cap leaves beside the training itself (`None`: no cap).
+/// device budget: what the cap leaves beside the training itself (`None`: no cap); a refusal
+/// says the estimate and the cap.
 pub fn check_gpu_memory(
     site: &Site,
     config: &ModelConfig,
     k: usize,
     batch: usize,
-) -> Result<Option<u64>, pb::RefusalCode> {
+) -> Result<Option<u64>, Refusal> {
     let Some(cap_gb) = site.policy.max_gpu_memory_gb else { return Ok(None) };
     if site.device.is_cpu() {
         return Ok(None);
@@ -33,7 +34,15 @@ pub fn check_gpu_memory(
             trainable_layers = k,
             "task refused: its estimated GPU memory is beyond policy.max_gpu_memory_gb"
         );
-        return Err(pb::RefusalCode::GpuMemory);
+        return Err((
+            pb::RefusalCode::GpuMemory,
+            format!(
+                "training the last {k} layers of {} at batch {batch} needs an estimated {:.1} GiB \
+                 of GPU memory; policy.max_gpu_memory_gb is {cap_gb}",
+                config.name,
+                need as f64 / (1u64 << 30) as f64
+            ),
+        ));
     }
     Ok(Some(cap - need))
 }
@@ -53,18 +62,28 @@ pub fn kind_name(kind: pb::TaskKind) -> &'static str {
 /// check; deliberately generous (the `small` config's measured rate is ~25 ms per slice).
 const SECONDS_PER_SLICE_EPOCH: f64 = 0.05;
 
-/// The policy's verdict on a task, before any work: `Some(reason)` refuses it.
-pub fn check_policy(
-    policy: &Policy,
-    spec: &pb::TaskSpec,
-    train_slices: usize,
-) -> Option<pb::RefusalCode> {
+/// A refusal: its code and which limit, in the policy's words (sent to the coordinator with
+/// the code; it names settings and the task's figures, never data).
+pub type Refusal = (pb::RefusalCode, String);
+
+/// The policy's verdict on a task, before any work: `Some(refusal)` refuses it.
+pub fn check_policy(policy: &Policy, spec: &pb::TaskSpec, train_slices: usize) -> Option<Refusal> {
     let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
     if !policy.allowed_tasks.iter().any(|k| k == kind_name(kind)) {
-        return Some(pb::RefusalCode::KindNotAllowed);
+        return Some((
+            pb::RefusalCode::KindNotAllowed,
+            format!(
+                "the task is a {} task; policy.allowed_tasks is [{}]",
+                kind_name(kind),
+                policy.allowed_tasks.join(", ")
+            ),
+        ));
     }
     if kind == pb::TaskKind::TransferSource && !policy.share_weights {
-        return Some(pb::RefusalCode::SharingNotAllowed);
+        return Some((
+            pb::RefusalCode::SharingNotAllowed,
+            "the task uploads the trained Model_S; policy.share_weights is false".into(),
+        ));
     }
     // Epochs of every model the task trains.
     let trainings: Vec<u32> = match kind {
@@ -77,13 +96,25 @@ pub fn check_policy(
             .collect(),
         _ => vec![effective_epochs(spec)],
     };
-    if trainings.iter().any(|&e| e > policy.max_epochs) {
-        return Some(pb::RefusalCode::TooManyEpochs);
+    if let Some(&e) = trainings.iter().max()
+        && e > policy.max_epochs
+    {
+        return Some((
+            pb::RefusalCode::TooManyEpochs,
+            format!("the task asks {e} epochs; policy.max_epochs is {}", policy.max_epochs),
+        ));
     }
     let epochs: u32 = trainings.iter().sum();
     let hours = f64::from(epochs) * train_slices as f64 * SECONDS_PER_SLICE_EPOCH / 3600.0;
     if hours > policy.max_hours {
-        return Some(pb::RefusalCode::TooLong);
+        return Some((
+            pb::RefusalCode::TooLong,
+            format!(
+                "the task is estimated at {hours:.1} hours ({epochs} epochs over about \
+                 {train_slices} slices); policy.max_hours is {}",
+                policy.max_hours
+            ),
+        ));
     }
     None
 }

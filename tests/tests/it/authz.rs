@@ -96,6 +96,7 @@ async fn call_all(ch: Channel, t: &Target) -> BTreeMap<&'static str, &'static st
                 task_id: t.task_id.clone(),
                 attempt: t.attempt,
                 outcome: None,
+                ..Default::default()
             })
             .await,
         ),

@@ -283,6 +283,14 @@ async fn round_commands_exit_nonzero_for_a_failed_or_cancelled_round() -> Result
         cli(words("round start codes --task train --config tiny --epochs 5000 --watch")).await??;
     assert_eq!(failed.code, Some(2), "{}\n{}", failed.stdout, failed.stderr);
     assert!(failed.stderr.contains("failed"), "{}", failed.stderr);
+    // The refusal says which limit.
+    assert!(
+        failed
+            .stdout
+            .contains("too many epochs: the task asks 5000 epochs; policy.max_epochs is 200"),
+        "{}",
+        failed.stdout
+    );
     let round = failed
         .stdout
         .lines()

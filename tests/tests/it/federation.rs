@@ -281,6 +281,7 @@ async fn refusals() -> R {
             task_id: task.task_id.clone(),
             attempt: task.attempt,
             outcome: Some(pb::submit_result_request::Outcome::Result(pb::TaskResult::default())),
+            ..Default::default()
         })
         .await;
     assert_code(

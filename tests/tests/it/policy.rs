@@ -70,7 +70,10 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
     };
     let a_task = r.tasks.iter().find(|t| t.site == "site-a").expect("task");
     assert_eq!(a_task.state, pb::TaskState::Refused as i32, "{a_task:?}");
-    assert_eq!(a_task.reason, "kind not allowed");
+    assert_eq!(
+        a_task.reason,
+        "kind not allowed: the task is a finetune task; policy.allowed_tasks is [evaluate]"
+    );
     let b_task = r.tasks.iter().find(|t| t.site == "site-b").expect("task");
     assert_eq!(b_task.state, pb::TaskState::Pending as i32, "released on shutdown: {b_task:?}");
     assert_eq!(b_task.attempt, 0, "a released lease does not count as an attempt");
@@ -135,7 +138,10 @@ async fn weights_leave_a_site_only_where_its_policy_shares_them() -> R {
     assert_eq!(info.state, pb::RoundState::Failed as i32, "{info:?}");
     let source = info.tasks.iter().find(|t| t.source).expect("the source task");
     assert_eq!(source.state, pb::TaskState::Refused as i32);
-    assert_eq!(source.reason, "sharing not allowed");
+    assert_eq!(
+        source.reason,
+        "sharing not allowed: the task uploads the trained Model_S; policy.share_weights is false"
+    );
     let target = info.tasks.iter().find(|t| !t.source).expect("the target task");
     assert_eq!(target.state, pb::TaskState::Failed as i32);
     assert!(target.reason.contains("did not deliver Model_S"), "{}", target.reason);
