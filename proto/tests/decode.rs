@@ -52,6 +52,7 @@ fn seeds() -> Vec<Vec<u8>> {
             task_id: "r1.site-a".into(),
             attempt: 1,
             outcome: Some(pb::submit_result_request::Outcome::Result(result)),
+            ..Default::default()
         }
         .encode_to_vec(),
         pb::PushModelRequest { part: Some(pb::push_model_request::Part::Chunk(vec![7u8; 64])) }
