@@ -56,7 +56,9 @@ pub enum Command {
     /// A study's report: per organ and arm, Dice mean ± SD, median, n, paired p-values of
     /// Model_ST vs Model_S and vs Model_T, per site and pooled; training times; the sweeps.
     Report {
+        /// The study's name.
         study: String,
+        /// table (terminal), md, csv, json or html (with box plots and sweep plots).
         #[arg(long, value_enum, default_value_t = Format::Table)]
         format: Format,
         /// Write here instead of standard output.
@@ -70,7 +72,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Per-site, per-organ scores of a round.
     Results {
+        /// The round id `round start` printed.
         round: String,
+        /// Per-case scores (by case index) as JSON.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
@@ -82,6 +86,7 @@ pub enum Command {
 pub enum PkiCommand {
     /// Make a new CA and the coordinator's server bundle in DIR.
     Init {
+        /// The PKI folder to create (the CA key stays here: keep it offline).
         #[arg(long)]
         dir: PathBuf,
         /// DNS names or IP addresses agents dial the coordinator by (repeatable).
@@ -89,24 +94,35 @@ pub enum PkiCommand {
         server_names: Vec<String>,
     },
     /// Issue a site bundle (DIR/sites/NAME) to hand over out of band.
+    #[command(
+        after_help = "Example:\n  coordinator pki issue-site hospital-a --dir pki   # -> pki/sites/hospital-a/"
+    )]
     IssueSite {
+        /// The site's name (lowercase letters, digits and '-'), as it will appear everywhere.
         name: String,
+        /// The PKI folder made by `pki init`.
         #[arg(long)]
         dir: PathBuf,
+        /// Days the certificate is valid.
         #[arg(long, default_value_t = LEAF_DAYS)]
         days: i64,
     },
     /// Issue an admin bundle (DIR/admins/NAME).
     IssueAdmin {
+        /// The study lead's name.
         name: String,
+        /// The PKI folder made by `pki init`.
         #[arg(long)]
         dir: PathBuf,
+        /// Days the certificate is valid.
         #[arg(long, default_value_t = LEAF_DAYS)]
         days: i64,
     },
     /// Revoke a bundle: its certificate goes on DIR/revoked.txt, which the server re-reads.
     Revoke {
+        /// The site's (or with --admin, the admin's) name.
         name: String,
+        /// The PKI folder made by `pki init`.
         #[arg(long)]
         dir: PathBuf,
         /// Revoke an admin bundle instead of a site bundle.
@@ -115,13 +131,15 @@ pub enum PkiCommand {
     },
 }
 
-/// How the study lead's commands reach the coordinator.
+// How the study lead's commands reach the coordinator. (A plain comment: clap would give a
+// doc comment here as the description of every subcommand that flattens this and has none.)
 #[derive(Debug, Args)]
 pub struct Conn {
     /// The coordinator's address.
     #[arg(long, env = "FEDTUNE_COORDINATOR", default_value = "https://127.0.0.1:7443")]
     pub coordinator: String,
-    /// An admin bundle folder (cert.pem, key.pem, ca.pem) from `pki issue-admin`.
+    /// An admin bundle folder (cert.pem, key.pem, ca.pem) from `pki issue-admin`; or set
+    /// FEDTUNE_ADMIN_BUNDLE once for every command.
     #[arg(long, env = "FEDTUNE_ADMIN_BUNDLE")]
     pub bundle: PathBuf,
     /// The name in the coordinator's certificate to expect.
@@ -133,12 +151,15 @@ pub struct Conn {
 pub enum ModelCommand {
     /// Upload a weights file.
     Push {
+        /// The weights (.safetensors written by `site-agent train` or `finetune`).
         file: PathBuf,
+        /// The name studies refer to it by.
         #[arg(long)]
         name: String,
         #[command(flatten)]
         conn: Conn,
     },
+    /// The models the coordinator holds: name, sha256, size, config and layers.
     List {
         #[command(flatten)]
         conn: Conn,
@@ -147,18 +168,21 @@ pub enum ModelCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SiteCommand {
+    /// The sites that said hello: approval, device, data and certificate.
     List {
         #[command(flatten)]
         conn: Conn,
     },
     /// Let a site receive tasks.
     Approve {
+        /// The site's name (as in its certificate).
         name: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Refuse a site's every call from now on.
     Revoke {
+        /// The site's name (as in its certificate).
         name: String,
         #[command(flatten)]
         conn: Conn,
@@ -167,7 +191,12 @@ pub enum SiteCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum StudyCommand {
+    /// Create a study: a base model and the sites enrolled.
+    #[command(
+        after_help = "Example:\n  coordinator study create npc --base model-s --sites hospital-a,hospital-b"
+    )]
     Create {
+        /// The study's name.
         name: String,
         /// The base model's name or sha256 (Model_S); leave it out when a transfer round's
         /// source site trains Model_S.
@@ -179,6 +208,7 @@ pub enum StudyCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// The studies: base model and sites.
     List {
         #[command(flatten)]
         conn: Conn,
@@ -187,8 +217,11 @@ pub enum StudyCommand {
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum TaskArg {
+    /// Score the study's base model at every site.
     Evaluate,
+    /// Fine-tune the last --trainable-layers K of the base model at every site, then score.
     Finetune,
+    /// Train a --config model from scratch at every site, then score.
     Train,
     /// The published experiment at every target: Model_S, Model_T, Model_ST.
     Transfer,
@@ -203,12 +236,19 @@ pub enum TaskArg {
 #[derive(Debug, Subcommand)]
 pub enum RoundCommand {
     /// Start a round: one task per site of the study.
+    #[command(
+        after_help = "Examples:\n  coordinator round start npc --task finetune --trainable-layers 2 --epochs 5 --watch\n  \
+        coordinator round start npc-oar --task transfer --source source-hospital --watch\n\
+        Exit codes with --watch: 0 completed, 2 failed, 3 cancelled."
+    )]
     Start {
+        /// The study's name.
         study: String,
+        /// What every site does.
         #[arg(long, value_enum)]
         task: TaskArg,
-        /// Layers to fine-tune (finetune; Model_ST of transfer and cases-sweep, default the
-        /// paper's share); a list for sweep.
+        /// Layers to fine-tune: required for finetune (one K); for Model_ST of transfer and
+        /// cases-sweep, default the paper's share (10 of 103, rounded up); a list for sweep.
         #[arg(long, value_delimiter = ',')]
         trainable_layers: Vec<u32>,
         /// cases-sweep: training-set sizes (the first N cases of each target's training split).
@@ -221,7 +261,7 @@ pub enum RoundCommand {
         /// Epochs of Model_S at the source site.
         #[arg(long)]
         source_epochs: Option<u32>,
-        /// Epochs (Model_T for the transfer templates).
+        /// Epochs (Model_T for the transfer templates); default: the agent's, 10.
         #[arg(long)]
         epochs: Option<u32>,
         /// Epochs of Model_ST (default: --epochs).
@@ -230,10 +270,13 @@ pub enum RoundCommand {
         /// Peak learning rate of Model_ST (default: --lr).
         #[arg(long)]
         finetune_lr: Option<f64>,
+        /// Slices per optimizer step; default: the agent's, 8.
         #[arg(long)]
         batch_size: Option<u32>,
+        /// Peak learning rate (cosine decay to 5 %); default: the agent's, 0.01.
         #[arg(long)]
         lr: Option<f64>,
+        /// Seed of initialisation and shuffling; default: the agent's, 17.
         #[arg(long)]
         seed: Option<u64>,
         /// Model config for `train` and for a source's Model_S (default: small).
@@ -242,8 +285,11 @@ pub enum RoundCommand {
         /// Sites that must succeed (default: all).
         #[arg(long)]
         quorum: Option<u32>,
+        /// The round fails its unfinished tasks after this long; default: the coordinator's
+        /// limits.round_deadline_seconds (86400).
         #[arg(long)]
         deadline_seconds: Option<u32>,
+        /// Leases of one task before it fails; default: the coordinator's limits.max_attempts (3).
         #[arg(long)]
         max_attempts: Option<u32>,
         /// Follow the round until it ends (exit 0 completed, 2 failed, 3 cancelled).
@@ -255,6 +301,7 @@ pub enum RoundCommand {
     /// A round's state and each site's task; exits 2 if the round failed, 3 if it was
     /// cancelled (0 while it runs and once it completed).
     Status {
+        /// The round id `round start` printed.
         round: String,
         #[command(flatten)]
         conn: Conn,
@@ -262,11 +309,14 @@ pub enum RoundCommand {
     /// Per-site progress bars until the round ends; exits 0 when it completed, 2 when it
     /// failed, 3 when it was cancelled.
     Watch {
+        /// The round id `round start` printed.
         round: String,
         #[command(flatten)]
         conn: Conn,
     },
+    /// Cancel a round: its unfinished tasks end, and agents still working on them stop.
     Cancel {
+        /// The round id `round start` printed.
         round: String,
         #[command(flatten)]
         conn: Conn,

@@ -85,8 +85,10 @@ pub struct DemoArgs {
     /// Target sites (hospitals that adapt Model_S), besides the source.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=6))]
     pub sites: u32,
+    /// Model and phantom sizes: tiny (seconds, for tests) or small (the README's figures).
     #[arg(long, value_enum, default_value_t = Preset::Small)]
     pub preset: Preset,
+    /// Seed of the phantoms and of training.
     #[arg(long, default_value_t = 17)]
     pub seed: u64,
     /// Also run the sweep (layers retrained) and cases-sweep (training cases) rounds.

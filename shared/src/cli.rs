@@ -51,3 +51,46 @@ pub fn init_tracing(log: &LogArgs) {
         LogFormat::Json => builder.json().init(),
     }
 }
+
+/// What a command line leaves unexplained, one line each: a subcommand without a description,
+/// two subcommands with the same description (clap gives an undocumented variant the
+/// description of an `Args` struct flattened into it), and an argument without help text. The
+/// binaries' tests assert that this is empty.
+pub fn undocumented(cmd: &clap::Command) -> Vec<String> {
+    fn walk(
+        cmd: &clap::Command,
+        path: &str,
+        seen: &mut Vec<(String, String)>,
+        out: &mut Vec<String>,
+    ) {
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if ["help", "version"].contains(&id) || arg.is_hide_set() {
+                continue;
+            }
+            if arg.get_help().is_none() && arg.get_long_help().is_none() {
+                out.push(format!("{path}: argument {id} has no help text"));
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            let name = sub.get_name();
+            if name == "help" {
+                continue;
+            }
+            let here = format!("{path} {name}");
+            match sub.get_about().map(|a| a.to_string()) {
+                None => out.push(format!("{here}: no description")),
+                Some(about) => {
+                    if let Some((_, other)) = seen.iter().find(|(a, _)| *a == about) {
+                        out.push(format!("{here}: the same description as {other}: {about}"));
+                    }
+                    seen.push((about, here.clone()));
+                }
+            }
+            walk(sub, &here, seen, out);
+        }
+    }
+    let mut out = Vec::new();
+    walk(cmd, cmd.get_name(), &mut Vec::new(), &mut out);
+    out
+}

@@ -67,3 +67,22 @@ fn usage_errors_exit_64() {
     let out = std::process::Command::new(bin).arg("--version").output().expect("run coordinator");
     assert_eq!(out.status.code(), Some(0));
 }
+
+/// Every subcommand says what it does (none borrows another's description) and every argument
+/// has help text.
+#[test]
+fn every_command_and_argument_is_explained() {
+    use clap::CommandFactory;
+    let mut cli = coordinator::cli::Cli::command();
+    let problems = shared::cli::undocumented(&cli);
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // The commands a study lead starts with show an example.
+    for path in [["round", "start"], ["study", "create"], ["pki", "issue-site"]] {
+        let sub = cli
+            .find_subcommand_mut(path[0])
+            .and_then(|c| c.find_subcommand_mut(path[1]))
+            .expect("the subcommand");
+        let help = sub.render_long_help().to_string();
+        assert!(help.contains("Example"), "{path:?}: {help}");
+    }
+}

@@ -41,11 +41,13 @@ pub struct ExperimentArgs {
     /// Peak learning rate for Model_ST.
     #[arg(long, default_value_t = 1e-2)]
     pub finetune_lr: f64,
+    /// Slices per optimizer step, every arm.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     /// Peak learning rate for Model_S and Model_T.
     #[arg(long, default_value_t = 1e-2)]
     pub lr: f64,
+    /// Seed of the phantoms (demo), initialisation and shuffling.
     #[arg(long, default_value_t = 17)]
     pub seed: u64,
     /// Demo: source training cases.
@@ -72,8 +74,10 @@ pub struct ExperimentArgs {
 pub struct BenchArgs {
     #[command(flatten)]
     pub device: DeviceArg,
+    /// Model config: tiny, small or resnet103.
     #[arg(long, default_value = "tiny")]
     pub config: String,
+    /// Slices per step.
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// In-plane size; default: the config's.
@@ -86,8 +90,10 @@ pub struct BenchArgs {
     /// ever slows a run down).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub repeat: u32,
+    /// Layers trained in the tail runs; default: the config's share (10 of 103).
     #[arg(long)]
     pub trainable_layers: Option<usize>,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }

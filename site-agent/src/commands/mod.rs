@@ -55,6 +55,9 @@ pub enum Command {
     /// Training and inference throughput on this machine.
     Bench(BenchArgs),
     /// Run the agent: dial out to the coordinator and work on its tasks until SIGINT/SIGTERM.
+    #[command(
+        after_help = "Example:\n  site-agent check-data --manifest data/manifest.toml && site-agent run --config site.toml"
+    )]
     Run(RunArgs),
     /// Every message this agent sent to the coordinator.
     Audit(AuditArgs),
@@ -85,13 +88,16 @@ pub struct PhantomArgs {
     /// source, target-a or target-b (profiles are documented in the README).
     #[arg(long)]
     pub center: phantom::Center,
+    /// Cases to write.
     #[arg(long, default_value_t = 20)]
     pub cases: usize,
     /// Cases in the test split (the last ones); default: a fifth, at least one.
     #[arg(long)]
     pub test: Option<usize>,
+    /// Seed of the phantoms (the same seed writes the same files).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Folder to write (images/, labels/, manifest.toml).
     #[arg(long)]
     pub out: PathBuf,
     /// Write a planning-system export instead: one folder per patient with its CT series and
@@ -102,19 +108,23 @@ pub struct PhantomArgs {
 
 #[derive(Debug, Args)]
 pub struct CheckDataArgs {
+    /// The site manifest (manifest.toml).
     #[arg(long)]
     pub manifest: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct MetricsArgs {
+    /// The reference label map (NIfTI).
     #[arg(long)]
     pub truth: PathBuf,
+    /// The predicted label map, on the same grid.
     #[arg(long)]
     pub pred: PathBuf,
     /// Label values to score (default: every label present in either volume).
     #[arg(long, value_delimiter = ',')]
     pub labels: Option<Vec<u16>>,
+    /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
 }

@@ -36,12 +36,16 @@ impl DeviceArg {
 /// Training hyperparameters shared by `train` and `finetune`.
 #[derive(Debug, Args)]
 pub struct TrainFlags {
+    /// Passes over the training slices.
     #[arg(long, default_value_t = 10)]
     pub epochs: usize,
+    /// Slices per optimizer step (at least 2: batch norm).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Peak learning rate (AdamW, cosine decay to 5 %).
     #[arg(long, default_value_t = 1e-2)]
     pub lr: f64,
+    /// Seed of initialisation and shuffling (runs are reproducible on the CPU).
     #[arg(long, default_value_t = 17)]
     pub seed: u64,
     /// Random intensity scale and shift per batch (turns the frozen-prefix cache off).
@@ -68,6 +72,7 @@ impl TrainFlags {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
+    /// The site manifest; its train split is used.
     #[arg(long)]
     pub manifest: PathBuf,
     /// Model config: tiny, small or resnet103.
@@ -84,6 +89,7 @@ pub struct TrainArgs {
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
+    /// The site manifest; its train split is used.
     #[arg(long)]
     pub manifest: PathBuf,
     /// Weights to start from.
@@ -92,6 +98,7 @@ pub struct FinetuneArgs {
     /// Train the last K layers; default: the paper's share (10 of 103, rounded up).
     #[arg(long)]
     pub trainable_layers: Option<usize>,
+    /// Output weights file (.safetensors).
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
@@ -102,13 +109,16 @@ pub struct FinetuneArgs {
 
 #[derive(Debug, Args)]
 pub struct EvaluateArgs {
+    /// The site manifest.
     #[arg(long)]
     pub manifest: PathBuf,
+    /// The weights to score.
     #[arg(long)]
     pub weights: PathBuf,
     /// Which split to score.
     #[arg(long, value_enum, default_value_t = SplitArg::Test)]
     pub split: SplitArg,
+    /// Per-case scores (by case index) as JSON instead of the table.
     #[arg(long)]
     pub json: bool,
     #[command(flatten)]
@@ -123,6 +133,7 @@ pub enum SplitArg {
 
 #[derive(Debug, Args)]
 pub struct PredictArgs {
+    /// The weights to segment with.
     #[arg(long)]
     pub weights: PathBuf,
     /// A NIfTI image, or the folder of one DICOM CT series.

@@ -185,3 +185,11 @@ fn fine_tuned_model_beats_the_source_model_at_the_target() {
     eprintln!("mean Dice over organs at the target: Model_S {s:.3}, Model_ST {st:.3}");
     assert!(st > s, "Model_ST mean Dice {st:.3} must beat Model_S {s:.3} on the target");
 }
+
+/// Every subcommand says what it does and every argument has help text.
+#[test]
+fn every_command_and_argument_is_explained() {
+    use clap::CommandFactory;
+    let problems = shared::cli::undocumented(&site_agent::commands::Cli::command());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
