@@ -67,6 +67,21 @@ fn train_options(spec: &pb::TaskSpec) -> TrainOptions {
     }
 }
 
+/// Site data that failed the start-up check: the manifest and each problem (by case and file).
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{} failed validation ({} problem(s)); fix them (`site-agent check-data --manifest {}` \
+     re-checks) and start the agent again:\n  {}",
+    manifest.display(),
+    problems.len(),
+    manifest.display(),
+    problems.join("\n  ")
+)]
+pub struct SiteDataError {
+    pub manifest: PathBuf,
+    pub problems: Vec<String>,
+}
+
 /// Everything a task needs from the site.
 #[derive(Debug)]
 pub struct Site {
@@ -81,20 +96,32 @@ pub struct Site {
 }
 
 impl Site {
+    /// Opens the site's data: every case of the manifest is read and checked as `check-data`
+    /// does, so an agent never starts on data that a task would later find invalid; every
+    /// problem is returned, by case and file.
     pub fn open(
         cfg: &SiteConfig,
         selected: shared::device::Selected,
-    ) -> Result<Self, shared::data::DataError> {
-        let manifest = Manifest::load(&cfg.data.manifest)?;
+    ) -> Result<Self, SiteDataError> {
+        let manifest = Manifest::load(&cfg.data.manifest).map_err(|e| SiteDataError {
+            manifest: cfg.data.manifest.clone(),
+            problems: vec![e.to_string()],
+        })?;
         let (mut lo, mut hi) = ([f64::INFINITY; 3], [0f64; 3]);
+        let mut problems = Vec::new();
         for case in &manifest.cases {
-            // Unreadable cases are reported when a task validates its split, not here.
-            if let Ok(image) = shared::data::read_image(&case.image) {
-                for i in 0..3 {
-                    lo[i] = lo[i].min(f64::from(image.spacing()[i]));
-                    hi[i] = hi[i].max(f64::from(image.spacing()[i]));
+            match shared::data::load_case(case, &manifest.organs) {
+                Ok(c) => {
+                    for i in 0..3 {
+                        lo[i] = lo[i].min(f64::from(c.image.spacing()[i]));
+                        hi[i] = hi[i].max(f64::from(c.image.spacing()[i]));
+                    }
                 }
+                Err(e) => problems.push(e.to_string()),
             }
+        }
+        if !problems.is_empty() {
+            return Err(SiteDataError { manifest: cfg.data.manifest.clone(), problems });
         }
         Ok(Self {
             manifest,

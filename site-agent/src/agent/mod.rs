@@ -43,6 +43,8 @@ pub enum AgentError {
     #[error("site data: {0}")]
     Data(#[from] shared::data::DataError),
     #[error(transparent)]
+    SiteData(#[from] exec::SiteDataError),
+    #[error(transparent)]
     Audit(#[from] audit::AuditError),
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },

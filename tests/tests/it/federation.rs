@@ -203,10 +203,18 @@ async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
     let manifest = shared::data::Manifest::load(&fed.data_dir("site-b").join("manifest.toml"))?;
     let case = manifest.cases_in(shared::data::Split::Test).next().expect("a test case").clone();
     let bytes = std::fs::read(&case.label)?;
+    // An agent refuses to start on invalid data, naming the case, the file and check-data.
     std::fs::write(&case.label, &bytes[..bytes.len() / 3])?;
+    let refused = site_agent::agent::run(fed.site_config("site-b")?, async {}).await;
+    let e = refused.expect_err("invalid data at start").to_string();
+    assert!(e.contains(&case.id) && e.contains("check-data"), "{e}");
+    assert!(e.contains(&*case.label.to_string_lossy()), "{e}");
+    // Damaged after the agent started (a file changed under it): the task fails with a code.
+    std::fs::write(&case.label, &bytes)?;
     fed.start_agent("site-a")?;
     fed.start_agent("site-b")?;
     fed.study("bad-data", "tiny").await?;
+    std::fs::write(&case.label, &bytes[..bytes.len() / 3])?;
     let round = fed
         .admin()
         .await?
