@@ -506,19 +506,67 @@ fn print_round(r: &pb::RoundInfo) {
     }
 }
 
-/// Follows a round with one progress bar per site until it ends.
+/// One line per change of a site's task (state, phase or epoch), for a watch whose output is
+/// not a terminal (a cron job, CI log or pipe), where progress bars draw nothing.
+#[derive(Debug, Default)]
+struct ChangeLog {
+    last: std::collections::BTreeMap<String, (i32, String, u32)>,
+}
+
+impl ChangeLog {
+    fn lines(&mut self, info: &pb::RoundInfo, started: std::time::Instant) -> Vec<String> {
+        let mut out = Vec::new();
+        for t in &info.tasks {
+            let p = t.progress.as_ref().filter(|_| t.state == pb::TaskState::Leased as i32);
+            let key =
+                (t.state, p.map(|p| p.phase.clone()).unwrap_or_default(), p.map_or(0, |p| p.epoch));
+            if self.last.get(&t.site) == Some(&key) {
+                continue;
+            }
+            let detail = match p {
+                Some(p) if p.epochs > 0 => {
+                    format!(" {} epoch {}/{} loss {:.3}", p.phase, p.epoch, p.epochs, p.loss)
+                }
+                Some(p) => format!(" {}", p.phase),
+                None if !t.reason.is_empty() => format!(" ({})", t.reason),
+                None => String::new(),
+            };
+            out.push(format!(
+                "[{:>7.1} s] {}: {}{detail}",
+                started.elapsed().as_secs_f64(),
+                t.site,
+                task_state(t.state)
+            ));
+            self.last.insert(t.site.clone(), key);
+        }
+        out
+    }
+}
+
+/// Follows a round until it ends: one progress bar per site on a terminal, else one line per
+/// change of a site's task.
 pub async fn watch(client: &mut AdminServiceClient<Channel>, round: &str) -> Result<pb::RoundInfo> {
+    use std::io::IsTerminal;
     let mut stream = client
         .watch_round(pb::RoundRequest { round_id: round.into() })
         .await
         .map_err(status)?
         .into_inner();
+    let (terminal, started) = (std::io::stderr().is_terminal(), std::time::Instant::now());
+    let mut changes = ChangeLog::default();
     let multi = indicatif::MultiProgress::new();
     let style = indicatif::ProgressStyle::with_template("{prefix:<16} [{bar:30}] {msg}")
         .expect("valid template");
     let mut bars: std::collections::BTreeMap<String, indicatif::ProgressBar> = Default::default();
     let mut last = None;
     while let Some(info) = stream.message().await.map_err(status)? {
+        if !terminal {
+            for line in changes.lines(&info, started) {
+                out(&line);
+            }
+            last = Some(info);
+            continue;
+        }
         for t in &info.tasks {
             let bar = bars.entry(t.site.clone()).or_insert_with(|| {
                 let b = multi.add(indicatif::ProgressBar::new(1000));

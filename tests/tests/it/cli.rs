@@ -304,6 +304,10 @@ async fn round_commands_exit_nonzero_for_a_failed_or_cancelled_round() -> Result
     // A completed round: 0.
     let good = cli(words("round start codes --task evaluate --watch")).await??;
     assert_eq!(good.code, Some(0), "{}\n{}", good.stdout, good.stderr);
+    // Not on a terminal: a line per change of the site's task, ending with its success.
+    let changes: Vec<&str> =
+        good.stdout.lines().filter(|l| l.starts_with('[') && l.contains("] site-a: ")).collect();
+    assert!(changes.last().is_some_and(|l| l.ends_with("site-a: succeeded")), "{}", good.stdout);
     // A cancelled round: 3 (cancelling itself succeeds).
     let spec = pb::TaskSpec {
         kind: pb::TaskKind::Train as i32,
