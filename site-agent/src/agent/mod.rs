@@ -17,6 +17,7 @@
 
 pub mod audit;
 pub mod config;
+mod diagnose;
 pub mod exec;
 pub mod faults;
 mod link;
@@ -150,7 +151,8 @@ pub async fn run(
             Err(e) if e.is_fatal() => return Err(AgentError::Refused(e.to_string())),
             Err(e) => {
                 let wait = backoff.next();
-                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "connection to the coordinator failed");
+                let diagnosis = e.diagnose(&cfg).await.unwrap_or_default();
+                tracing::warn!(error = %e, %diagnosis, retry_in_ms = wait.as_millis() as u64, "connection to the coordinator failed");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => {}
                     _ = stop_rx.changed() => {}

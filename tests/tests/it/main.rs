@@ -3,6 +3,7 @@
 mod authz;
 mod cli;
 mod demo;
+mod diagnosis;
 mod disk;
 mod faults;
 mod federation;
