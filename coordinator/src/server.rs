@@ -294,11 +294,16 @@ pub async fn serve_then(
     for name in ["fedtune.v1.SiteService", "fedtune.v1.AdminService"] {
         reporter.set_service_status(name, tonic_health::ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+    // Reflection in both versions: grpcurl speaks v1, Python's grpcio-reflection v1alpha.
+    let reflector = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection =
+        reflector().build_v1().map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
+    let reflection_v1alpha =
+        reflector().build_v1alpha().map_err(|e| ServeError::Tls(format!("reflection: {e}")))?;
 
     let site = SiteServiceServer::new(SiteApi(coord.clone()))
         .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
@@ -357,6 +362,7 @@ pub async fn serve_then(
         .layer(tower::layer::layer_fn(move |inner| CallDeadline { inner, limit: call_limit }))
         .add_service(health)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(site)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -9,6 +9,9 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for gRPC server reflection and for the
 //!   test that checks what the messages can carry.
 //! - [`limits`]: sizes both ends agree on.
+//! - [`codec`]: prost encoding, with requests that do not decode answered as INVALID_ARGUMENT.
+
+pub mod codec;
 
 /// The protocol package name every message and service lives in.
 pub const PACKAGE: &str = "fedtune.v1";

@@ -407,7 +407,7 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_checking() -> R {
+async fn health_checking_and_reflection_in_both_versions() -> R {
     let fed = Federation::builder().sites(1).without_agents().start().await?;
     let conn = fed.conn(Role::Admin, "lead");
     let read = |f: &str| std::fs::read(conn.bundle.join(f));
@@ -419,7 +419,7 @@ async fn health_checking() -> R {
         .tls_config(tls)?
         .connect()
         .await?;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     for service in ["fedtune.v1.SiteService", "fedtune.v1.AdminService"] {
         let r = health
             .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
@@ -431,5 +431,38 @@ async fn health_checking() -> R {
             "{service}"
         );
     }
+
+    // Reflection in both versions a stock client may speak: grpcurl v1, Python's
+    // grpcio-reflection v1alpha.
+    use tonic_reflection::pb::{v1, v1alpha};
+    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let ask = v1alpha::ServerReflectionRequest {
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+        ..Default::default()
+    };
+    let mut answers = alpha.server_reflection_info(tokio_stream::iter([ask])).await?.into_inner();
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answers.message().await?.and_then(|a| a.message_response)
+    else {
+        anyhow::bail!("v1alpha reflection did not list services");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"fedtune.v1.AdminService"), "{names:?}");
+    let mut one = v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = v1::ServerReflectionRequest {
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+        ..Default::default()
+    };
+    let mut answers = one.server_reflection_info(tokio_stream::iter([ask])).await?.into_inner();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        answers.message().await?.and_then(|a| a.message_response)
+    else {
+        anyhow::bail!("v1 reflection did not list services");
+    };
+    assert!(list.service.iter().any(|s| s.name == "fedtune.v1.SiteService"));
     fed.shutdown().await
 }

@@ -2,6 +2,7 @@
 //! than declared, negative, huge and not-a-number values, unknown task kinds. Each is refused
 //! with a status that says what was wrong, and the server keeps answering.
 
+use coordinator::identity::Role;
 use proto::pb;
 use tests::federation::Federation;
 
@@ -120,6 +121,31 @@ async fn hostile_requests_are_refused_and_the_server_stays_up() -> R {
         .create_study(pb::CreateStudyRequest { name: "x".repeat(10_000), ..Default::default() })
         .await;
     expect(&mut refused, "a 10 000-character study name", r, tonic::Code::InvalidArgument, "");
+
+    // A request that does not decode: field 1 of RoundRequest is a string, sent as a number.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct NotARoundRequest {
+        #[prost(uint64, tag = "1")]
+        round_id: u64,
+    }
+    let mut raw = tonic::client::Grpc::new(fed.channel(Some(&fed.bundle(Role::Admin, "lead"))));
+    raw.ready().await?;
+    let r: Result<tonic::Response<pb::RoundInfo>, _> = raw
+        .unary(
+            tonic::Request::new(NotARoundRequest { round_id: 7 }),
+            tonic::codegen::http::uri::PathAndQuery::from_static(
+                "/fedtune.v1.AdminService/GetRound",
+            ),
+            tonic_prost::ProstCodec::<NotARoundRequest, pb::RoundInfo>::default(),
+        )
+        .await;
+    expect(
+        &mut refused,
+        "a request that does not decode",
+        r,
+        tonic::Code::InvalidArgument,
+        "not a valid fedtune.v1.roundrequest",
+    );
 
     // Still serving.
     let sites = fed.admin().await?.list_sites(pb::ListSitesRequest {}).await?.into_inner();
