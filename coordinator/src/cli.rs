@@ -106,6 +106,10 @@ pub enum PkiCommand {
         /// Days the certificate is valid.
         #[arg(long, default_value_t = LEAF_DAYS)]
         days: i64,
+        /// Replace an existing bundle: its certificate is revoked first, so the old copy stops
+        /// working.
+        #[arg(long)]
+        force: bool,
     },
     /// Issue an admin bundle (DIR/admins/NAME).
     IssueAdmin {
@@ -117,6 +121,10 @@ pub enum PkiCommand {
         /// Days the certificate is valid.
         #[arg(long, default_value_t = LEAF_DAYS)]
         days: i64,
+        /// Replace an existing bundle: its certificate is revoked first, so the old copy stops
+        /// working.
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a bundle: its certificate goes on DIR/revoked.txt, which the server re-reads.
     Revoke {
@@ -298,6 +306,15 @@ pub enum RoundCommand {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Every round, newest first: id, study, task, state, start time (UTC), sites done.
+    #[command(after_help = "Example:\n  coordinator round list --study npc")]
+    List {
+        /// Only this study's rounds.
+        #[arg(long)]
+        study: Option<String>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// A round's state and each site's task; exits 2 if the round failed, 3 if it was
     /// cancelled (0 while it runs and once it completed).
     Status {
@@ -475,6 +492,39 @@ fn ended_well(r: &pb::RoundInfo) -> Result<()> {
         .into()),
         _ => Ok(()),
     }
+}
+
+/// One round in a line: id, study, task, state, start (UTC), succeeded of all sites.
+pub fn round_line(r: &pb::RoundInfo) -> String {
+    let spec = r.spec.clone().unwrap_or_default();
+    let task = if spec.template.is_empty() {
+        pb::TaskKind::try_from(spec.kind)
+            .map(|k| k.as_str_name().trim_start_matches("TASK_KIND_").to_ascii_lowercase())
+            .unwrap_or_else(|_| format!("kind {}", spec.kind))
+    } else {
+        spec.template.clone()
+    };
+    let started = time::OffsetDateTime::from_unix_timestamp(r.created_unix)
+        .map(|t| {
+            format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute()
+            )
+        })
+        .unwrap_or_else(|_| r.created_unix.to_string());
+    let done = r.tasks.iter().filter(|t| t.state == pb::TaskState::Succeeded as i32).count();
+    format!(
+        "{}  {:<16} {:<12} {:<10} {started}  {done}/{} sites succeeded",
+        r.round_id,
+        r.study,
+        task,
+        round_state(r.state),
+        r.tasks.len()
+    )
 }
 
 fn print_round(r: &pb::RoundInfo) {
@@ -879,6 +929,21 @@ pub async fn run_admin(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Round(RoundCommand::List { study, conn }) => {
+            let list = connect(&conn)
+                .await?
+                .list_rounds(pb::ListRoundsRequest { study: study.unwrap_or_default() })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if list.rounds.is_empty() {
+                out("no rounds");
+            }
+            for r in &list.rounds {
+                out(&round_line(r));
+            }
+            Ok(())
+        }
         Command::Round(RoundCommand::Status { round, conn }) => {
             let r = connect(&conn)
                 .await?
@@ -943,6 +1008,19 @@ pub async fn run_admin(command: Command) -> Result<()> {
     }
 }
 
+/// Issues a bundle; with `force`, an existing one's certificate is revoked first.
+fn issue(dir: &std::path::Path, role: Role, name: &str, days: i64, force: bool) -> Result<PathBuf> {
+    let pki = Pki::open(dir)?;
+    if force && pki.bundle_dir(role, name).join("cert.pem").exists() {
+        let fp = pki.revoke(role, name)?;
+        out(&format!(
+            "revoked the previous {role} certificate of {name} (sha256 {fp}); listed in {}",
+            pki.revocation_list_path().display()
+        ));
+    }
+    Ok(pki.issue(role, name, days)?)
+}
+
 fn pki(p: PkiCommand) -> Result<()> {
     match p {
         PkiCommand::Init { dir, server_names } => {
@@ -955,15 +1033,15 @@ fn pki(p: PkiCommand) -> Result<()> {
             ));
             out("keep ca.key offline when you can; it signs every bundle");
         }
-        PkiCommand::IssueSite { name, dir, days } => {
-            let path = Pki::open(&dir)?.issue(Role::Site, &name, days)?;
+        PkiCommand::IssueSite { name, dir, days, force } => {
+            let path = issue(&dir, Role::Site, &name, days, force)?;
             out(&format!(
                 "site bundle for {name}: {} (hand it to the site's IT out of band)",
                 path.display()
             ));
         }
-        PkiCommand::IssueAdmin { name, dir, days } => {
-            let path = Pki::open(&dir)?.issue(Role::Admin, &name, days)?;
+        PkiCommand::IssueAdmin { name, dir, days, force } => {
+            let path = issue(&dir, Role::Admin, &name, days, force)?;
             out(&format!("admin bundle for {name}: {}", path.display()));
         }
         PkiCommand::Revoke { name, dir, admin } => {

@@ -35,7 +35,10 @@ pub enum PkiError {
         "\"{0}\" is not a valid name: use 1 to 63 lowercase letters, digits and '-', starting with a letter or digit"
     )]
     BadName(String),
-    #[error("a bundle for {role} \"{name}\" exists at {path}; revoke it first to issue a new one")]
+    #[error(
+        "a bundle for {role} \"{name}\" exists at {path}; revoke it first (`coordinator pki revoke`), \
+         or pass --force to revoke it and issue a new one"
+    )]
     Issued { role: Role, name: String, path: PathBuf },
     #[error("no {role} named \"{name}\" was issued from {dir}")]
     Unknown { role: Role, name: String, dir: PathBuf },
@@ -217,7 +220,14 @@ impl Pki {
         text.push_str(&format!("{fp} {}/{name}\n", role.as_str()));
         write(&list, &text, false)?;
         let stamp = OffsetDateTime::now_utc().unix_timestamp();
-        let archived = out.with_file_name(format!("{name}.revoked-{stamp}"));
+        // Unique even for two revocations of one name within a second.
+        let archived = (0..)
+            .map(|n| match n {
+                0 => out.with_file_name(format!("{name}.revoked-{stamp}")),
+                n => out.with_file_name(format!("{name}.revoked-{stamp}-{n}")),
+            })
+            .find(|p| !p.exists())
+            .expect("an unused name");
         io(&out, fs::rename(&out, &archived))?;
         Ok(fp)
     }

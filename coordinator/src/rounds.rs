@@ -102,6 +102,7 @@ mod tests {
             quorum,
             max_attempts: 3,
             created: 0,
+            created_ms: 0,
             deadline,
             state: RoundState::Running,
             tasks: vec!["t".into()],

@@ -73,6 +73,10 @@ pub struct RoundRecord {
     pub quorum: u32,
     pub max_attempts: u32,
     pub created: i64,
+    /// Unix milliseconds of creation, to order rounds started within a second (0 in records
+    /// written before it was kept).
+    #[serde(default)]
+    pub created_ms: i64,
     /// Unix seconds.
     pub deadline: i64,
     pub state: RoundState,
@@ -148,6 +152,13 @@ fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> 
 
 fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("records serialize to JSON")
+}
+
+impl RoundRecord {
+    /// When the round was created, in Unix milliseconds, for ordering.
+    pub fn created_millis(&self) -> i64 {
+        if self.created_ms > 0 { self.created_ms } else { self.created.saturating_mul(1000) }
+    }
 }
 
 impl Store {

@@ -30,6 +30,7 @@ fn decode_all(bytes: &[u8]) {
         pb::ListStudiesRequest,
         pb::StartRoundRequest,
         pb::RoundRequest,
+        pb::ListRoundsRequest,
         pb::StudyRequest
     );
 }

@@ -463,6 +463,7 @@ impl AdminService for AdminApi {
             quorum,
             max_attempts,
             created: now_s(),
+            created_ms: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000,
             deadline: now_s() + i64::from(deadline),
             state: RoundState::Running,
             tasks: tasks.iter().map(|t| t.id.clone()).collect(),
@@ -484,6 +485,31 @@ impl AdminService for AdminApi {
         admin(&req)?;
         let round = self.round(&req.get_ref().round_id)?;
         Ok(Response::new(self.0.round_info(&round)?))
+    }
+
+    async fn list_rounds(
+        &self,
+        req: Request<pb::ListRoundsRequest>,
+    ) -> Result<Response<pb::ListRoundsResponse>, Status> {
+        admin(&req)?;
+        let study = &req.get_ref().study;
+        let c = &self.0;
+        if !study.is_empty() && c.store.study(study).map_err(ServiceError::from)?.is_none() {
+            return Err(ServiceError::NotFound(format!(
+                "no study \"{study}\"; `coordinator study list` shows them"
+            ))
+            .into());
+        }
+        let mut rounds: Vec<_> = c
+            .store
+            .rounds()
+            .map_err(ServiceError::from)?
+            .into_iter()
+            .filter(|r| study.is_empty() || &r.study == study)
+            .collect();
+        rounds.sort_by_key(|r| std::cmp::Reverse((r.created_millis(), r.id.clone())));
+        let rounds = rounds.iter().map(|r| c.round_info(r)).collect::<Result<_, _>>()?;
+        Ok(Response::new(pb::ListRoundsResponse { rounds }))
     }
 
     type WatchRoundStream = RoundStream;

@@ -37,6 +37,52 @@ impl AuditEntry {
     }
 }
 
+impl AuditEntry {
+    /// When it was sent, UTC, to the millisecond: `2026-12-02 19:44:33.123Z`.
+    pub fn time_utc(&self) -> String {
+        let t =
+            time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(self.time_ms) * 1_000_000);
+        match t {
+            Ok(t) => format!(
+                "{:04}-{:02}-{:02} {:02}:{:02}:{:02}.{:03}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.millisecond()
+            ),
+            Err(_) => format!("{} ms", self.time_ms),
+        }
+    }
+
+    /// The message in words: its fields as the protocol names them, a weights chunk by its
+    /// size only. An error names what could not be read.
+    pub fn decoded(&self) -> Result<String, String> {
+        use prost::Message;
+        use proto::pb;
+        let bytes = hex::decode(&self.message_hex).map_err(|e| format!("message_hex: {e}"))?;
+        let b = bytes.as_slice();
+        let method = self.rpc.rsplit('/').next().unwrap_or_default();
+        let text = match method {
+            "Hello" => pb::HelloRequest::decode(b).map(|m| format!("{m:?}")),
+            "NextTask" => pb::NextTaskRequest::decode(b).map(|m| format!("{m:?}")),
+            "FetchModel" => pb::FetchModelRequest::decode(b).map(|m| format!("{m:?}")),
+            "Heartbeat" => pb::HeartbeatRequest::decode(b).map(|m| format!("{m:?}")),
+            "SubmitResult" => pb::SubmitResultRequest::decode(b).map(|m| format!("{m:?}")),
+            "UploadModel" => pb::UploadModelRequest::decode(b).map(|m| match m.part {
+                Some(pb::upload_model_request::Part::Chunk(c)) => {
+                    format!("weights chunk of {} bytes", c.len())
+                }
+                other => format!("{other:?}"),
+            }),
+            other => return Err(format!("no decoder for the RPC {other:?}")),
+        };
+        text.map_err(|e| format!("{method}: {e}"))
+    }
+}
+
 fn entry_hash(seq: u64, time_ms: i64, rpc: &str, sha256: &str, prev: &str) -> String {
     let mut h = Sha256::new();
     h.update(seq.to_be_bytes());
@@ -203,6 +249,29 @@ mod tests {
         change(&mut e);
         let json = serde_json::to_vec(&e).expect("json");
         log.tree.insert(seq.to_be_bytes(), json).expect("insert");
+    }
+
+    #[test]
+    fn entries_read_in_words_with_utc_times() {
+        use prost::Message;
+        use proto::pb;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = AuditLog::open(dir.path()).expect("open");
+        let beat = pb::HeartbeatRequest { task_id: "r1-abc.site-a".into(), ..Default::default() };
+        log.record("fedtune.v1.SiteService/Heartbeat", &beat.encode_to_vec()).expect("record");
+        let chunk = pb::UploadModelRequest {
+            part: Some(pb::upload_model_request::Part::Chunk(vec![7; 4096])),
+        };
+        log.record("fedtune.v1.SiteService/UploadModel", &chunk.encode_to_vec()).expect("record");
+        log.record("fedtune.v1.SiteService/Hello", &[0xff, 0xff]).expect("record");
+        let mut e = log.entries().expect("entries");
+        let text = e[0].decoded().expect("a heartbeat decodes");
+        assert!(text.contains("task_id: \"r1-abc.site-a\""), "{text}");
+        assert_eq!(e[1].decoded().expect("a chunk decodes"), "weights chunk of 4096 bytes");
+        let bad = e[2].decoded().expect_err("garbage is not a HelloRequest");
+        assert!(bad.starts_with("Hello: "), "{bad}");
+        e[0].time_ms = 1_764_704_673_123;
+        assert_eq!(e[0].time_utc(), "2025-12-02 19:44:33.123Z");
     }
 
     #[test]

@@ -59,7 +59,8 @@ pub enum Command {
         after_help = "Example:\n  site-agent check-data --manifest data/manifest.toml && site-agent run --config site.toml"
     )]
     Run(RunArgs),
-    /// Every message this agent sent to the coordinator.
+    /// Every message this agent sent to the coordinator: UTC time, RPC, size, sha256 and the
+    /// message field by field.
     Audit(AuditArgs),
 }
 
@@ -75,7 +76,8 @@ pub struct AuditArgs {
     /// site.toml of the agent whose log to read.
     #[arg(long)]
     pub config: PathBuf,
-    /// One JSON object per line, with the encoded message.
+    /// One JSON object per line: the entry (with the encoded message, hex), its UTC time and
+    /// the message decoded.
     #[arg(long)]
     pub json: bool,
     /// Check the hash chain; exit 1 if an entry was altered or removed.
@@ -193,13 +195,20 @@ fn audit_cmd(a: &AuditArgs) -> Result<()> {
         bail!("the audit log was altered: {} problems in {n} entries", problems.len());
     }
     for e in entries {
+        let decoded = e.decoded().unwrap_or_else(|why| format!("(unreadable: {why})"));
         if a.json {
-            out(&serde_json::to_string(&e)?);
+            let mut v = serde_json::to_value(&e)?;
+            v["time_utc"] = e.time_utc().into();
+            v["decoded"] = decoded.into();
+            out(&serde_json::to_string(&v)?);
         } else {
-            let t = e.time_ms as f64 / 1000.0;
             out(&format!(
-                "{:>6} {t:>16.3} {:<40} {:>8} bytes  sha256 {}",
-                e.seq, e.rpc, e.bytes, e.sha256
+                "{:>6} {} {} {} bytes sha256 {}\n       {decoded}",
+                e.seq,
+                e.time_utc(),
+                e.rpc,
+                e.bytes,
+                e.sha256
             ));
         }
     }

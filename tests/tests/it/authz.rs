@@ -19,7 +19,7 @@ type R = anyhow::Result<()>;
 
 const SITE_RPCS: [&str; 6] =
     ["Hello", "NextTask", "FetchModel", "Heartbeat", "SubmitResult", "UploadModel"];
-const ADMIN_RPCS: [&str; 13] = [
+const ADMIN_RPCS: [&str; 14] = [
     "PushModel",
     "ListModels",
     "ListSites",
@@ -29,6 +29,7 @@ const ADMIN_RPCS: [&str; 13] = [
     "ListStudies",
     "StartRound",
     "GetRound",
+    "ListRounds",
     "WatchRound",
     "CancelRound",
     "GetResults",
@@ -132,6 +133,7 @@ async fn call_all(ch: Channel, t: &Target) -> BTreeMap<&'static str, &'static st
     out.insert("ListStudies", outcome(admin.list_studies(pb::ListStudiesRequest {}).await));
     out.insert("StartRound", outcome(admin.start_round(pb::StartRoundRequest::default()).await));
     out.insert("GetRound", outcome(admin.get_round(round()).await));
+    out.insert("ListRounds", outcome(admin.list_rounds(pb::ListRoundsRequest::default()).await));
     out.insert("WatchRound", outcome(admin.watch_round(round()).await));
     out.insert("CancelRound", outcome(admin.cancel_round(round()).await));
     out.insert("GetResults", outcome(admin.get_results(round()).await));
@@ -194,7 +196,7 @@ async fn every_rpc_for_every_identity() -> R {
         }
     }
     assert_eq!(mismatches, 0, "{mismatches} unexpected outcomes:\n{table}");
-    assert_eq!(checked, 7 * 19);
+    assert_eq!(checked, 7 * 20);
     eprintln!("authorization matrix: {checked} identity x RPC pairs as expected");
 
     // The agent with the expired certificate does not dial: it stops with what to do.

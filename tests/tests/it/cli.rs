@@ -244,6 +244,14 @@ fn coordinator_pki_commands() -> Result<()> {
     }
     let twice = coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki)])?;
     assert!(twice.stderr.contains("revoke it first"), "{}", twice.stderr);
+    assert!(twice.stderr.contains("--force"), "{}", twice.stderr);
+    let first_cert = std::fs::read_to_string(pki.join("sites/hospital-a/cert.pem"))?;
+    let forced =
+        coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki), "--force"])?.ok()?;
+    assert!(forced.stdout.contains("revoked the previous site certificate"), "{}", forced.stdout);
+    assert_ne!(std::fs::read_to_string(pki.join("sites/hospital-a/cert.pem"))?, first_cert);
+    let listed = std::fs::read_to_string(pki.join("revoked.txt"))?;
+    assert_eq!(listed.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count(), 1);
     let bad = coordinator(&["pki", "issue-site", "Hospital A", "--dir", s(&pki)])?;
     assert!(bad.stderr.contains("not a valid name"), "{}", bad.stderr);
     let revoked = coordinator(&["pki", "revoke", "hospital-a", "--dir", s(&pki)])?.ok()?;
@@ -318,8 +326,19 @@ async fn round_commands_exit_nonzero_for_a_failed_or_cancelled_round() -> Result
     let round = fed.start_round("codes", spec).await?;
     let cancel = cli(vec!["round".into(), "cancel".into(), round.clone()]).await??;
     assert_eq!(cancel.code, Some(0), "{}", cancel.stderr);
-    let status = cli(vec!["round".into(), "status".into(), round]).await??;
+    let status = cli(vec!["round".into(), "status".into(), round.clone()]).await??;
     assert_eq!(status.code, Some(3), "{}", status.stderr);
     assert!(status.stderr.contains("cancelled"), "{}", status.stderr);
+    // A lost round id: `round list`, newest first, each with its task and state.
+    let list = cli(words("round list --study codes")).await??;
+    assert_eq!(list.code, Some(0), "{}", list.stderr);
+    let lines: Vec<&str> = list.stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", list.stdout);
+    assert!(lines[0].starts_with(&round) && lines[0].contains("cancelled"), "{}", list.stdout);
+    assert!(lines[1].contains(" evaluate ") && lines[1].contains("1/1 sites"), "{}", list.stdout);
+    assert!(lines[2].contains(" train ") && lines[2].contains(" failed "), "{}", list.stdout);
+    let unknown = cli(words("round list --study nope")).await??;
+    assert_eq!(unknown.code, Some(1), "{}", unknown.stderr);
+    assert!(unknown.stderr.contains("no study \"nope\""), "{}", unknown.stderr);
     fed.shutdown().await
 }
