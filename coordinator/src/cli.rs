@@ -595,52 +595,124 @@ impl ChangeLog {
 
 /// Follows a round until it ends: one progress bar per site on a terminal, else one line per
 /// change of a site's task.
+/// How long a watch keeps trying to reach a coordinator that went away (a restart, a network
+/// cut) before it gives up; the round goes on meanwhile.
+pub const WATCH_RECONNECT_SECONDS: u64 = 600;
+
+/// Whether a failed watch call may succeed again once the coordinator is back.
+fn transient(s: &tonic::Status) -> bool {
+    use tonic::Code as C;
+    matches!(
+        s.code(),
+        C::Unavailable | C::Unknown | C::Cancelled | C::DeadlineExceeded | C::Aborted
+    )
+}
+
 pub async fn watch(client: &mut AdminServiceClient<Channel>, round: &str) -> Result<pb::RoundInfo> {
     use std::io::IsTerminal;
-    let mut stream = client
-        .watch_round(pb::RoundRequest { round_id: round.into() })
-        .await
-        .map_err(status)?
-        .into_inner();
     let (terminal, started) = (std::io::stderr().is_terminal(), std::time::Instant::now());
     let mut changes = ChangeLog::default();
     let multi = indicatif::MultiProgress::new();
     let style = indicatif::ProgressStyle::with_template("{prefix:<16} [{bar:30}] {msg}")
         .expect("valid template");
     let mut bars: std::collections::BTreeMap<String, indicatif::ProgressBar> = Default::default();
-    let mut last = None;
-    while let Some(info) = stream.message().await.map_err(status)? {
-        if !terminal {
-            for line in changes.lines(&info, started) {
-                out(&line);
+    let mut last: Option<pb::RoundInfo> = None;
+    // Since when the coordinator has been out of reach, and how often we tried.
+    let mut lost: Option<(std::time::Instant, u32)> = None;
+    loop {
+        let opened = client.watch_round(pb::RoundRequest { round_id: round.into() }).await;
+        let broke = match opened {
+            // Before the first state, an error is the answer (no such round, no access, no
+            // coordinator at that address).
+            Err(s) if last.is_none() || !transient(&s) => return Err(status(s)),
+            Err(s) => s,
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(info)) => {
+                            if lost.take().is_some() {
+                                multi.suspend(|| eprintln_note("reconnected; the round went on"));
+                            }
+                            if terminal {
+                                draw_bars(&multi, &style, &mut bars, &info);
+                            } else {
+                                for line in changes.lines(&info, started) {
+                                    out(&line);
+                                }
+                            }
+                            last = Some(info);
+                        }
+                        Ok(None) => break tonic::Status::unavailable("the watch stream ended"),
+                        Err(s) if last.is_some() && transient(&s) => break s,
+                        Err(s) => return Err(status(s)),
+                    }
+                }
             }
-            last = Some(info);
-            continue;
+        };
+        let state = last.as_ref().map(|r| r.state);
+        if state.is_some_and(|s| s != pb::RoundState::Running as i32) {
+            break;
         }
-        for t in &info.tasks {
-            let bar = bars.entry(t.site.clone()).or_insert_with(|| {
-                let b = multi.add(indicatif::ProgressBar::new(1000));
-                b.set_style(style.clone());
-                b.set_prefix(t.site.clone());
-                b
+        let (since, tries) = lost.get_or_insert((std::time::Instant::now(), 0));
+        if *tries == 0 {
+            multi.suspend(|| {
+                eprintln_note(&format!(
+                    "lost the coordinator ({}); reconnecting for up to {WATCH_RECONNECT_SECONDS} s \
+                     (the round goes on without the watch)",
+                    broke.message()
+                ))
             });
-            let (pos, msg) = match (&t.progress, task_state(t.state)) {
-                (_, "succeeded") => (1000, "succeeded".to_string()),
-                (Some(p), "running") => (
-                    (p.fraction.clamp(0.0, 1.0) * 1000.0) as u64,
-                    format!("{} epoch {}/{} loss {:.3}", p.phase, p.epoch, p.epochs, p.loss),
-                ),
-                (_, s) => (bar.position(), format!("{s} {}", t.reason)),
-            };
-            bar.set_position(pos);
-            bar.set_message(msg);
         }
-        last = Some(info);
+        if since.elapsed() > std::time::Duration::from_secs(WATCH_RECONNECT_SECONDS) {
+            anyhow::bail!(
+                "lost the coordinator for {} s watching round {round} (last: {}); the round may \
+                 still run: `coordinator round status {round}` when it is back",
+                since.elapsed().as_secs(),
+                broke.message()
+            );
+        }
+        *tries += 1;
+        let wait = std::time::Duration::from_millis(250u64 << (*tries).min(5))
+            .min(std::time::Duration::from_secs(5));
+        tokio::time::sleep(wait).await;
     }
     for b in bars.values() {
         b.finish();
     }
     last.ok_or_else(|| anyhow::anyhow!("the coordinator closed the watch without a state"))
+}
+
+#[allow(clippy::print_stderr)]
+fn eprintln_note(s: &str) {
+    eprintln!("{s}");
+}
+
+/// Progress bars per site, on a terminal.
+fn draw_bars(
+    multi: &indicatif::MultiProgress,
+    style: &indicatif::ProgressStyle,
+    bars: &mut std::collections::BTreeMap<String, indicatif::ProgressBar>,
+    info: &pb::RoundInfo,
+) {
+    for t in &info.tasks {
+        let bar = bars.entry(t.site.clone()).or_insert_with(|| {
+            let b = multi.add(indicatif::ProgressBar::new(1000));
+            b.set_style(style.clone());
+            b.set_prefix(t.site.clone());
+            b
+        });
+        let (pos, msg) = match (&t.progress, task_state(t.state)) {
+            (_, "succeeded") => (1000, "succeeded".to_string()),
+            (Some(p), "running") => (
+                (p.fraction.clamp(0.0, 1.0) * 1000.0) as u64,
+                format!("{} epoch {}/{} loss {:.3}", p.phase, p.epoch, p.epochs, p.loss),
+            ),
+            (_, s) => (bar.position(), format!("{s} {}", t.reason)),
+        };
+        bar.set_position(pos);
+        bar.set_message(msg);
+    }
 }
 
 /// Mean and SD of a slice (SD with n - 1).

@@ -389,10 +389,30 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert_eq!(before.round.as_ref().map(|r| r.state), Some(pb::RoundState::Running as i32));
+    // The study lead's `round watch` follows the round across the restart.
+    let conn = fed.conn(coordinator::identity::Role::Admin, "lead");
+    let args = [
+        "round".to_string(),
+        "watch".into(),
+        round.clone(),
+        "--coordinator".into(),
+        conn.coordinator.clone(),
+        "--bundle".into(),
+        conn.bundle.display().to_string(),
+    ];
+    let watch = tokio::task::spawn_blocking(move || {
+        tests::coordinator(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
     fed.restart_coordinator().await?;
     fed.start_agent("site-c")?;
     let info = fed.wait_round(&round, 300).await?;
     assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
+    let watch = tokio::time::timeout(Duration::from_secs(60), watch).await???;
+    eprintln!("the watch across the restart:\n{}{}", watch.stdout, watch.stderr);
+    assert_eq!(watch.code, Some(0), "{}\n{}", watch.stdout, watch.stderr);
+    assert!(watch.stderr.contains("lost the coordinator"), "{}", watch.stderr);
+    assert!(watch.stdout.contains("site-c: succeeded"), "{}", watch.stdout);
     let results = fed.results(&round).await?;
     assert_eq!(results.results.len(), 3, "each site's result once");
     for r in &before.results {
