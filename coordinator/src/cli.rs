@@ -176,7 +176,8 @@ pub enum ModelCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum SiteCommand {
-    /// The sites that said hello: approval, device, data and certificate.
+    /// The sites that said hello: state (approved, revoked, certificate revoked), when each
+    /// last called, device, data and certificate.
     List {
         #[command(flatten)]
         conn: Conn,
@@ -185,6 +186,9 @@ pub enum SiteCommand {
     Approve {
         /// The site's name (as in its certificate).
         name: String,
+        /// Let a site revoked with `site revoke` in again (refused without it).
+        #[arg(long)]
+        reinstate: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -418,6 +422,19 @@ pub async fn push_model(
 
 /// What a site trains on, from its last Hello: `  cuda (NVIDIA H200, 139.8 GiB, policy cap
 /// 40.0 GiB)` or `  cpu (16 threads)`.
+/// When a site last called, in words: "online" within a minute (agents poll every 20 s by
+/// default), else how long ago.
+pub fn last_seen(now: i64, seen: i64) -> String {
+    let ago = now - seen;
+    match ago {
+        _ if seen <= 0 => "never seen".into(),
+        ..=60 => "online".into(),
+        61..=3_600 => format!("last seen {} min ago", ago / 60),
+        3_601..=172_800 => format!("last seen {} h ago", ago / 3_600),
+        _ => format!("last seen {} days ago", ago / 86_400),
+    }
+}
+
 fn device_summary(c: &pb::Capabilities) -> String {
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     match c.device.as_str() {
@@ -815,7 +832,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .into_inner();
             let now = crate::service::now_s();
             for s in sites.sites {
-                let state = if s.revoked {
+                let state = if s.certificate_revoked {
+                    "revoked (its certificate is on the revocation list)"
+                } else if s.revoked {
                     "revoked"
                 } else if s.approved {
                     "approved"
@@ -849,14 +868,15 @@ pub async fn run_admin(command: Command) -> Result<()> {
                     })
                     .unwrap_or_default();
                 let device = s.capabilities.as_ref().map(device_summary).unwrap_or_default();
-                out(&format!("{:<16} {state}{device}{data}{cert}", s.name));
+                let seen = last_seen(now, s.last_seen_unix);
+                out(&format!("{:<16} {state}  {seen}{device}{data}{cert}", s.name));
             }
             Ok(())
         }
-        Command::Site(SiteCommand::Approve { name, conn }) => {
+        Command::Site(SiteCommand::Approve { name, reinstate, conn }) => {
             let s = connect(&conn)
                 .await?
-                .approve_site(pb::SiteRequest { name })
+                .approve_site(pb::SiteRequest { name, reinstate })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -866,7 +886,7 @@ pub async fn run_admin(command: Command) -> Result<()> {
         Command::Site(SiteCommand::Revoke { name, conn }) => {
             let s = connect(&conn)
                 .await?
-                .revoke_site(pb::SiteRequest { name })
+                .revoke_site(pb::SiteRequest { name, reinstate: false })
                 .await
                 .map_err(status)?
                 .into_inner();
@@ -994,6 +1014,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .map_err(status)?
                 .into_inner();
             out(&format!("round {} started", r.round_id));
+            for w in &r.warnings {
+                eprintln_note(&format!("warning: {w}"));
+            }
             if follow {
                 let r = watch(&mut c, &r.round_id).await?;
                 print_round(&r);
@@ -1151,5 +1174,15 @@ mod tests {
             "  cuda (NVIDIA H200, 140.0 GiB, 139.0 GiB free at hello, policy cap 40.0 GiB)"
         );
         assert_eq!(device_summary(&pb::Capabilities::default()), "", "an agent before devices");
+    }
+
+    #[test]
+    fn last_seen_in_words() {
+        let now = 1_000_000;
+        assert_eq!(last_seen(now, 0), "never seen");
+        assert_eq!(last_seen(now, now - 15), "online");
+        assert_eq!(last_seen(now, now - 61), "last seen 1 min ago");
+        assert_eq!(last_seen(now, now - 7_200), "last seen 2 h ago");
+        assert_eq!(last_seen(now, now - 3 * 86_400), "last seen 3 days ago");
     }
 }

@@ -304,7 +304,7 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     for s in &all {
-        admin.approve_site(pb::SiteRequest { name: s.clone() }).await?;
+        admin.approve_site(pb::SiteRequest { name: s.clone(), reinstate: false }).await?;
     }
     say("sites connected and approved");
     let study = "npc-oar".to_owned();

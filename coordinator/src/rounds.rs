@@ -56,6 +56,17 @@ pub fn release_waiting(round: &RoundRecord, tasks: &mut [TaskRecord]) -> bool {
     changed
 }
 
+/// Fails the unfinished tasks of revoked sites: they will not be served again, so the round
+/// need not wait for its deadline. Returns whether any task changed.
+pub fn fail_revoked(tasks: &mut [TaskRecord], revoked: impl Fn(&str) -> bool) -> bool {
+    let mut changed = false;
+    for t in tasks.iter_mut().filter(|t| !t.state.is_final() && revoked(&t.site)) {
+        t.state = TaskState::Failed { reason: format!("site {} was revoked", t.site) };
+        changed = true;
+    }
+    changed
+}
+
 /// Settles a running round once every task is final: Completed when at least `quorum` tasks
 /// succeeded, Failed otherwise. Returns whether the round changed.
 pub fn settle(round: &mut RoundRecord, tasks: &[TaskRecord]) -> bool {
@@ -108,6 +119,24 @@ mod tests {
             tasks: vec!["t".into()],
             source_spec: None,
         }
+    }
+
+    #[test]
+    fn a_revoked_sites_unfinished_task_fails_and_the_round_settles_by_quorum() {
+        let mut r = round(1, 1000);
+        let mut tasks =
+            vec![task(TaskState::Succeeded, 1), task(TaskState::Leased { deadline_ms: 5 }, 1)];
+        tasks[1].site = "gone".into();
+        assert!(!fail_revoked(&mut tasks, |s| s == "nobody"));
+        assert!(!settle(&mut r, &tasks), "the other site still runs");
+        assert!(fail_revoked(&mut tasks, |s| s == "gone"));
+        assert!(
+            matches!(&tasks[1].state, TaskState::Failed { reason } if reason.contains("revoked"))
+        );
+        assert_eq!(tasks[0].state, TaskState::Succeeded, "a final task is left as it is");
+        assert!(!fail_revoked(&mut tasks, |s| s == "gone"), "once");
+        assert!(settle(&mut r, &tasks));
+        assert_eq!(r.state, RoundState::Completed, "1 of 2 meets the quorum of 1");
     }
 
     #[test]

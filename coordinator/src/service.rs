@@ -19,7 +19,7 @@ use tonic::{Request, Status};
 use crate::identity::{self, Identity, Role};
 use crate::rounds;
 use crate::store::{
-    ModelRecord, RoundRecord, RoundState, Store, StoreError, TaskRecord, TaskState,
+    ModelRecord, RoundRecord, RoundState, SiteRecord, Store, StoreError, TaskRecord, TaskState,
 };
 use proto::limits;
 use sha2::{Digest, Sha256};
@@ -233,6 +233,8 @@ pub struct Coordinator {
     write: Mutex<()>,
     /// Bumped after every committed change; long polls and round watchers wait on it.
     changed: watch::Sender<u64>,
+    /// Unix seconds of each site's last call, kept in memory (the store keeps the last hello).
+    contact: StdMutex<std::collections::HashMap<String, i64>>,
 }
 
 impl Coordinator {
@@ -249,7 +251,24 @@ impl Coordinator {
             revocations: RevocationList { path: revocation_list, ..Default::default() },
             write: Mutex::new(()),
             changed: watch::channel(0).0,
+            contact: Default::default(),
         })
+    }
+
+    /// Whether a site may no longer be served: revoked with `site revoke`, or the certificate
+    /// it last connected with is on the revocation list.
+    fn site_revoked(&self, site: &SiteRecord) -> bool {
+        site.revoked || self.certificate_revoked(site)
+    }
+
+    fn certificate_revoked(&self, site: &SiteRecord) -> bool {
+        !site.fingerprint.is_empty() && self.revocations.contains(&site.fingerprint)
+    }
+
+    /// When a site last called, Unix seconds (0: never).
+    fn last_contact(&self, site: &SiteRecord) -> i64 {
+        let contact = self.contact.lock().unwrap_or_else(|e| e.into_inner());
+        contact.get(&site.name).copied().unwrap_or(0).max(site.last_seen)
     }
 
     fn notify(&self) {
@@ -283,6 +302,9 @@ impl Coordinator {
                 "site \"{}\" is revoked; ask the study lead",
                 id.name
             )));
+        }
+        if id.role == Role::Site && role == Role::Site {
+            self.contact.lock().unwrap_or_else(|e| e.into_inner()).insert(id.name.clone(), now_s());
         }
         if id.role != role {
             return Err(ServiceError::PermissionDenied(format!(
@@ -417,6 +439,13 @@ impl Coordinator {
         let _w = self.write.lock().await;
         let (now_ms, now_s) = (now_ms(), now_s());
         let mut changed = false;
+        let revoked: HashSet<String> = self
+            .store
+            .sites()?
+            .into_iter()
+            .filter(|s| self.site_revoked(s))
+            .map(|s| s.name)
+            .collect();
         for mut round in self.store.rounds()? {
             if round.state != RoundState::Running {
                 continue;
@@ -428,6 +457,10 @@ impl Coordinator {
                     tracing::info!(task = %t.id, site = %t.site, state = ?t.state, "lease expired");
                     dirty.push(i);
                 }
+            }
+            if rounds::fail_revoked(&mut tasks, |s| revoked.contains(s)) {
+                tracing::warn!(round = %round.id, "the tasks of revoked sites failed");
+                dirty = (0..tasks.len()).collect();
             }
             if rounds::apply_deadline(&round, &mut tasks, now_s)
                 | rounds::release_waiting(&round, &mut tasks)
@@ -491,6 +524,7 @@ impl Coordinator {
             deadline_unix: round.deadline,
             reason,
             source_spec: round.source_spec.as_deref().and_then(|b| pb::TaskSpec::decode(b).ok()),
+            warnings: Vec::new(),
         })
     }
 

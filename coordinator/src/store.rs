@@ -30,6 +30,10 @@ pub struct SiteRecord {
     pub revoked_fingerprints: Vec<String>,
     pub last_seen: i64,
     pub cert_not_after: i64,
+    /// sha256 of the certificate the site last said hello with, to tell when
+    /// `pki revoke` put it on the revocation list.
+    #[serde(default)]
+    pub fingerprint: String,
     /// `pb::Capabilities` and `pb::DatasetSummary` bytes from the last Hello.
     pub capabilities: Vec<u8>,
     pub dataset: Vec<u8>,

@@ -48,6 +48,12 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// Whether the agent still runs (it ends on its own only when the coordinator refuses
+    /// the site).
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     /// Stops the agent (as on SIGTERM) and waits for it.
     pub async fn stop(&mut self) -> Result<()> {
         if let Some(stop) = self.stop.take() {
@@ -392,7 +398,7 @@ max_backoff_seconds = 2
         let model = self.base_model(config)?;
         coordinator::cli::push_model(&mut admin, &model, &format!("base-{config}"), false).await?;
         for s in &self.sites {
-            admin.approve_site(pb::SiteRequest { name: s.clone() }).await?;
+            admin.approve_site(pb::SiteRequest { name: s.clone(), ..Default::default() }).await?;
         }
         Ok(admin
             .create_study(pb::CreateStudyRequest {

@@ -21,12 +21,13 @@ type RoundStream = super::FedStream<pb::RoundInfo>;
 #[derive(Clone, Debug)]
 pub struct AdminApi(pub Arc<Coordinator>);
 
-fn site_info(s: &SiteRecord) -> pb::SiteInfo {
+fn site_info(c: &Coordinator, s: &SiteRecord) -> pb::SiteInfo {
     pb::SiteInfo {
         name: s.name.clone(),
-        approved: s.approved,
-        revoked: s.revoked,
-        last_seen_unix: s.last_seen,
+        approved: s.approved && !c.site_revoked(s),
+        revoked: c.site_revoked(s),
+        certificate_revoked: c.certificate_revoked(s),
+        last_seen_unix: c.last_contact(s),
         capabilities: pb::Capabilities::decode(s.capabilities.as_slice())
             .ok()
             .filter(|_| !s.capabilities.is_empty()),
@@ -35,6 +36,42 @@ fn site_info(s: &SiteRecord) -> pb::SiteInfo {
             .filter(|_| !s.dataset.is_empty()),
         certificate_not_after_unix: s.cert_not_after,
     }
+}
+
+/// A round's sites that are revoked, and a sentence for each site the study lead should know
+/// about: revoked (its task fails at once), never connected, not approved, or silent for a day
+/// (its task waits until it returns or the round's deadline).
+fn site_warnings(c: &Coordinator, sites: &[&String]) -> SResult<(Vec<String>, Vec<String>)> {
+    let (mut revoked, mut warnings) = (Vec::new(), Vec::new());
+    let now = now_s();
+    for &name in sites {
+        let Some(site) = c.store.site(name)? else {
+            warnings.push(format!(
+                "site {name} has never connected: its task waits until it does (or the \
+                 round's deadline)"
+            ));
+            continue;
+        };
+        if c.site_revoked(&site) {
+            warnings.push(format!("site {name} is revoked: its task fails at once"));
+            revoked.push(name.clone());
+            continue;
+        }
+        if !site.approved {
+            warnings.push(format!(
+                "site {name} is not approved: its task waits for `coordinator site approve {name}`"
+            ));
+        }
+        let silent = now - c.last_contact(&site);
+        if silent > 86_400 {
+            warnings.push(format!(
+                "site {name} was last seen {} days ago: its task waits until it returns (or the \
+                 round's deadline)",
+                silent / 86_400
+            ));
+        }
+    }
+    Ok((revoked, warnings))
 }
 
 pub(super) fn model_info(m: &ModelRecord) -> pb::ModelInfo {
@@ -141,7 +178,9 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::ListSitesResponse>, Status> {
         admin(&req)?;
         let sites = self.0.store.sites().map_err(ServiceError::from)?;
-        Ok(Response::new(pb::ListSitesResponse { sites: sites.iter().map(site_info).collect() }))
+        Ok(Response::new(pb::ListSitesResponse {
+            sites: sites.iter().map(|s| site_info(&self.0, s)).collect(),
+        }))
     }
 
     async fn approve_site(
@@ -149,7 +188,7 @@ impl AdminService for AdminApi {
         req: Request<pb::SiteRequest>,
     ) -> Result<Response<pb::SiteInfo>, Status> {
         let who = admin(&req)?;
-        let name = req.into_inner().name;
+        let pb::SiteRequest { name, reinstate } = req.into_inner();
         if !valid_name(&name) {
             return Err(ServiceError::InvalidArgument(format!(
                 "\"{name}\" is not a valid site name"
@@ -163,13 +202,24 @@ impl AdminService for AdminApi {
             .site(&name)
             .map_err(ServiceError::from)?
             .unwrap_or_else(|| SiteRecord { name: name.clone(), ..Default::default() });
+        if site.revoked && !reinstate {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "site \"{name}\" was revoked (`coordinator site revoke`); approving it lets its \
+                 certificate in again: run `coordinator site approve {name} --reinstate` if that \
+                 is meant"
+            ))
+            .into());
+        }
+        if c.certificate_revoked(&site) {
+            tracing::warn!(site = %name, "approved, but its last certificate is on the revocation list; it needs a new bundle");
+        }
         site.approved = true;
         site.revoked = false;
         c.store.put_site(&site).map_err(ServiceError::from)?;
         c.store.flush().await.map_err(ServiceError::from)?;
         c.notify();
         tracing::info!(admin = %who.name, site = %name, "site approved");
-        Ok(Response::new(site_info(&site)))
+        Ok(Response::new(site_info(c, &site)))
     }
 
     async fn revoke_site(
@@ -189,8 +239,10 @@ impl AdminService for AdminApi {
         site.revoked = true;
         c.store.put_site(&site).map_err(ServiceError::from)?;
         c.store.flush().await.map_err(ServiceError::from)?;
+        // Its unfinished tasks fail at the next tick; the site's calls are refused from now.
+        c.notify();
         tracing::warn!(admin = %who.name, site = %name, "site revoked");
-        Ok(Response::new(site_info(&site)))
+        Ok(Response::new(site_info(c, &site)))
     }
 
     async fn create_study(
@@ -419,6 +471,25 @@ impl AdminService for AdminApi {
         if quorum > n {
             return Err(bad(format!("quorum {quorum} is more than the round's {n} sites")));
         }
+        let (revoked, warnings) = site_warnings(c, &sites)?;
+        if let Some(s) = source.filter(|s| trains_source && revoked.iter().any(|r| r == s)) {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "the source site {s} is revoked: it cannot train Model_S; reinstate it \
+                 (`coordinator site approve {s} --reinstate`) or name another --source"
+            ))
+            .into());
+        }
+        let usable = n - revoked.len() as u32;
+        if quorum > usable {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "site(s) {} of study {} are revoked, so their tasks would fail at once and the \
+                 quorum of {quorum} cannot be met by the other {usable}: reinstate them \
+                 (`coordinator site approve NAME --reinstate`) or pass --quorum {usable}",
+                revoked.join(", "),
+                study.name
+            ))
+            .into());
+        }
         if body.deadline_seconds > MAX_DEADLINE_SECONDS {
             return Err(bad(format!(
                 "deadline_seconds = {} is more than {} days; a round that long is a mistake",
@@ -475,7 +546,12 @@ impl AdminService for AdminApi {
         c.store.flush().await.map_err(ServiceError::from)?;
         c.notify();
         tracing::info!(admin = %who.name, round = %id, study = %study.name, kind = ?kind, "round started");
-        Ok(Response::new(c.round_info(&round)?))
+        for w in &warnings {
+            tracing::warn!(round = %id, "{w}");
+        }
+        let mut info = c.round_info(&round)?;
+        info.warnings = warnings;
+        Ok(Response::new(info))
     }
 
     async fn get_round(

@@ -40,6 +40,7 @@ impl SiteService for SiteApi {
         });
         site.last_seen = now_s();
         site.cert_not_after = id.not_after;
+        site.fingerprint = id.fingerprint.clone();
         site.capabilities = body.capabilities.map(|m| m.encode_to_vec()).unwrap_or_default();
         site.dataset = body.dataset.map(|m| m.encode_to_vec()).unwrap_or_default();
         c.store.put_site(&site).map_err(ServiceError::from)?;

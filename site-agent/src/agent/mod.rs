@@ -284,12 +284,15 @@ async fn run_leased(
     let progress =
         Arc::new(Mutex::new(pb::Progress { phase: "download".into(), ..Default::default() }));
     let cancelled = Arc::new(AtomicBool::new(false));
+    // A refusal of this site (revoked) that a heartbeat met: the work stops at once.
+    let refused: Arc<Mutex<Option<CallError>>> = Arc::default();
 
     // Heartbeats run beside the work, on their own connection clone.
     let hb = {
         let mut hb_link = link.clone();
         let progress = progress.clone();
         let cancelled = cancelled.clone();
+        let refused = refused.clone();
         let (task_id, attempt) = (task.task_id.clone(), task.attempt);
         let every = Duration::from_secs(u64::from(cfg.agent.heartbeat_seconds));
         tokio::spawn(async move {
@@ -310,6 +313,12 @@ async fn run_leased(
                         return;
                     }
                     Ok(_) => {}
+                    Err(e) if e.is_fatal() => {
+                        tracing::error!(task = %task_id, error = %e, "the coordinator refused this site; stopping the task");
+                        *refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(e);
+                        cancelled.store(true, Ordering::SeqCst);
+                        return;
+                    }
                     Err(e) => tracing::warn!(error = %e, "heartbeat failed; will retry"),
                 }
             }
@@ -359,6 +368,9 @@ async fn run_leased(
     }
     .await;
     hb.abort();
+    if let Some(e) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        return Err(e);
+    }
     if cancelled.load(Ordering::SeqCst) {
         return Ok(None);
     }

@@ -123,11 +123,19 @@ async fn call_all(ch: Channel, t: &Target) -> BTreeMap<&'static str, &'static st
     // Approving an already approved site and revoking an unknown one change nothing.
     out.insert(
         "ApproveSite",
-        outcome(admin.approve_site(pb::SiteRequest { name: "site-a".into() }).await),
+        outcome(
+            admin
+                .approve_site(pb::SiteRequest { name: "site-a".into(), ..Default::default() })
+                .await,
+        ),
     );
     out.insert(
         "RevokeSite",
-        outcome(admin.revoke_site(pb::SiteRequest { name: "nobody".into() }).await),
+        outcome(
+            admin
+                .revoke_site(pb::SiteRequest { name: "nobody".into(), ..Default::default() })
+                .await,
+        ),
     );
     out.insert("CreateStudy", outcome(admin.create_study(pb::CreateStudyRequest::default()).await));
     out.insert("ListStudies", outcome(admin.list_studies(pb::ListStudiesRequest {}).await));
@@ -167,7 +175,10 @@ async fn every_rpc_for_every_identity() -> R {
     // Identities beyond the harness's admin and approved sites.
     let unapproved = pki.issue(Role::Site, "site-z", 30)?;
     let expired = pki.issue(Role::Site, "site-x", -1)?;
-    fed.admin().await?.revoke_site(pb::SiteRequest { name: "site-b".into() }).await?;
+    fed.admin()
+        .await?
+        .revoke_site(pb::SiteRequest { name: "site-b".into(), ..Default::default() })
+        .await?;
     let other = coordinator::pki::Pki::init(&fed.root.join("other-pki"), &["localhost".into()])?
         .issue(Role::Site, "site-a", 30)?;
     let identities: Vec<(&str, Option<std::path::PathBuf>)> = vec![

@@ -328,7 +328,10 @@ async fn refusals() -> R {
     );
 
     // A revoked site: by the study lead through the admin API, and by `pki revoke`.
-    fed.admin().await?.revoke_site(pb::SiteRequest { name: "site-b".into() }).await?;
+    fed.admin()
+        .await?
+        .revoke_site(pb::SiteRequest { name: "site-b".into(), ..Default::default() })
+        .await?;
     assert_code(
         b.next_task(1).await.map(|_| ()),
         tonic::Code::PermissionDenied,

@@ -115,7 +115,9 @@ async fn hostile_requests_are_refused_and_the_server_stays_up() -> R {
     expect(&mut refused, "a deadline of 136 years", r, tonic::Code::InvalidArgument, "deadline");
 
     // Names.
-    let r = admin.approve_site(pb::SiteRequest { name: "../../etc".into() }).await;
+    let r = admin
+        .approve_site(pb::SiteRequest { name: "../../etc".into(), ..Default::default() })
+        .await;
     expect(&mut refused, "a path as a site name", r, tonic::Code::InvalidArgument, "");
     let r = admin
         .create_study(pb::CreateStudyRequest { name: "x".repeat(10_000), ..Default::default() })

@@ -10,4 +10,5 @@ mod federation;
 mod hospital;
 mod hostile_rpc;
 mod policy;
+mod revocation;
 mod stalled;

@@ -98,7 +98,7 @@ async fn weights_leave_a_site_only_where_its_policy_shares_them() -> R {
     let fed = Federation::builder().sites(2).start().await?;
     let mut admin = fed.admin().await?;
     for s in &fed.sites {
-        admin.approve_site(pb::SiteRequest { name: s.clone() }).await?;
+        admin.approve_site(pb::SiteRequest { name: s.clone(), ..Default::default() }).await?;
     }
     admin
         .create_study(pb::CreateStudyRequest {

@@ -206,7 +206,7 @@ async fn slow_uploads_pass_stalled_uploads_and_readers_are_ended_after_the_idle_
     // then waits. The coordinator ends the stream; what the client read before is intact.
     let big = fed.base_model("resnet103")?;
     coordinator::cli::push_model(&mut admin, &big, "base-big", false).await?;
-    admin.approve_site(pb::SiteRequest { name: "site-a".into() }).await?;
+    admin.approve_site(pb::SiteRequest { name: "site-a".into(), ..Default::default() }).await?;
     admin
         .create_study(pb::CreateStudyRequest {
             name: "big".into(),
