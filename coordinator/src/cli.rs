@@ -739,6 +739,22 @@ fn mean_sd(v: &[f64]) -> (f64, f64) {
         .unwrap_or((f64::NAN, 0.0))
 }
 
+fn organs_json(organs: &[pb::OrganScores]) -> serde_json::Value {
+    organs
+        .iter()
+        .map(|o| {
+            serde_json::json!({
+                "organ": o.organ,
+                "cases": o.cases.iter().map(|c| serde_json::json!({
+                    "case_index": c.case_index, "dice": c.dice, "hd95_mm": c.hd95_mm,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
+}
+
+/// `results --json`: every site's scores per organ and case; `arms` holds a transfer target's
+/// arms, or a finetune task's base model scored on the same cases before fine-tuning.
 pub fn results_json(r: &pb::RoundResults) -> serde_json::Value {
     let round = r.round.as_ref();
     serde_json::json!({
@@ -755,11 +771,13 @@ pub fn results_json(r: &pb::RoundResults) -> serde_json::Value {
                 "eval_seconds": res.eval_seconds,
                 "epoch_losses": res.epoch_losses,
                 "weights_sha256": res.weights_sha256,
-                "organs": res.organs.iter().map(|o| serde_json::json!({
-                    "organ": o.organ,
-                    "cases": o.cases.iter().map(|c| serde_json::json!({
-                        "case_index": c.case_index, "dice": c.dice, "hd95_mm": c.hd95_mm,
-                    })).collect::<Vec<_>>(),
+                "organs": organs_json(&res.organs),
+                "arms": res.arms.iter().map(|a| serde_json::json!({
+                    "arm": crate::report::arm_name(a.spec.as_ref()),
+                    "trainable_layers": a.trainable_layers,
+                    "train_cases": a.train_cases,
+                    "train_seconds": a.train_seconds,
+                    "organs": organs_json(&a.organs),
                 })).collect::<Vec<_>>(),
             })
         }).collect::<Vec<_>>(),
@@ -781,13 +799,38 @@ fn print_results(r: &pb::RoundResults) {
             "site {} ({}; training {:.1} s, evaluation {:.1} s)",
             s.site, res.device, res.train_seconds, res.eval_seconds
         ));
-        out(&format!("  {:<18} {:>15} {:>12} {:>4}", "organ", "Dice mean ± SD", "HD95 mm", "n"));
+        // A finetune task also scored the base model on the same cases.
+        let base = res
+            .arms
+            .iter()
+            .find(|a| a.spec.as_ref().is_some_and(|s| s.kind == pb::ArmKind::Base as i32))
+            .filter(|_| !res.organs.is_empty());
+        let base_header =
+            if base.is_some() { format!(" {:>15}", "base model Dice") } else { String::new() };
+        out(&format!(
+            "  {:<18} {:>15}{base_header} {:>12} {:>4}",
+            "organ", "Dice mean ± SD", "HD95 mm", "n"
+        ));
         for o in &res.organs {
             let dice: Vec<f64> = o.cases.iter().map(|c| c.dice).collect();
             let hd: Vec<f64> = o.cases.iter().filter_map(|c| c.hd95_mm).collect();
             let (m, sd) = mean_sd(&dice);
             let hd = if hd.is_empty() { "-".to_string() } else { format!("{:.1}", mean_sd(&hd).0) };
-            out(&format!("  {:<18} {:>7.3} ± {:.3} {:>12} {:>4}", o.organ, m, sd, hd, dice.len()));
+            let base_dice = base
+                .and_then(|b| b.organs.iter().find(|x| x.organ == o.organ))
+                .map(|b| {
+                    let (bm, bsd) = mean_sd(&b.cases.iter().map(|c| c.dice).collect::<Vec<_>>());
+                    format!(" {bm:>7.3} ± {bsd:.3}")
+                })
+                .unwrap_or_default();
+            out(&format!(
+                "  {:<18} {:>7.3} ± {:.3}{base_dice} {:>12} {:>4}",
+                o.organ,
+                m,
+                sd,
+                hd,
+                dice.len()
+            ));
         }
     }
 }

@@ -1,7 +1,8 @@
 //! A study's report from its results: per organ and arm, Dice mean ± SD, median and n, per
 //! site and pooled over sites; paired Wilcoxon signed-rank and paired t-tests of Model_ST
 //! against Model_S and Model_T; training time per arm; Dice against the number of retrained
-//! layers (sweep rounds) and against the training-set size (cases-sweep rounds).
+//! layers (sweep rounds) and against the training-set size (cases-sweep rounds); and for the
+//! latest finetune round, the base model against the fine-tuned one ([`finetune`]).
 //!
 //! The statistics are `shared::metrics::stats` (checked against scipy). Pairs are matched by
 //! (site, case index), the only case key that leaves a site. The JSON form carries every
@@ -9,6 +10,8 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+
+pub mod finetune;
 
 use proto::pb;
 use serde::{Deserialize, Serialize};
@@ -114,6 +117,9 @@ pub struct Report {
     pub sweep: Vec<SweepPoint>,
     /// Dice against the training-set size (the latest completed cases-sweep round).
     pub cases_sweep: Vec<SweepPoint>,
+    /// The latest completed finetune round: base model vs fine-tuned.
+    #[serde(default)]
+    pub finetune: Option<finetune::Finetune>,
     pub cases: Vec<CaseScore>,
     /// The methods, in words.
     pub methods: String,
@@ -291,6 +297,25 @@ fn transfer(r: &pb::RoundResults, cases: &[CaseScore]) -> Transfer {
             });
         }
     }
+    let source_site = info.tasks.iter().find(|t| t.source).map(|t| t.site.clone());
+    // Model_S, where this round trained it: the source site's own result.
+    if let Some(src) = &source_site
+        && let Some(res) = r.results.iter().find(|x| &x.site == src).and_then(|x| x.result.as_ref())
+    {
+        training.insert(
+            0,
+            Training {
+                site: src.clone(),
+                arm: MODEL_S.to_owned(),
+                trainable_layers: total,
+                train_cases: 0,
+                train_slices: res.train_slices,
+                train_seconds: res.train_seconds,
+                cache_seconds: res.cache_seconds,
+                epochs: res.epoch_losses.len(),
+            },
+        );
+    }
     let time = |site: &str, arm: &str| {
         training.iter().find(|t| t.site == site && t.arm == arm).map(|t| t.train_seconds)
     };
@@ -299,7 +324,6 @@ fn transfer(r: &pb::RoundResults, cases: &[CaseScore]) -> Transfer {
         .filter_map(|s| Some((s.clone(), time(s, MODEL_ST)? / time(s, MODEL_T)?)))
         .filter(|(_, v)| v.is_finite())
         .collect();
-    let source_site = info.tasks.iter().find(|t| t.source).map(|t| t.site.clone());
     Transfer {
         round: info.round_id.clone(),
         source_site,
@@ -364,11 +388,16 @@ pub fn build(results: &pb::StudyResults) -> Report {
     for r in [latest("transfer"), latest("sweep"), latest("cases-sweep")].into_iter().flatten() {
         cases.extend(case_scores(r));
     }
+    let tuned = results.rounds.iter().rev().find(|r| completed(r) && finetune::is_finetune(r));
+    if let Some(r) = tuned {
+        cases.extend(finetune::case_scores(r));
+    }
     Report {
         study,
         transfer: latest("transfer").map(|r| transfer(r, &cases)),
         sweep: latest("sweep").map(|r| sweep_points(r, &cases)).unwrap_or_default(),
         cases_sweep: latest("cases-sweep").map(|r| sweep_points(r, &cases)).unwrap_or_default(),
+        finetune: tuned.map(|r| finetune::finetune(r, &cases)),
         cases,
         methods: METHODS.to_owned(),
     }
@@ -528,14 +557,25 @@ fn hd95_rows(s: &Scope) -> Vec<Vec<String>> {
 const HD95_HEADER: [&str; 4] = ["organ", "Model_S HD95 mm", "Model_T HD95 mm", "Model_ST HD95 mm"];
 
 fn training_rows(t: &Transfer) -> Vec<Vec<String>> {
-    t.training
-        .iter()
-        .map(|x| {
+    // Model_S trained before the study (a pushed base model): no time to show, but a row
+    // that says so rather than none.
+    let base = t.source_site.is_none().then(|| {
+        let mut row = vec!["(base model)".to_string(), MODEL_S.to_string()];
+        row.extend(["-", "-", "-", "trained before the study", "-", ""].map(String::from));
+        row
+    });
+    base.into_iter()
+        .chain(t.training.iter().map(|x| {
             vec![
                 x.site.clone(),
                 x.arm.clone(),
                 x.trainable_layers.to_string(),
-                x.train_cases.to_string(),
+                // The source's training split size is not reported; its slices are.
+                if x.train_cases == 0 {
+                    format!("{} slices", x.train_slices)
+                } else {
+                    x.train_cases.to_string()
+                },
                 x.epochs.to_string(),
                 format!("{:.1}", x.train_seconds),
                 format!("{:.1}", x.cache_seconds),
@@ -545,7 +585,7 @@ fn training_rows(t: &Transfer) -> Vec<Vec<String>> {
                     String::new()
                 },
             ]
-        })
+        }))
         .collect()
 }
 
@@ -580,6 +620,7 @@ fn text(r: &Report, md: bool) -> String {
         let _ = writeln!(s, "Study {}", r.study);
     }
     match &r.transfer {
+        None if r.finetune.is_some() => {}
         None => {
             let _ = writeln!(
                 s,
@@ -617,6 +658,10 @@ fn text(r: &Report, md: bool) -> String {
                 &training_rows(t),
             );
         }
+    }
+    if let Some(f) = &r.finetune {
+        h(&mut s, 2, &finetune::title(f));
+        table(&mut s, md, &finetune::HEADER, &finetune::rows(f));
     }
     if !r.sweep.is_empty() {
         h(&mut s, 3, "Dice against layers retrained (mean over organs, pooled; 0 = Model_S)");
@@ -699,6 +744,37 @@ fn csv(r: &Report) -> String {
             }
         }
     }
+    if let Some(f) = &r.finetune {
+        for o in &f.organs {
+            for (arm, d, layers) in [
+                (finetune::BASE, &o.base, 0),
+                (finetune::FINETUNED, &o.finetuned, f.trainable_layers),
+            ] {
+                let Some(d) = d else { continue };
+                // As for transfer: the comparison sits on the row of the arm compared against.
+                let cmp = (arm == finetune::BASE).then_some(&o.finetuned_vs_base);
+                let w = cmp.and_then(|c| c.wilcoxon.as_ref());
+                row(vec![
+                    "finetune".into(),
+                    "pooled".into(),
+                    o.organ.clone(),
+                    arm.into(),
+                    layers.to_string(),
+                    String::new(),
+                    d.n.to_string(),
+                    d.mean.to_string(),
+                    opt(d.sd),
+                    d.median.to_string(),
+                    opt(w.map(|w| w.p_value)),
+                    w.map_or(String::new(), |w| w.method.to_string()),
+                    opt(cmp.and_then(|c| c.ttest.as_ref()).map(|t| t.p_value)),
+                    String::new(),
+                    String::new(),
+                    String::new(),
+                ]);
+            }
+        }
+    }
     for (section, points) in [("sweep", &r.sweep), ("cases-sweep", &r.cases_sweep)] {
         for p in points {
             row(vec![
@@ -748,7 +824,12 @@ fn html_table(header: &[&str], rows: &[Vec<String>]) -> String {
 fn html(r: &Report) -> String {
     let mut body = String::new();
     let _ = writeln!(body, "<h1>Study {}</h1>", esc(&r.study));
+    if let Some(f) = &r.finetune {
+        let _ = writeln!(body, "<h2>{}</h2>", esc(&finetune::title(f)));
+        body.push_str(&html_table(&finetune::HEADER, &finetune::rows(f)));
+    }
     match &r.transfer {
+        None if r.finetune.is_some() => {}
         None => body.push_str("<p>No completed transfer round yet.</p>"),
         Some(t) => {
             let _ = writeln!(

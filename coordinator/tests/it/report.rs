@@ -225,3 +225,122 @@ fn a_study_without_rounds_says_what_to_do() {
     assert!(report::render(&r, Format::Table).contains("--task transfer"));
     assert_eq!(report::render(&r, Format::Html).matches("<svg").count(), 0);
 }
+
+/// A finetune round whose sites scored the base model before fine-tuning: the same per-case
+/// Dice as Model_S and Model_ST above, so the paired tests are scipy's ST-vs-S values.
+fn with_finetune_round() -> pb::StudyResults {
+    let mut s = study();
+    let results = SITES
+        .iter()
+        .enumerate()
+        .map(|(si, (site, _))| {
+            let organs = |arm_i: usize| -> Vec<pb::OrganScores> {
+                ORGANS
+                    .iter()
+                    .enumerate()
+                    .map(|(oi, organ)| pb::OrganScores {
+                        organ: (*organ).into(),
+                        cases: values(si, oi, arm_i)
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, d)| pb::CaseScore {
+                                case_index: i as u32,
+                                dice: d,
+                                hd95_mm: None,
+                            })
+                            .collect(),
+                    })
+                    .collect()
+            };
+            pb::SiteResult {
+                site: (*site).into(),
+                result: Some(pb::TaskResult {
+                    organs: organs(2),
+                    train_seconds: 12.0,
+                    arms: vec![pb::ArmResult {
+                        spec: Some(pb::ArmSpec {
+                            kind: pb::ArmKind::Base as i32,
+                            ..Default::default()
+                        }),
+                        organs: organs(0),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+            }
+        })
+        .collect();
+    let round = pb::RoundInfo {
+        round_id: "r2".into(),
+        study: "npc".into(),
+        spec: Some(pb::TaskSpec {
+            kind: pb::TaskKind::Finetune as i32,
+            trainable_layers: 3,
+            ..Default::default()
+        }),
+        state: pb::RoundState::Completed as i32,
+        ..Default::default()
+    };
+    s.rounds.push(pb::RoundResults { round: Some(round), results });
+    s
+}
+
+#[test]
+fn a_finetune_round_is_reported_against_its_base_model() {
+    let r = report::build(&with_finetune_round());
+    let f = r.finetune.as_ref().expect("a finetune section");
+    assert_eq!((f.round.as_str(), f.trainable_layers, f.test_cases), ("r2", 3, 16));
+    let brainstem = f.organs.iter().find(|o| o.organ == "brainstem").expect("brainstem");
+    let w = brainstem.finetuned_vs_base.wilcoxon.as_ref().expect("a Wilcoxon test");
+    close(w.p_value, SCIPY[0].3, "fine-tuned vs base, pooled brainstem p");
+    close(brainstem.finetuned.as_ref().expect("dice").mean, SCIPY[0].6, "fine-tuned mean");
+    let table = report::render(&r, Format::Table);
+    assert!(
+        table.contains("Fine-tuning: the base model vs its last 3 layers fine-tuned"),
+        "{table}"
+    );
+    assert!(table.contains("0.0052 (exact)"), "{table}");
+    let csv = report::render(&r, Format::Csv);
+    assert_eq!(csv.lines().filter(|l| l.starts_with("finetune,pooled,")).count(), 4, "{csv}");
+    assert!(report::render(&r, Format::Html).contains("<h2>Fine-tuning: the base model"));
+    // The per-case scores of both models are in the JSON, to recompute the tests.
+    let json: serde_json::Value =
+        serde_json::from_str(&report::render(&r, Format::Json)).expect("JSON");
+    let cases = json["cases"].as_array().expect("cases");
+    assert_eq!(cases.iter().filter(|c| c["template"] == "finetune").count(), 2 * 2 * 16);
+}
+
+#[test]
+fn the_training_time_table_has_a_model_s_row() {
+    // A pushed base model: a row that says Model_S was trained before the study.
+    let r = report::build(&study());
+    let table = report::render(&r, Format::Table);
+    let row = table.lines().find(|l| l.contains("(base model)")).expect("a Model_S row");
+    assert!(row.contains(MODEL_S) && row.contains("trained before the study"), "{row}");
+    // Model_S trained by the round's source site: its own time.
+    let mut s = study();
+    let round = s.rounds[0].round.as_mut().expect("round");
+    round.tasks.push(pb::TaskInfo { site: "source".into(), source: true, ..Default::default() });
+    s.rounds[0].results.push(pb::SiteResult {
+        site: "source".into(),
+        result: Some(pb::TaskResult {
+            train_seconds: 41.5,
+            train_slices: 480,
+            epoch_losses: vec![0.9, 0.5],
+            ..Default::default()
+        }),
+    });
+    let r = report::build(&s);
+    let t = r.transfer.as_ref().expect("transfer");
+    let first = &t.training[0];
+    assert_eq!((first.site.as_str(), first.arm.as_str()), ("source", MODEL_S));
+    assert_eq!((first.train_seconds, first.epochs, first.trainable_layers), (41.5, 2, 22));
+    let table = report::render(&r, Format::Table);
+    assert!(!table.contains("(base model)"));
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("source") && l.contains("480 slices") && l.contains("41.5")),
+        "{table}"
+    );
+}

@@ -364,6 +364,17 @@ fn run_single(
     }
     runner.phase("load", 0.0);
     let test = load_split(site, Split::Test)?;
+    // A finetune task scores the base model on the same cases first, so the study lead sees
+    // whether fine-tuning helped (paired by case).
+    let mut baseline = Vec::new();
+    if kind == pb::TaskKind::Finetune {
+        let mut base = pb::ArmResult {
+            spec: Some(pb::ArmSpec { kind: pb::ArmKind::Base as i32, ..Default::default() }),
+            ..Default::default()
+        };
+        runner.evaluate(&net, &test, &mut base)?;
+        baseline.push(base);
+    }
     let mut arm = pb::ArmResult::default();
     if kind != pb::TaskKind::Evaluate {
         let train = load_split(site, Split::Train)?;
@@ -389,7 +400,7 @@ fn run_single(
         device: site.device_info.kind.into(),
         weights_sha256: arm.weights_sha256,
         train_slices: arm.train_slices,
-        arms: Vec::new(),
+        arms: baseline,
     })
 }
 

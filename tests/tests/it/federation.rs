@@ -58,6 +58,15 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
                     64,
                     "fine-tuned weights stay at the site, named by hash"
                 );
+                // The base model scored on the same cases before fine-tuning.
+                let base = res.arms.first().expect("the base model's scores");
+                assert_eq!(base.spec.as_ref().map(|s| s.kind), Some(pb::ArmKind::Base as i32));
+                let cases = |o: &[pb::OrganScores]| -> Vec<(String, Vec<u32>)> {
+                    o.iter()
+                        .map(|o| (o.organ.clone(), o.cases.iter().map(|c| c.case_index).collect()))
+                        .collect()
+                };
+                assert_eq!(cases(&base.organs), cases(&res.organs), "the same organs and cases");
             }
         }
     }
