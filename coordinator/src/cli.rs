@@ -805,11 +805,13 @@ fn print_results(r: &pb::RoundResults) {
             .iter()
             .find(|a| a.spec.as_ref().is_some_and(|s| s.kind == pb::ArmKind::Base as i32))
             .filter(|_| !res.organs.is_empty());
-        let base_header =
-            if base.is_some() { format!(" {:>15}", "base model Dice") } else { String::new() };
+        let (dice_header, base_header) = match base {
+            Some(_) => ("fine-tuned Dice", format!(" {:>15}", "base model Dice")),
+            None => ("Dice mean ± SD", String::new()),
+        };
         out(&format!(
             "  {:<18} {:>15}{base_header} {:>12} {:>4}",
-            "organ", "Dice mean ± SD", "HD95 mm", "n"
+            "organ", dice_header, "HD95 mm", "n"
         ));
         for o in &res.organs {
             let dice: Vec<f64> = o.cases.iter().map(|c| c.dice).collect();
