@@ -784,6 +784,60 @@ pub fn results_json(r: &pb::RoundResults) -> serde_json::Value {
     })
 }
 
+/// `mean ± SD` of Dice values; the mean alone for one case (no SD is defined), "-" for none.
+fn dice_cell(v: &[f64]) -> String {
+    match shared::metrics::stats::summary(v) {
+        Some(s) => match s.sd {
+            Some(sd) => format!("{:.3} ± {sd:.3}", s.mean),
+            None => format!("{:.3}", s.mean),
+        },
+        None => "-".into(),
+    }
+}
+
+/// One scored model of a task: its label, training seconds and scores.
+struct Scored<'a> {
+    label: String,
+    train_seconds: f64,
+    organs: &'a [pb::OrganScores],
+}
+
+/// Every model a task scored: the task's own (evaluate, train, finetune, a source's Model_S)
+/// and each arm (a transfer target's arms, a finetune task's base model).
+fn scored_models(res: &pb::TaskResult) -> Vec<Scored<'_>> {
+    let mut out = Vec::new();
+    // A task with a model of its own and a base arm is a finetune task with its baseline.
+    let finetune_base = !res.organs.is_empty()
+        && res
+            .arms
+            .iter()
+            .any(|a| a.spec.as_ref().is_some_and(|s| s.kind == pb::ArmKind::Base as i32));
+    if !res.organs.is_empty() {
+        let label = if finetune_base { "fine-tuned" } else { "Dice" };
+        out.push(Scored {
+            label: label.into(),
+            train_seconds: res.train_seconds,
+            organs: &res.organs,
+        });
+    }
+    for a in &res.arms {
+        let kind = a.spec.as_ref().map_or(0, |s| s.kind);
+        let mut label = if finetune_base && kind == pb::ArmKind::Base as i32 {
+            "base model".to_string()
+        } else {
+            crate::report::arm_name(a.spec.as_ref()).to_string()
+        };
+        if kind == pb::ArmKind::Finetune as i32 {
+            label.push_str(&format!(" k={}", a.trainable_layers));
+        }
+        if kind != pb::ArmKind::Base as i32 && a.spec.as_ref().is_some_and(|s| s.train_cases > 0) {
+            label.push_str(&format!(" n={}", a.train_cases));
+        }
+        out.push(Scored { label, train_seconds: a.train_seconds, organs: &a.organs });
+    }
+    out
+}
+
 fn print_results(r: &pb::RoundResults) {
     if let Some(round) = &r.round {
         out(&format!(
@@ -795,44 +849,42 @@ fn print_results(r: &pb::RoundResults) {
     }
     for s in &r.results {
         let Some(res) = &s.result else { continue };
-        out(&format!(
-            "site {} ({}; training {:.1} s, evaluation {:.1} s)",
-            s.site, res.device, res.train_seconds, res.eval_seconds
-        ));
-        // A finetune task also scored the base model on the same cases.
-        let base = res
-            .arms
+        let models = scored_models(res);
+        let eval: f64 = res.eval_seconds + res.arms.iter().map(|a| a.eval_seconds).sum::<f64>();
+        let trained: Vec<String> = models
             .iter()
-            .find(|a| a.spec.as_ref().is_some_and(|s| s.kind == pb::ArmKind::Base as i32))
-            .filter(|_| !res.organs.is_empty());
-        let (dice_header, base_header) = match base {
-            Some(_) => ("fine-tuned Dice", format!(" {:>15}", "base model Dice")),
-            None => ("Dice mean ± SD", String::new()),
+            .filter(|m| m.train_seconds > 0.0)
+            .map(|m| format!("{} {:.1} s", m.label, m.train_seconds))
+            .collect();
+        let trained = if trained.is_empty() {
+            String::new()
+        } else {
+            format!("training {}, ", trained.join(", "))
         };
-        out(&format!(
-            "  {:<18} {:>15}{base_header} {:>12} {:>4}",
-            "organ", dice_header, "HD95 mm", "n"
-        ));
-        for o in &res.organs {
-            let dice: Vec<f64> = o.cases.iter().map(|c| c.dice).collect();
+        out(&format!("site {} ({}; {trained}evaluation {eval:.1} s)", s.site, res.device));
+        if models.is_empty() {
+            continue;
+        }
+        let mut header = format!("  {:<18}", "organ");
+        for m in &models {
+            header.push_str(&format!(" {:>15}", m.label));
+        }
+        out(&format!("{header} {:>8} {:>4}", "HD95 mm", "n"));
+        // Organs in the order the first model lists them; HD95 and n of the first model.
+        for o in models[0].organs {
+            let mut line = format!("  {:<18}", o.organ);
+            for m in &models {
+                let dice: Vec<f64> = m
+                    .organs
+                    .iter()
+                    .find(|x| x.organ == o.organ)
+                    .map(|x| x.cases.iter().map(|c| c.dice).collect())
+                    .unwrap_or_default();
+                line.push_str(&format!(" {:>15}", dice_cell(&dice)));
+            }
             let hd: Vec<f64> = o.cases.iter().filter_map(|c| c.hd95_mm).collect();
-            let (m, sd) = mean_sd(&dice);
             let hd = if hd.is_empty() { "-".to_string() } else { format!("{:.1}", mean_sd(&hd).0) };
-            let base_dice = base
-                .and_then(|b| b.organs.iter().find(|x| x.organ == o.organ))
-                .map(|b| {
-                    let (bm, bsd) = mean_sd(&b.cases.iter().map(|c| c.dice).collect::<Vec<_>>());
-                    format!(" {bm:>7.3} ± {bsd:.3}")
-                })
-                .unwrap_or_default();
-            out(&format!(
-                "  {:<18} {:>7.3} ± {:.3}{base_dice} {:>12} {:>4}",
-                o.organ,
-                m,
-                sd,
-                hd,
-                dice.len()
-            ));
+            out(&format!("{line} {hd:>8} {:>4}", o.cases.len()));
         }
     }
 }
@@ -1219,6 +1271,48 @@ mod tests {
             "  cuda (NVIDIA H200, 140.0 GiB, 139.0 GiB free at hello, policy cap 40.0 GiB)"
         );
         assert_eq!(device_summary(&pb::Capabilities::default()), "", "an agent before devices");
+    }
+
+    #[test]
+    fn results_list_every_model_a_task_scored() {
+        let organ = |dice: &[f64]| {
+            vec![pb::OrganScores {
+                organ: "brainstem".into(),
+                cases: dice
+                    .iter()
+                    .enumerate()
+                    .map(|(i, d)| pb::CaseScore { case_index: i as u32, dice: *d, hd95_mm: None })
+                    .collect(),
+            }]
+        };
+        let arm = |kind: pb::ArmKind, k: u32, dice: &[f64]| pb::ArmResult {
+            spec: Some(pb::ArmSpec { kind: kind as i32, ..Default::default() }),
+            trainable_layers: k,
+            organs: organ(dice),
+            ..Default::default()
+        };
+        // A transfer target: no model of its own, three arms.
+        let transfer = pb::TaskResult {
+            arms: vec![
+                arm(pb::ArmKind::Base, 0, &[0.5, 0.6]),
+                arm(pb::ArmKind::Scratch, 22, &[0.6, 0.7]),
+                arm(pb::ArmKind::Finetune, 3, &[0.7]),
+            ],
+            ..Default::default()
+        };
+        let labels: Vec<String> = scored_models(&transfer).into_iter().map(|m| m.label).collect();
+        assert_eq!(labels, ["Model_S", "Model_T", "Model_ST k=3"]);
+        // A finetune task: its own model and the base model.
+        let finetune = pb::TaskResult {
+            organs: organ(&[0.7, 0.8]),
+            arms: vec![arm(pb::ArmKind::Base, 0, &[0.5, 0.6])],
+            ..Default::default()
+        };
+        let labels: Vec<String> = scored_models(&finetune).into_iter().map(|m| m.label).collect();
+        assert_eq!(labels, ["fine-tuned", "base model"]);
+        assert_eq!(dice_cell(&[0.7]), "0.700", "no SD for one case");
+        assert_eq!(dice_cell(&[0.5, 0.7]), "0.600 ± 0.141");
+        assert_eq!(dice_cell(&[]), "-");
     }
 
     #[test]
