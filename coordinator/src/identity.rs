@@ -31,6 +31,21 @@ impl fmt::Display for Role {
 }
 
 /// Site and admin names: 1 to 63 of `[a-z0-9-]`, not starting with '-'.
+/// Why `name` is not a valid name of a `what` (site, study), quoting at most its first 40
+/// characters (a hostile name can be megabytes long).
+pub fn invalid_name(what: &str, name: &str) -> String {
+    let shown: String = name.chars().take(40).collect();
+    let more = if name.chars().count() > 40 {
+        format!("... ({} characters)", name.chars().count())
+    } else {
+        String::new()
+    };
+    format!(
+        "\"{shown}\"{more} is not a valid {what} name: use 1 to 63 lowercase letters, digits and \
+         '-', starting with a letter or digit"
+    )
+}
+
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63

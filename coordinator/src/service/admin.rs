@@ -8,7 +8,7 @@ use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{Coordinator, Feed, SResult, ServiceError, identity_of, now_s};
-use crate::identity::{Identity, valid_name};
+use crate::identity::{Identity, invalid_name, valid_name};
 use crate::store::{
     ModelRecord, RoundRecord, RoundState, SiteRecord, StudyRecord, TaskRecord, TaskState,
 };
@@ -190,10 +190,7 @@ impl AdminService for AdminApi {
         let who = admin(&req)?;
         let pb::SiteRequest { name, reinstate } = req.into_inner();
         if !valid_name(&name) {
-            return Err(ServiceError::InvalidArgument(format!(
-                "\"{name}\" is not a valid site name"
-            ))
-            .into());
+            return Err(ServiceError::InvalidArgument(invalid_name("site", &name)).into());
         }
         let c = &self.0;
         let _w = c.write.lock().await;
@@ -253,11 +250,7 @@ impl AdminService for AdminApi {
         let body = req.into_inner();
         let c = &self.0;
         if !valid_name(&body.name) {
-            return Err(ServiceError::InvalidArgument(format!(
-                "\"{}\" is not a valid study name",
-                body.name
-            ))
-            .into());
+            return Err(ServiceError::InvalidArgument(invalid_name("study", &body.name)).into());
         }
         let _w = c.write.lock().await;
         if c.store.study(&body.name).map_err(ServiceError::from)?.is_some() {

@@ -258,6 +258,39 @@ async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
     fed.shutdown().await
 }
 
+/// A result submitted twice (a retry after a lost answer) is recorded once: the second
+/// submission of the finished task answers `recorded: false` and changes nothing, even when it
+/// carries other scores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_submitted_twice_counts_once() -> R {
+    let fed = Federation::builder().sites(1).without_agents().start().await?;
+    fed.study("once", "tiny").await?;
+    let round = fed.start_round("once", evaluate()).await?;
+    let mut a = site_link(&fed, "site-a").await?;
+    let task = a.next_task(2).await?.expect("a task");
+    let result = |dice: f64| pb::SubmitResultRequest {
+        task_id: task.task_id.clone(),
+        attempt: task.attempt,
+        outcome: Some(pb::submit_result_request::Outcome::Result(pb::TaskResult {
+            organs: vec![pb::OrganScores {
+                organ: "brainstem".into(),
+                cases: vec![pb::CaseScore { case_index: 0, dice, hd95_mm: None }],
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    assert!(a.submit(result(0.8)).await?, "the first submission is recorded");
+    assert!(!a.submit(result(0.1)).await?, "the second is not");
+    let results = fed.results(&round).await?;
+    assert_eq!(results.results.len(), 1, "one result");
+    let dice = results.results[0].result.as_ref().expect("result").organs[0].cases[0].dice;
+    assert_eq!(dice, 0.8, "the first submission's scores stand");
+    let info = fed.wait_round(&round, 30).await?;
+    assert_eq!(info.state, pb::RoundState::Completed as i32);
+    fed.shutdown().await
+}
+
 /// What the coordinator refuses: another CA's certificate, a revoked site, a site touching
 /// another site's task or result, a site certificate on the admin service, an unapproved
 /// site.

@@ -28,6 +28,7 @@ fn expect<T>(
     code: tonic::Code,
     words: &str,
 ) {
+    assert!(!words.is_empty(), "{what}: name the refusal expected, or the test proves nothing");
     let s = match r {
         Ok(_) => panic!("{what}: accepted"),
         Err(s) => s,
@@ -54,18 +55,44 @@ async fn hostile_requests_are_refused_and_the_server_stays_up() -> R {
     let mut refused = Vec::new();
     // Uploads.
     let r = admin.push_model(tokio_stream::iter(push(Some(model(8)), vec![vec![0; 16]]))).await;
-    expect(&mut refused, "more bytes than declared", r, tonic::Code::InvalidArgument, "");
-    let r = admin.push_model(tokio_stream::iter(push(Some(model(16)), vec![vec![0; 4]; 8]))).await;
-    expect(&mut refused, "more chunks than declared", r, tonic::Code::InvalidArgument, "");
+    expect(
+        &mut refused,
+        "more bytes than declared",
+        r,
+        tonic::Code::InvalidArgument,
+        "more bytes than the header's size 8",
+    );
+    let r = admin
+        .push_model(tokio_stream::iter(push(Some(model(4 << 20)), vec![vec![0; (1 << 20) + 1]])))
+        .await;
+    expect(
+        &mut refused,
+        "a chunk over 1 MiB",
+        r,
+        tonic::Code::InvalidArgument,
+        "chunk of 1048577 bytes; at most 1048576",
+    );
     let r = admin.push_model(tokio_stream::iter(push(None, vec![vec![0; 4]]))).await;
-    expect(&mut refused, "chunks without a header", r, tonic::Code::InvalidArgument, "");
+    expect(
+        &mut refused,
+        "chunks without a header",
+        r,
+        tonic::Code::InvalidArgument,
+        "an upload starts with its header",
+    );
     let r = admin
         .push_model(tokio_stream::iter(push(
             Some(model(proto::limits::MAX_MODEL_BYTES + 1)),
             vec![],
         )))
         .await;
-    expect(&mut refused, "a model over the size limit", r, tonic::Code::InvalidArgument, "");
+    expect(
+        &mut refused,
+        "a model over the size limit",
+        r,
+        tonic::Code::InvalidArgument,
+        "model size 2147483649 is outside 1..=2147483648",
+    );
     let r = admin
         .push_model(tokio_stream::iter(push(Some(model(8 << 20)), vec![vec![0; 8 << 20]])))
         .await;
@@ -118,11 +145,28 @@ async fn hostile_requests_are_refused_and_the_server_stays_up() -> R {
     let r = admin
         .approve_site(pb::SiteRequest { name: "../../etc".into(), ..Default::default() })
         .await;
-    expect(&mut refused, "a path as a site name", r, tonic::Code::InvalidArgument, "");
+    expect(
+        &mut refused,
+        "a path as a site name",
+        r,
+        tonic::Code::InvalidArgument,
+        "\"../../etc\" is not a valid site name",
+    );
+    // With a valid base and site, so that only the name can be what is refused.
     let r = admin
-        .create_study(pb::CreateStudyRequest { name: "x".repeat(10_000), ..Default::default() })
+        .create_study(pb::CreateStudyRequest {
+            name: "x".repeat(10_000),
+            base_model: "base-tiny".into(),
+            sites: vec!["site-a".into()],
+        })
         .await;
-    expect(&mut refused, "a 10 000-character study name", r, tonic::Code::InvalidArgument, "");
+    expect(
+        &mut refused,
+        "a 10 000-character study name",
+        r,
+        tonic::Code::InvalidArgument,
+        "... (10000 characters) is not a valid study name",
+    );
 
     // A request that does not decode: field 1 of RoundRequest is a string, sent as a number.
     #[derive(Clone, PartialEq, prost::Message)]
