@@ -372,8 +372,14 @@ pub async fn connect(conn: &Conn) -> Result<AdminServiceClient<Channel>> {
         .max_encoding_message_size(limits::MAX_MESSAGE_BYTES))
 }
 
+/// A call the coordinator answered with an error status: shown as `Code: message`, and kept
+/// whole so that callers (scripts, tests) can read its code with `downcast_ref`.
+#[derive(Debug, thiserror::Error)]
+#[error("{:?}: {}", .0.code(), .0.message())]
+pub struct CallFailed(pub tonic::Status);
+
 fn status(e: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{:?}: {}", e.code(), e.message())
+    CallFailed(e).into()
 }
 
 /// Uploads a weights file with a progress bar; returns what the coordinator stored.

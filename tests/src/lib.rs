@@ -4,7 +4,7 @@
 //! found beside the test executable (`target/<profile>/`), where `cargo test --workspace`
 //! builds them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
@@ -13,6 +13,18 @@ pub mod federation;
 pub mod privacy;
 
 /// Path of a workspace binary built next to this test executable.
+/// Says that a test skipped a check and why, on stderr and in `skipped-tests.txt` in
+/// `tmpdir` (the test's `CARGO_TARGET_TMPDIR`, `target/tmp`), which `.ci/run` prints after the
+/// suite (cargo hides a passing test's output).
+pub fn skipped(tmpdir: &str, what: &str) {
+    use std::io::Write;
+    eprintln!("skipped: {what}");
+    let path = Path::new(tmpdir).join("skipped-tests.txt");
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "{what}");
+    }
+}
+
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;
     let dir = exe.parent().and_then(|d| d.parent()).context("test executable has no target dir")?;

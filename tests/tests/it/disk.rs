@@ -100,9 +100,12 @@ async fn model_names(fed: &Federation) -> anyhow::Result<Vec<String>> {
 
 async fn push(fed: &Federation, file: &Path, name: &str) -> Result<pb::ModelInfo, tonic::Status> {
     let mut admin = fed.admin().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    coordinator::cli::push_model(&mut admin, file, name, false)
-        .await
-        .map_err(|e| tonic::Status::unknown(e.to_string()))
+    coordinator::cli::push_model(&mut admin, file, name, false).await.map_err(|e| {
+        match e.downcast_ref::<coordinator::cli::CallFailed>() {
+            Some(failed) => failed.0.clone(),
+            None => tonic::Status::unknown(e.to_string()),
+        }
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,8 +114,12 @@ async fn a_full_or_read_only_disk_refuses_writes_clearly_and_keeps_what_was_stor
     let mnt = match Tmpfs::mount(&scratch.path().join("mnt"), 24) {
         Ok(m) => m,
         Err(why) => {
-            eprintln!(
-                "skipped: this test mounts a 24 MiB tmpfs, which this machine refused ({why})"
+            tests::skipped(
+                env!("CARGO_TARGET_TMPDIR"),
+                &format!(
+                    "disk.rs: the full and read-only disk test mounts a 24 MiB tmpfs, which this \
+                 machine refused ({why}); run it as root"
+                ),
             );
             return Ok(());
         }
@@ -137,6 +144,7 @@ async fn a_full_or_read_only_disk_refuses_writes_clearly_and_keeps_what_was_stor
     let filled = fill(&mnt.0.join("filler"))?;
     let r = push(&fed, &small, "while-full").await;
     let full = r.expect_err("an upload to a full disk was accepted");
+    assert_eq!(full.code(), tonic::Code::ResourceExhausted, "{}", full.message());
     assert!(full.message().contains("disk is full"), "{}", full.message());
     // Studies are small records in the database: create them until the database too runs
     // out of room (or 300 were acknowledged). Each is acknowledged only once flushed.
@@ -196,6 +204,7 @@ async fn a_full_or_read_only_disk_refuses_writes_clearly_and_keeps_what_was_stor
     let blobs = data.join("blobs");
     let _ro = Bind::read_only(&blobs)?;
     let ro = push(&fed, &small, "while-ro").await.expect_err("an upload to a read-only disk");
+    assert_eq!(ro.code(), tonic::Code::Unavailable, "{}", ro.message());
     assert!(ro.message().contains("cannot write its data"), "{}", ro.message());
     assert_eq!(model_names(&fed).await?, ["after-room", "base-tiny"]);
     drop(_ro);
