@@ -1,6 +1,7 @@
-//! Faults with real processes: a site agent killed (SIGKILL) in the middle of a download, of
-//! training and of a submission. The task is leased again once the lease expires, completes
-//! on the restarted agent, and its result is counted once.
+//! Faults with real processes: a site agent killed (SIGKILL) in the middle of a download (of a
+//! model of two chunks: the restarted agent resumes it), of training and of a submission. The
+//! task is leased again (after training, only once its lease has expired), completes on the
+//! restarted agent, and its result is counted once.
 
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -33,11 +34,16 @@ fn agent(fed: &Federation, site: &str, pause: Option<&str>) -> anyhow::Result<Ch
 async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> R {
     let fed = Federation::builder().sites(1).without_agents().start().await?;
     fed.study("kill", "tiny").await?;
+    // The download is cut inside a model of several chunks, so the restarted agent resumes it.
+    fed.study("kill-big", "small").await?;
+    let big = std::fs::metadata(fed.base_model("small")?)?.len();
+    assert!(big > proto::limits::CHUNK_BYTES as u64, "the small model is {big} bytes");
     let mut survived = Vec::new();
     for point in ["download", "train", "submit"] {
+        let study = if point == "download" { "kill-big" } else { "kill" };
         let round = fed
             .start_round(
-                "kill",
+                study,
                 pb::TaskSpec {
                     kind: pb::TaskKind::Finetune as i32,
                     trainable_layers: 2,
@@ -60,7 +66,23 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
         child.kill()?; // SIGKILL
         child.wait()?;
         std::fs::remove_file(&marker)?;
-        // A clean agent takes over once the lease has expired.
+        if point == "train" {
+            // No agent of the site asks again: the lease (6 s here) expires and the task is
+            // pending once more, to be leased anew (not re-handed on the site's next poll).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let info = fed.round(&round).await?;
+                if info.tasks[0].state == pb::TaskState::Pending as i32 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the lease never expired: {info:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        // A clean agent takes over.
         let mut clean = agent(&fed, "site-a", None)?;
         let info = fed.wait_round(&round, 180).await;
         clean.kill()?;
@@ -77,6 +99,19 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
         assert_eq!(results.results.len(), 1, "{point}: one result, counted once");
         let res = results.results[0].result.as_ref().expect("result");
         assert_eq!(res.epoch_losses.len(), 1);
+        if point == "download" {
+            // The clean agent asked for the rest of the model, not for all of it again.
+            let (entries, _) = site_agent::agent::audit::AuditLog::read(&fed.storage("site-a"))?;
+            let offsets: Vec<u64> = entries
+                .iter()
+                .filter(|e| e.rpc.ends_with("/FetchModel"))
+                .filter_map(|e| {
+                    use prost::Message;
+                    pb::FetchModelRequest::decode(e.message().as_slice()).ok().map(|r| r.offset)
+                })
+                .collect();
+            assert!(offsets.iter().any(|&o| o > 0), "no resumed download: offsets {offsets:?}");
+        }
         survived.push(point);
     }
     eprintln!("agent killed at {survived:?}: every task completed, each result counted once");
