@@ -12,7 +12,6 @@ use anyhow::{Context, Result, bail};
 pub mod federation;
 pub mod privacy;
 
-/// Path of a workspace binary built next to this test executable.
 /// Says that a test skipped a check and why, on stderr and in `skipped-tests.txt` in
 /// `tmpdir` (the test's `CARGO_TARGET_TMPDIR`, `target/tmp`), which `.ci/run` prints after the
 /// suite (cargo hides a passing test's output).
@@ -25,6 +24,7 @@ pub fn skipped(tmpdir: &str, what: &str) {
     }
 }
 
+/// Path of a workspace binary built next to this test executable.
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;
     let dir = exe.parent().and_then(|d| d.parent()).context("test executable has no target dir")?;

@@ -57,7 +57,11 @@ async fn an_agent_killed_mid_download_training_or_submission_loses_nothing() -> 
         let marker = fed.root.join(point);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while !marker.exists() {
-            assert!(tokio::time::Instant::now() < deadline, "the agent never reached {point}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the agent never reached {point} (a site-agent built without the test-hooks \
+                 feature? `cargo test --workspace` builds it with them)"
+            );
             if let Some(status) = child.try_wait()? {
                 panic!("the agent exited ({status}) before {point}");
             }
