@@ -13,14 +13,20 @@ printf '%-52s %10s %7s %s\n' target executions seconds outcome
 run() {
   local pkg=$1 test=$2 name=$3
   local start end rc=0
+  local tally=/tmp/fedtune-fuzz-tally
+  rm -f "$tally"
   start=$(date +%s%N)
-  FEDTUNE_FUZZ_CASES=$cases cargo test --release -q -p "$pkg" --test "$test" -- --exact "$name" \
+  FEDTUNE_FUZZ_CASES=$cases FEDTUNE_FUZZ_TALLY=$tally \
+    cargo test --release -q -p "$pkg" --test "$test" -- --exact "$name" \
     >/tmp/fedtune-fuzz.log 2>&1 || rc=$?
   end=$(date +%s%N)
+  # Each case that ran appended one byte to the tally.
+  local executions=0
+  [ -f "$tally" ] && executions=$(stat -c %s "$tally")
   local outcome="no finding"
   [ "$rc" -eq 0 ] || outcome="FINDING (see /tmp/fedtune-fuzz.log)"
   local ms=$(((end - start) / 1000000))
-  printf '%-52s %10d %5d.%01d %s\n' "$name" "$cases" $((ms / 1000)) $((ms % 1000 / 100)) "$outcome"
+  printf '%-52s %10d %5d.%01d %s\n' "$name" "$executions" $((ms / 1000)) $((ms % 1000 / 100)) "$outcome"
   [ "$rc" -eq 0 ] || cp /tmp/fedtune-fuzz.log "/tmp/fedtune-fuzz-${name//::/-}.log"
 }
 run shared it hostile::nifti_reader_answers_damaged_files

@@ -681,6 +681,24 @@ fn text(r: &Report, md: bool) -> String {
     s
 }
 
+fn opt_num(v: Option<f64>) -> String {
+    v.filter(|v| v.is_finite()).map_or(String::new(), |v| v.to_string())
+}
+
+/// The CSV's n, mean, sd, median and, where given, the comparison's p-values and method.
+fn summary_cells(d: &Summary, cmp: Option<&Comparison>) -> [String; 7] {
+    let w = cmp.and_then(|c| c.wilcoxon.as_ref());
+    [
+        d.n.to_string(),
+        d.mean.to_string(),
+        opt_num(d.sd),
+        d.median.to_string(),
+        opt_num(w.map(|w| w.p_value)),
+        w.map_or(String::new(), |w| w.method.to_string()),
+        opt_num(cmp.and_then(|c| c.ttest.as_ref()).map(|t| t.p_value)),
+    ]
+}
+
 fn csv(r: &Report) -> String {
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut row = |cells: Vec<String>| {
@@ -706,7 +724,7 @@ fn csv(r: &Report) -> String {
     ]
     .map(String::from)
     .to_vec());
-    let opt = |v: Option<f64>| v.filter(|v| v.is_finite()).map_or(String::new(), |v| v.to_string());
+    let opt = opt_num;
     if let Some(t) = &r.transfer {
         for sc in t.sites.iter().chain([&t.pooled]) {
             for o in &sc.organs {
@@ -717,7 +735,6 @@ fn csv(r: &Report) -> String {
                         MODEL_T => Some(&o.st_vs_t),
                         _ => None,
                     };
-                    let w = cmp.and_then(|c| c.wilcoxon.as_ref());
                     row(vec![
                         "transfer".into(),
                         sc.scope.clone(),
@@ -729,17 +746,15 @@ fn csv(r: &Report) -> String {
                             _ => t.trainable_layers.to_string(),
                         },
                         String::new(),
-                        d.n.to_string(),
-                        d.mean.to_string(),
-                        opt(d.sd),
-                        d.median.to_string(),
-                        opt(w.map(|w| w.p_value)),
-                        w.map_or(String::new(), |w| w.method.to_string()),
-                        opt(cmp.and_then(|c| c.ttest.as_ref()).map(|t| t.p_value)),
+                    ]
+                    .into_iter()
+                    .chain(summary_cells(d, cmp))
+                    .chain([
                         opt(o.hd95_mm.get(arm).map(|h| h.mean)),
                         opt(o.hd95_mm.get(arm).and_then(|h| h.sd)),
                         o.hd95_mm.get(arm).map_or(String::new(), |h| h.n.to_string()),
-                    ]);
+                    ])
+                    .collect());
                 }
             }
         }
@@ -753,25 +768,13 @@ fn csv(r: &Report) -> String {
                 let Some(d) = d else { continue };
                 // As for transfer: the comparison sits on the row of the arm compared against.
                 let cmp = (arm == finetune::BASE).then_some(&o.finetuned_vs_base);
-                let w = cmp.and_then(|c| c.wilcoxon.as_ref());
-                row(vec![
-                    "finetune".into(),
-                    "pooled".into(),
-                    o.organ.clone(),
-                    arm.into(),
-                    layers.to_string(),
-                    String::new(),
-                    d.n.to_string(),
-                    d.mean.to_string(),
-                    opt(d.sd),
-                    d.median.to_string(),
-                    opt(w.map(|w| w.p_value)),
-                    w.map_or(String::new(), |w| w.method.to_string()),
-                    opt(cmp.and_then(|c| c.ttest.as_ref()).map(|t| t.p_value)),
-                    String::new(),
-                    String::new(),
-                    String::new(),
-                ]);
+                let head = ["finetune", "pooled", &o.organ, arm, &layers.to_string(), ""];
+                row(head
+                    .map(String::from)
+                    .into_iter()
+                    .chain(summary_cells(d, cmp))
+                    .chain([String::new(), String::new(), String::new()])
+                    .collect());
             }
         }
     }

@@ -62,11 +62,24 @@ fn seeds() -> Vec<Vec<u8>> {
     ]
 }
 
+/// Counts a case that ran: with `FEDTUNE_FUZZ_TALLY=FILE` (set by `bench/fuzz.sh`) each case
+/// appends one byte to FILE, so the script reports the executions that happened, shrinking
+/// included, rather than the number it asked for.
+fn ran() {
+    if let Some(path) = std::env::var_os("FEDTUNE_FUZZ_TALLY") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(b".");
+        }
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: cases(), failure_persistence: None, ..ProptestConfig::default() })]
 
     #[test]
     fn requests_decode_arbitrary_bytes_or_refuse(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        ran();
         decode_all(&bytes);
     }
 
@@ -76,6 +89,7 @@ proptest! {
         writes in prop::collection::vec((any::<usize>(), any::<u8>()), 1..8),
         cut in prop::option::of(any::<usize>()),
     ) {
+        ran();
         let mut b = seeds().swap_remove(seed);
         for (at, v) in writes {
             let n = b.len();

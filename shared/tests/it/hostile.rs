@@ -14,6 +14,18 @@ fn cases() -> u32 {
     std::env::var("FEDTUNE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(64)
 }
 
+/// Counts a case that ran: with `FEDTUNE_FUZZ_TALLY=FILE` (set by `bench/fuzz.sh`) each case
+/// appends one byte to FILE, so the script reports the executions that happened, shrinking
+/// included, rather than the number it asked for.
+fn ran() {
+    if let Some(path) = std::env::var_os("FEDTUNE_FUZZ_TALLY") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = f.write_all(b".");
+        }
+    }
+}
+
 /// A mutation of a valid input: byte overwrites, then an optional cut or appended tail.
 #[derive(Clone, Debug)]
 struct Mutation {
@@ -80,6 +92,7 @@ proptest! {
 
     #[test]
     fn nifti_reader_answers_damaged_files(m in mutation(), gz in any::<bool>(), labels in any::<bool>()) {
+        ran();
         thread_local! {
             static VALID: [Vec<u8>; 3] = [valid_nifti(false), valid_nifti(true), valid_labels()];
         }
@@ -96,6 +109,7 @@ proptest! {
 
     #[test]
     fn nifti_reader_answers_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..1024)) {
+        ran();
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("a.nii");
         std::fs::write(&p, &bytes).expect("write");
@@ -104,6 +118,7 @@ proptest! {
 
     #[test]
     fn manifest_parser_answers_damaged_text(m in mutation(), text in ".{0,200}") {
+        ran();
         let damaged = apply(MANIFEST.as_bytes(), &m, MANIFEST.len());
         let path = std::path::Path::new("/site/manifest.toml");
         if let Ok(s) = std::str::from_utf8(&damaged) {
@@ -114,6 +129,7 @@ proptest! {
 
     #[test]
     fn weights_parser_answers_damaged_files(m in mutation()) {
+        ran();
         thread_local! { static VALID: Vec<u8> = valid_weights(); }
         let bytes = VALID.with(|v| {
             // The safetensors header (length prefix and JSON) comes first.
