@@ -243,7 +243,7 @@ mod tests {
 
     #[test]
     fn small_p_values_are_not_printed_as_zero() {
-        use crate::report::fmt_p;
+        use crate::report::render::fmt_p;
         assert_eq!(fmt_p(0.0123456), "0.0123");
         assert_eq!(fmt_p(0.0001), "0.0001");
         assert_eq!(fmt_p(3.24e-6), "3.2e-6");

@@ -8,7 +8,8 @@ use proto::pb;
 use serde::{Deserialize, Serialize};
 use shared::metrics::stats::{self, Summary};
 
-use super::{CaseScore, Comparison, by_case, compare, mean_sd_median, p_t, p_w, round_id};
+use super::render::{mean_sd_median, p_t, p_w};
+use super::{CaseScore, Comparison, by_case, compare, round_id};
 
 /// The arm names of a finetune round's scores.
 pub const BASE: &str = "base model";
