@@ -18,12 +18,7 @@ use tonic::{Request, Status};
 
 use crate::identity::{self, Identity, Role};
 use crate::rounds;
-use crate::store::{
-    ModelRecord, RoundRecord, RoundState, SiteRecord, Store, StoreError, TaskRecord, TaskState,
-};
-use proto::limits;
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use crate::store::{RoundRecord, RoundState, SiteRecord, Store, StoreError, TaskRecord, TaskState};
 use tokio_stream::StreamExt;
 
 /// Service errors, each mapped to one gRPC status in [`ServiceError::status`].
@@ -317,121 +312,6 @@ impl Coordinator {
         Ok(id)
     }
 
-    /// Receives a weights file from the messages after an upload's header (`chunk_of` takes a
-    /// message's chunk; anything else is a second header), at most 1 MiB each: checks the header, writes
-    /// a temp file while hashing, verifies size, sha256 and that it is a fedtune weights file,
-    /// fsyncs and renames it under `blobs/<sha256>`. Nothing is stored on any error.
-    pub(crate) async fn receive_blob<M>(
-        &self,
-        name: String,
-        header: &pb::ModelRef,
-        mut stream: tonic::Streaming<M>,
-        chunk_of: fn(M) -> Option<Vec<u8>>,
-    ) -> SResult<ModelRecord> {
-        let c = self;
-        if header.size == 0 || header.size > limits::MAX_MODEL_BYTES {
-            return Err(ServiceError::InvalidArgument(format!(
-                "model size {} is outside 1..={}",
-                header.size,
-                limits::MAX_MODEL_BYTES
-            )));
-        }
-        if header.sha256.len() != 64 || !header.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(ServiceError::InvalidArgument("sha256 must be 64 hex digits".into()));
-        }
-        let sha = header.sha256.to_ascii_lowercase();
-        let tmp_dir = c.blobs.join("tmp");
-        let io = |path: &std::path::Path| {
-            let path = path.to_owned();
-            move |source| ServiceError::Io { path, source }
-        };
-        tokio::fs::create_dir_all(&tmp_dir).await.map_err(io(&tmp_dir))?;
-        let tmp = tmp_dir.join(format!("upload-{:016x}", rand::random::<u64>()));
-        let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
-            let mut hasher = Sha256::new();
-            let mut size = 0u64;
-            let mut bytes = Vec::new();
-            let idle = Duration::from_secs(u64::from(c.limits.idle_seconds));
-            loop {
-                let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
-                    return Err(ServiceError::Stalled(format!(
-                        "upload stalled: no chunk for {} s after {size} of {} bytes; the \
-                         upload was ended, start it again",
-                        idle.as_secs(),
-                        header.size
-                    )));
-                };
-                let Some(msg) = next else { break };
-                let msg = msg.map_err(|s| ServiceError::InvalidArgument(format!("upload: {s}")))?;
-                let Some(chunk) = chunk_of(msg) else {
-                    return Err(ServiceError::InvalidArgument(
-                        "a second header in one upload".into(),
-                    ));
-                };
-                if chunk.len() > limits::CHUNK_BYTES {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "chunk of {} bytes; at most {}",
-                        chunk.len(),
-                        limits::CHUNK_BYTES
-                    )));
-                }
-                size += chunk.len() as u64;
-                if size > header.size {
-                    return Err(ServiceError::InvalidArgument(format!(
-                        "more bytes than the header's size {}",
-                        header.size
-                    )));
-                }
-                hasher.update(&chunk);
-                file.write_all(&chunk).await.map_err(io(&tmp))?;
-                bytes.extend_from_slice(&chunk);
-            }
-            if size != header.size {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "upload ended at {size} of {} bytes",
-                    header.size
-                )));
-            }
-            let got = hex::encode(hasher.finalize());
-            if got != sha {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "sha256 of the upload is {got}, the header said {sha}"
-                )));
-            }
-            let manifest = shared::weights::read_manifest(&bytes).map_err(|e| {
-                ServiceError::InvalidArgument(format!("not a fedtune weights file: {e}"))
-            })?;
-            file.sync_all().await.map_err(io(&tmp))?;
-            Ok(manifest)
-        }
-        .await;
-        let manifest = match result {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = tokio::fs::remove_file(&tmp).await;
-                return Err(e);
-            }
-        };
-        let dest = c.blob_path(&sha);
-        tokio::fs::rename(&tmp, &dest).await.map_err(io(&dest))?;
-        if let Ok(dir) = tokio::fs::File::open(&c.blobs).await {
-            let _ = dir.sync_all().await;
-        }
-        Ok(ModelRecord {
-            sha256: sha,
-            size: header.size,
-            name,
-            created: now_s(),
-            config: manifest.config.name.clone(),
-            layers: manifest.layers.len() as u32,
-        })
-    }
-
-    fn blob_path(&self, sha256: &str) -> PathBuf {
-        self.blobs.join(sha256)
-    }
-
     // === rounds ===
 
     /// Expires leases and applies round deadlines; run by the server's ticker.
@@ -618,73 +498,6 @@ impl Coordinator {
     }
 }
 
-fn check_scores(organs: &[pb::OrganScores]) -> SResult<()> {
-    let bad = |m: String| Err(ServiceError::InvalidArgument(m));
-    if organs.len() > 256 {
-        return bad(format!("{} organs in a result; at most 256", organs.len()));
-    }
-    for o in organs {
-        if o.organ.is_empty() || o.organ.len() > 64 {
-            return bad("organ names are 1 to 64 characters".into());
-        }
-        if o.cases.len() > 100_000 {
-            return bad(format!("{} cases for {}; at most 100000", o.cases.len(), o.organ));
-        }
-        for c in &o.cases {
-            if !(0.0..=1.0).contains(&c.dice) {
-                return bad(format!("Dice {} of {} is outside 0..1", c.dice, o.organ));
-            }
-            if let Some(h) = c.hd95_mm
-                && !(h.is_finite() && h >= 0.0)
-            {
-                return bad(format!("HD95 {h} of {} is not a distance", o.organ));
-            }
-        }
-    }
-    Ok(())
-}
-
-fn check_durations(d: [(&str, f64); 3]) -> SResult<()> {
-    for (name, v) in d {
-        if !(v.is_finite() && v >= 0.0) {
-            return Err(ServiceError::InvalidArgument(format!("{name} = {v} is not a duration")));
-        }
-    }
-    Ok(())
-}
-
-/// The most arms one transfer task may run (and report).
-pub const MAX_ARMS: usize = 64;
-
-fn check_result(r: &pb::TaskResult) -> SResult<()> {
-    check_scores(&r.organs)?;
-    check_durations([
-        ("train_seconds", r.train_seconds),
-        ("cache_seconds", r.cache_seconds),
-        ("eval_seconds", r.eval_seconds),
-    ])?;
-    if r.arms.len() > MAX_ARMS {
-        return Err(ServiceError::InvalidArgument(format!(
-            "{} arms in a result; at most {MAX_ARMS}",
-            r.arms.len()
-        )));
-    }
-    for a in &r.arms {
-        check_scores(&a.organs)?;
-        check_durations([
-            ("train_seconds", a.train_seconds),
-            ("cache_seconds", a.cache_seconds),
-            ("eval_seconds", a.eval_seconds),
-        ])?;
-    }
-    Ok(())
-}
-
-/// `REFUSAL_CODE_TOO_MANY_EPOCHS` -> `too many epochs`.
-fn reason_name(code: &str, prefix: &str) -> String {
-    code.strip_prefix(prefix).unwrap_or(code).to_lowercase().replace('_', " ")
-}
-
 fn identity_of<T>(req: &Request<T>) -> SResult<Identity> {
     req.extensions()
         .get::<Identity>()
@@ -693,7 +506,12 @@ fn identity_of<T>(req: &Request<T>) -> SResult<Identity> {
 }
 
 mod admin;
+mod blobs;
+mod checks;
 mod site;
+
+pub use checks::MAX_ARMS;
+use checks::{check_result, reason_name};
 
 pub use admin::AdminApi;
 use admin::model_info;
