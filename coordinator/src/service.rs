@@ -159,6 +159,14 @@ impl<T: Send + 'static> Feed<T> {
     }
 }
 
+/// A store error answers a call as the service error it is, so handlers can use `?` on
+/// store calls directly.
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        ServiceError::from(e).into()
+    }
+}
+
 impl From<ServiceError> for Status {
     fn from(e: ServiceError) -> Self {
         e.status()
@@ -266,6 +274,14 @@ impl Coordinator {
         contact.get(&site.name).copied().unwrap_or(0).max(site.last_seen)
     }
 
+    /// Makes every change so far durable, then wakes long polls and round watchers: what each
+    /// change does before it answers.
+    async fn durable(&self) -> SResult<()> {
+        self.store.flush().await?;
+        self.notify();
+        Ok(())
+    }
+
     fn notify(&self) {
         self.changed.send_modify(|v| *v += 1);
     }
@@ -355,8 +371,7 @@ impl Coordinator {
             }
         }
         if changed {
-            self.store.flush().await?;
-            self.notify();
+            self.durable().await?;
         }
         Ok(())
     }
@@ -455,8 +470,7 @@ impl Coordinator {
             let lease = self.limits.lease_seconds;
             task.state = TaskState::Leased { deadline_ms: now_ms() + i64::from(lease) * 1000 };
             self.store.commit(None, &[&task], None)?;
-            self.store.flush().await?;
-            self.notify();
+            self.durable().await?;
             // A transfer round's source task trains Model_S from scratch: no base.
             let (spec, base) = if task.source {
                 (round.source_spec.as_deref().unwrap_or_default(), None)

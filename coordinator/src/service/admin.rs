@@ -155,8 +155,8 @@ impl AdminService for AdminApi {
         let record = self.receive_model(req.into_inner()).await?;
         let c = &self.0;
         let _w = c.write.lock().await;
-        c.store.put_model(&record).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
+        c.store.put_model(&record)?;
+        c.store.flush().await?;
         tracing::info!(admin = %who.name, model = %record.name, sha256 = %record.sha256, "model stored");
         Ok(Response::new(model_info(&record)))
     }
@@ -166,7 +166,7 @@ impl AdminService for AdminApi {
         req: Request<pb::ListModelsRequest>,
     ) -> Result<Response<pb::ListModelsResponse>, Status> {
         admin(&req)?;
-        let models = self.0.store.models().map_err(ServiceError::from)?;
+        let models = self.0.store.models()?;
         Ok(Response::new(pb::ListModelsResponse {
             models: models.iter().map(model_info).collect(),
         }))
@@ -177,7 +177,7 @@ impl AdminService for AdminApi {
         req: Request<pb::ListSitesRequest>,
     ) -> Result<Response<pb::ListSitesResponse>, Status> {
         admin(&req)?;
-        let sites = self.0.store.sites().map_err(ServiceError::from)?;
+        let sites = self.0.store.sites()?;
         Ok(Response::new(pb::ListSitesResponse {
             sites: sites.iter().map(|s| site_info(&self.0, s)).collect(),
         }))
@@ -196,8 +196,7 @@ impl AdminService for AdminApi {
         let _w = c.write.lock().await;
         let mut site = c
             .store
-            .site(&name)
-            .map_err(ServiceError::from)?
+            .site(&name)?
             .unwrap_or_else(|| SiteRecord { name: name.clone(), ..Default::default() });
         if site.revoked && !reinstate {
             return Err(ServiceError::FailedPrecondition(format!(
@@ -212,9 +211,8 @@ impl AdminService for AdminApi {
         }
         site.approved = true;
         site.revoked = false;
-        c.store.put_site(&site).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
-        c.notify();
+        c.store.put_site(&site)?;
+        c.durable().await?;
         tracing::info!(admin = %who.name, site = %name, "site approved");
         Ok(Response::new(site_info(c, &site)))
     }
@@ -229,13 +227,12 @@ impl AdminService for AdminApi {
         let _w = c.write.lock().await;
         let mut site = c
             .store
-            .site(&name)
-            .map_err(ServiceError::from)?
+            .site(&name)?
             .ok_or_else(|| ServiceError::NotFound(format!("no site \"{name}\"")))?;
         site.approved = false;
         site.revoked = true;
-        c.store.put_site(&site).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
+        c.store.put_site(&site)?;
+        c.store.flush().await?;
         // Its unfinished tasks fail at the next tick; the site's calls are refused from now.
         c.notify();
         tracing::warn!(admin = %who.name, site = %name, "site revoked");
@@ -253,7 +250,7 @@ impl AdminService for AdminApi {
             return Err(ServiceError::InvalidArgument(invalid_name("study", &body.name)).into());
         }
         let _w = c.write.lock().await;
-        if c.store.study(&body.name).map_err(ServiceError::from)?.is_some() {
+        if c.store.study(&body.name)?.is_some() {
             return Err(
                 ServiceError::AlreadyExists(format!("study \"{}\" exists", body.name)).into()
             );
@@ -262,14 +259,12 @@ impl AdminService for AdminApi {
         let model = if body.base_model.is_empty() {
             None
         } else {
-            Some(c.store.model_by_ref(&body.base_model).map_err(ServiceError::from)?.ok_or_else(
-                || {
-                    ServiceError::NotFound(format!(
-                        "no model \"{}\"; push it with `coordinator model push FILE --name NAME`",
-                        body.base_model
-                    ))
-                },
-            )?)
+            Some(c.store.model_by_ref(&body.base_model)?.ok_or_else(|| {
+                ServiceError::NotFound(format!(
+                    "no model \"{}\"; push it with `coordinator model push FILE --name NAME`",
+                    body.base_model
+                ))
+            })?)
         };
         if body.sites.is_empty() {
             return Err(
@@ -280,7 +275,7 @@ impl AdminService for AdminApi {
         sites.sort();
         sites.dedup();
         for s in &sites {
-            if c.store.site(s).map_err(ServiceError::from)?.is_none() {
+            if c.store.site(s)?.is_none() {
                 return Err(ServiceError::NotFound(format!(
                     "no site \"{s}\"; it appears once its agent connects or the study lead approves it"
                 ))
@@ -293,8 +288,8 @@ impl AdminService for AdminApi {
             sites,
             created: now_s(),
         };
-        c.store.put_study(&study).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
+        c.store.put_study(&study)?;
+        c.store.flush().await?;
         Ok(Response::new(study_info(c, study)))
     }
 
@@ -304,7 +299,7 @@ impl AdminService for AdminApi {
     ) -> Result<Response<pb::ListStudiesResponse>, Status> {
         admin(&req)?;
         let c = &self.0;
-        let studies = c.store.studies().map_err(ServiceError::from)?;
+        let studies = c.store.studies()?;
         Ok(Response::new(pb::ListStudiesResponse {
             studies: studies.into_iter().map(|s| study_info(c, s)).collect(),
         }))
@@ -320,8 +315,7 @@ impl AdminService for AdminApi {
         let _w = c.write.lock().await;
         let study = c
             .store
-            .study(&body.study)
-            .map_err(ServiceError::from)?
+            .study(&body.study)?
             .ok_or_else(|| ServiceError::NotFound(format!("no study \"{}\"", body.study)))?;
         let spec = body
             .spec
@@ -372,15 +366,12 @@ impl AdminService for AdminApi {
                         study.name
                     )));
                 }
-                let base =
-                    c.store.model(&study.base_sha256).map_err(ServiceError::from)?.ok_or_else(
-                        || {
-                            ServiceError::NotFound(format!(
-                                "the study's base model {} is gone",
-                                study.base_sha256
-                            ))
-                        },
-                    )?;
+                let base = c.store.model(&study.base_sha256)?.ok_or_else(|| {
+                    ServiceError::NotFound(format!(
+                        "the study's base model {} is gone",
+                        study.base_sha256
+                    ))
+                })?;
                 Some(base.config)
             }
         };
@@ -533,11 +524,8 @@ impl AdminService for AdminApi {
             tasks: tasks.iter().map(|t| t.id.clone()).collect(),
             source_spec: source_spec.map(|s| s.encode_to_vec()),
         };
-        c.store
-            .commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)
-            .map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
-        c.notify();
+        c.store.commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)?;
+        c.durable().await?;
         tracing::info!(admin = %who.name, round = %id, study = %study.name, kind = ?kind, "round started");
         for w in &warnings {
             tracing::warn!(round = %id, "{w}");
@@ -563,7 +551,7 @@ impl AdminService for AdminApi {
         admin(&req)?;
         let study = &req.get_ref().study;
         let c = &self.0;
-        if !study.is_empty() && c.store.study(study).map_err(ServiceError::from)?.is_none() {
+        if !study.is_empty() && c.store.study(study)?.is_none() {
             return Err(ServiceError::NotFound(format!(
                 "no study \"{study}\"; `coordinator study list` shows them"
             ))
@@ -571,8 +559,7 @@ impl AdminService for AdminApi {
         }
         let mut rounds: Vec<_> = c
             .store
-            .rounds()
-            .map_err(ServiceError::from)?
+            .rounds()?
             .into_iter()
             .filter(|r| study.is_empty() || &r.study == study)
             .collect();
@@ -637,16 +624,13 @@ impl AdminService for AdminApi {
             ))
             .into());
         }
-        let mut tasks = c.store.round_tasks(&round).map_err(ServiceError::from)?;
+        let mut tasks = c.store.round_tasks(&round)?;
         for t in tasks.iter_mut().filter(|t| !t.state.is_final()) {
             t.state = TaskState::Cancelled;
         }
         round.state = RoundState::Cancelled;
-        c.store
-            .commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)
-            .map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
-        c.notify();
+        c.store.commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)?;
+        c.durable().await?;
         tracing::info!(admin = %who.name, round = %round.id, "round cancelled");
         Ok(Response::new(c.round_info(&round)?))
     }
@@ -670,16 +654,10 @@ impl AdminService for AdminApi {
         let name = &req.get_ref().name;
         let study = c
             .store
-            .study(name)
-            .map_err(ServiceError::from)?
+            .study(name)?
             .ok_or_else(|| ServiceError::NotFound(format!("no study \"{name}\"")))?;
-        let mut rounds: Vec<RoundRecord> = c
-            .store
-            .rounds()
-            .map_err(ServiceError::from)?
-            .into_iter()
-            .filter(|r| &r.study == name)
-            .collect();
+        let mut rounds: Vec<RoundRecord> =
+            c.store.rounds()?.into_iter().filter(|r| &r.study == name).collect();
         rounds.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         let rounds = rounds.iter().map(|r| c.round_results(r)).collect::<SResult<Vec<_>>>()?;
         Ok(Response::new(pb::StudyResults { study: Some(study_info(c, study)), rounds }))

@@ -34,7 +34,7 @@ impl SiteService for SiteApi {
         let c = &self.0;
         let body = req.into_inner();
         let _w = c.write.lock().await;
-        let mut site = c.store.site(&id.name).map_err(ServiceError::from)?.unwrap_or_else(|| {
+        let mut site = c.store.site(&id.name)?.unwrap_or_else(|| {
             tracing::info!(site = %id.name, "new site registered; it gets tasks once approved");
             SiteRecord { name: id.name.clone(), ..Default::default() }
         });
@@ -43,8 +43,8 @@ impl SiteService for SiteApi {
         site.fingerprint = id.fingerprint.clone();
         site.capabilities = body.capabilities.map(|m| m.encode_to_vec()).unwrap_or_default();
         site.dataset = body.dataset.map(|m| m.encode_to_vec()).unwrap_or_default();
-        c.store.put_site(&site).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
+        c.store.put_site(&site)?;
+        c.store.flush().await?;
         Ok(Response::new(pb::HelloResponse {
             site: id.name,
             approved: site.approved,
@@ -58,7 +58,7 @@ impl SiteService for SiteApi {
     ) -> Result<Response<pb::NextTaskResponse>, Status> {
         let id = identity_of(&req)?;
         let c = &self.0;
-        let site = c.store.site(&id.name).map_err(ServiceError::from)?;
+        let site = c.store.site(&id.name)?;
         if !site.as_ref().is_some_and(|s| s.approved) {
             return Err(ServiceError::FailedPrecondition(format!(
                 "site \"{}\" is not approved; the study lead runs `coordinator site approve {}`",
@@ -89,7 +89,7 @@ impl SiteService for SiteApi {
         let c = self.0.clone();
         let pb::FetchModelRequest { sha256, offset } = req.into_inner();
         // A site may fetch a model only while it holds a task that uses it.
-        let allowed = c.store.tasks().map_err(ServiceError::from)?.into_iter().any(|t| {
+        let allowed = c.store.tasks()?.into_iter().any(|t| {
             t.site == id.name
                 && matches!(t.state, TaskState::Leased { .. })
                 && c.store.round(&t.round_id).ok().flatten().and_then(|r| r.base_sha256).as_deref()
@@ -190,9 +190,8 @@ impl SiteService for SiteApi {
         if let Some(p) = body.progress {
             task.progress = p.encode_to_vec();
         }
-        c.store.commit(None, &[&task], None).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
-        c.notify();
+        c.store.commit(None, &[&task], None)?;
+        c.durable().await?;
         Ok(Response::new(pb::HeartbeatResponse { lease_seconds: lease, stop: false }))
     }
 
@@ -222,7 +221,7 @@ impl SiteService for SiteApi {
                 check_result(&r)?;
                 if task.source {
                     // Model_S must have arrived (UploadModel) before the source's result.
-                    let uploaded = c.store.model(&r.weights_sha256).map_err(ServiceError::from)?;
+                    let uploaded = c.store.model(&r.weights_sha256)?;
                     if r.weights_sha256.is_empty() || uploaded.is_none() {
                         return Err(ServiceError::FailedPrecondition(format!(
                             "task {} trains Model_S: upload its weights ({}) before the result",
@@ -260,7 +259,7 @@ impl SiteService for SiteApi {
                 );
             }
         }
-        let mut tasks = c.store.round_tasks(&round).map_err(ServiceError::from)?;
+        let mut tasks = c.store.round_tasks(&round)?;
         if let Some(t) = tasks.iter_mut().find(|t| t.id == task.id) {
             *t = task.clone();
         }
@@ -268,24 +267,21 @@ impl SiteService for SiteApi {
         let released = rounds::release_waiting(&round, &mut tasks);
         let settled = rounds::settle(&mut round, &tasks);
         let changed: Vec<&TaskRecord> = if released { tasks.iter().collect() } else { vec![&task] };
-        c.store
-            .commit(
-                (settled || task.source).then_some(&round),
-                &changed,
-                result_bytes.as_deref().map(|b| (task.id.as_str(), b)),
-            )
-            .map_err(ServiceError::from)?;
+        c.store.commit(
+            (settled || task.source).then_some(&round),
+            &changed,
+            result_bytes.as_deref().map(|b| (task.id.as_str(), b)),
+        )?;
         if task.source
             && let Some(sha) = &round.base_sha256
-            && let Some(mut study) = c.store.study(&round.study).map_err(ServiceError::from)?
+            && let Some(mut study) = c.store.study(&round.study)?
             && study.base_sha256.is_empty()
         {
             // The study's first Model_S becomes its base model for later rounds.
             study.base_sha256 = sha.clone();
-            c.store.put_study(&study).map_err(ServiceError::from)?;
+            c.store.put_study(&study)?;
         }
-        c.store.flush().await.map_err(ServiceError::from)?;
-        c.notify();
+        c.durable().await?;
         tracing::info!(task = %task.id, site = %id.name, state = ?task.state, "result recorded");
         Ok(Response::new(pb::SubmitResultResponse { recorded: true }))
     }
@@ -326,7 +322,7 @@ impl SiteService for SiteApi {
                 ))
                 .into());
             }
-            let site = c.store.site(&id.name).map_err(ServiceError::from)?.unwrap_or_default();
+            let site = c.store.site(&id.name)?.unwrap_or_default();
             let shares = pb::Capabilities::decode(site.capabilities.as_slice())
                 .map(|cap| cap.share_weights)
                 .unwrap_or(false);
@@ -338,9 +334,7 @@ impl SiteService for SiteApi {
                 .into());
             }
         }
-        if let Some(m) =
-            c.store.model(&model.sha256.to_ascii_lowercase()).map_err(ServiceError::from)?
-        {
+        if let Some(m) = c.store.model(&model.sha256.to_ascii_lowercase())? {
             // A retried upload of the same bytes.
             return Ok(Response::new(super::model_info(&m)));
         }
@@ -352,8 +346,8 @@ impl SiteService for SiteApi {
             })
             .await?;
         let _w = c.write.lock().await;
-        c.store.put_model(&record).map_err(ServiceError::from)?;
-        c.store.flush().await.map_err(ServiceError::from)?;
+        c.store.put_model(&record)?;
+        c.store.flush().await?;
         tracing::info!(site = %id.name, task = %header.task_id, sha256 = %record.sha256, "Model_S uploaded");
         Ok(Response::new(super::model_info(&record)))
     }
