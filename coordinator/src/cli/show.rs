@@ -63,7 +63,8 @@ pub fn round_state(s: i32) -> &'static str {
     }
 }
 
-/// One round in a line: id, study, task, state, start (UTC), succeeded of all sites.
+/// One round in a line: id, study, task, state, start (`YYYY-MM-DD HH:MM UTC`), succeeded of all
+/// sites.
 pub fn round_line(r: &pb::RoundInfo) -> String {
     let spec = r.spec.clone().unwrap_or_default();
     let task = if spec.template.is_empty() {
@@ -73,18 +74,7 @@ pub fn round_line(r: &pb::RoundInfo) -> String {
     } else {
         spec.template.clone()
     };
-    let started = time::OffsetDateTime::from_unix_timestamp(r.created_unix)
-        .map(|t| {
-            format!(
-                "{:04}-{:02}-{:02} {:02}:{:02}",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute()
-            )
-        })
-        .unwrap_or_else(|_| r.created_unix.to_string());
+    let started = shared::cert::utc(r.created_unix);
     let done = r.tasks.iter().filter(|t| t.state == pb::TaskState::Succeeded as i32).count();
     format!(
         "{}  {:<16} {:<12} {:<10} {started}  {done}/{} sites succeeded",
