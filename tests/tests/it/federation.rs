@@ -1,9 +1,10 @@
-//! The federation over real mTLS on 127.0.0.1: rounds, resumable downloads, refusals,
-//! a coordinator restart in the middle of a round, and the site audit log.
+//! The federation over real mTLS on 127.0.0.1: rounds, resumable downloads, a result
+//! submitted twice, a coordinator restart in the middle of a round, and the site audit log.
+//! What the coordinator refuses is in `refusals.rs`, what stock gRPC clients see in
+//! `stock_clients.rs`.
 
 use std::time::Duration;
 
-use coordinator::identity::Role;
 use prost::Message;
 use proto::pb;
 use tests::federation::{Federation, site_link};
@@ -18,7 +19,7 @@ fn organs_with_dice(r: &pb::TaskResult) -> usize {
         .count()
 }
 
-fn evaluate() -> pb::TaskSpec {
+pub(crate) fn evaluate() -> pb::TaskSpec {
     pb::TaskSpec { kind: pb::TaskKind::Evaluate as i32, ..Default::default() }
 }
 
@@ -291,127 +292,6 @@ async fn a_result_submitted_twice_counts_once() -> R {
     fed.shutdown().await
 }
 
-/// What the coordinator refuses: another CA's certificate, a revoked site, a site touching
-/// another site's task or result, a site certificate on the admin service, an unapproved
-/// site.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn refusals() -> R {
-    let fed = Federation::builder().sites(3).without_agents().start().await?;
-    fed.study("refusals", "tiny").await?;
-    fed.start_round("refusals", evaluate()).await?;
-
-    // A certificate from another consortium's CA: the TLS handshake fails.
-    let other = coordinator::pki::Pki::init(&fed.root.join("other-pki"), &["localhost".into()])?;
-    let stranger = other.issue(Role::Site, "site-a", 30)?;
-    let mut conn = fed.conn(Role::Site, "site-a");
-    conn.bundle = stranger;
-    // The stranger trusts the real CA (so the server is accepted) but presents its own cert.
-    std::fs::copy(fed.pki_dir.join("ca.pem"), conn.bundle.join("ca.pem"))?;
-    let err = coordinator::cli::connect(&conn).await;
-    let refused = match err {
-        Err(_) => true,
-        Ok(mut c) => c.list_sites(pb::ListSitesRequest {}).await.is_err(),
-    };
-    assert!(refused, "a certificate from another CA must be refused");
-
-    // site-a leases its task; site-b may neither heartbeat it nor submit its result.
-    let mut a = site_link(&fed, "site-a").await?;
-    let task = a.next_task(2).await?.expect("task");
-    let mut b = site_link(&fed, "site-b").await?;
-    let hb = b
-        .heartbeat(pb::HeartbeatRequest {
-            task_id: task.task_id.clone(),
-            attempt: task.attempt,
-            progress: None,
-        })
-        .await;
-    assert_code(hb.map(|_| ()), tonic::Code::PermissionDenied, "heartbeat on another site's task");
-    let submit = b
-        .submit(pb::SubmitResultRequest {
-            task_id: task.task_id.clone(),
-            attempt: task.attempt,
-            outcome: Some(pb::submit_result_request::Outcome::Result(pb::TaskResult::default())),
-            ..Default::default()
-        })
-        .await;
-    assert_code(
-        submit.map(|_| ()),
-        tonic::Code::PermissionDenied,
-        "submitting another site's result",
-    );
-    // site-b may not fetch a model it holds no task for... it holds one, so use a wrong hash.
-    let fetch = b
-        .fetch_model(
-            &pb::ModelRef { sha256: "0".repeat(64), size: 1, name: "x".into() },
-            &fed.root.join("b"),
-            None,
-            &mut |_, _| {},
-        )
-        .await;
-    assert_code(fetch.map(|_| ()), tonic::Code::PermissionDenied, "fetching a model of no task");
-
-    // A site certificate on the admin service.
-    let mut as_admin = coordinator::cli::connect(&fed.conn(Role::Site, "site-a")).await?;
-    let r = as_admin.list_sites(pb::ListSitesRequest {}).await;
-    assert_eq!(r.expect_err("site on admin").code(), tonic::Code::PermissionDenied);
-
-    // An unapproved site: a fresh bundle that the study lead has not approved.
-    coordinator::pki::Pki::open(&fed.pki_dir)?.issue(Role::Site, "site-z", 30)?;
-    let mut cfg = fed.site_config("site-a")?;
-    cfg.tls.bundle = fed.bundle(Role::Site, "site-z");
-    let audit = site_agent::agent::audit::AuditLog::open(&fed.root.join("z-audit"))?;
-    let mut z = site_agent::agent::Link::connect(&cfg, audit).await?;
-    let hello = z.hello(pb::HelloRequest::default()).await?;
-    assert!(!hello.approved);
-    assert_code(
-        z.next_task(1).await.map(|_| ()),
-        tonic::Code::FailedPrecondition,
-        "unapproved site",
-    );
-
-    // A revoked site: by the study lead through the admin API, and by `pki revoke`.
-    fed.admin()
-        .await?
-        .revoke_site(pb::SiteRequest { name: "site-b".into(), ..Default::default() })
-        .await?;
-    assert_code(
-        b.next_task(1).await.map(|_| ()),
-        tonic::Code::PermissionDenied,
-        "site revoked by the admin API",
-    );
-    coordinator::pki::Pki::open(&fed.pki_dir)?.revoke(Role::Site, "site-c")?;
-    let mut c = {
-        // The revoked bundle was archived by `revoke`; find it.
-        let sites = fed.pki_dir.join("sites");
-        let archived = std::fs::read_dir(&sites)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| {
-                p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("site-c.revoked"))
-            })
-            .expect("archived bundle");
-        let mut cfg = fed.site_config("site-a")?;
-        cfg.tls.bundle = archived;
-        let audit = site_agent::agent::audit::AuditLog::open(&fed.root.join("c-audit"))?;
-        site_agent::agent::Link::connect(&cfg, audit).await?
-    };
-    assert_code(
-        c.hello(pb::HelloRequest::default()).await.map(|_| ()),
-        tonic::Code::PermissionDenied,
-        "certificate on the revocation list",
-    );
-    fed.shutdown().await
-}
-
-fn assert_code(r: Result<(), site_agent::agent::CallError>, code: tonic::Code, what: &str) {
-    match r {
-        Err(site_agent::agent::CallError::Status(s)) => {
-            assert_eq!(s.code(), code, "{what}: {}", s.message())
-        }
-        other => panic!("{what}: expected {code:?}, got {other:?}"),
-    }
-}
-
 /// The coordinator process is killed (SIGKILL) and started again in the middle of a
 /// finetune round: the results submitted before stay, each counted once, and the round
 /// completes. site-c's agent is held back until after the restart, so the round is still
@@ -468,66 +348,5 @@ async fn a_coordinator_killed_mid_round_loses_nothing() -> R {
             .expect("a result from before the kill");
         assert_eq!(again.result, r.result, "unchanged by the restart");
     }
-    fed.shutdown().await
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_checking_and_reflection_in_both_versions() -> R {
-    let fed = Federation::builder().sites(1).without_agents().start().await?;
-    let conn = fed.conn(Role::Admin, "lead");
-    let read = |f: &str| std::fs::read(conn.bundle.join(f));
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
-        .identity(tonic::transport::Identity::from_pem(read("cert.pem")?, read("key.pem")?))
-        .domain_name("localhost");
-    let channel = tonic::transport::Channel::from_shared(conn.coordinator.clone())?
-        .tls_config(tls)?
-        .connect()
-        .await?;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
-    for service in ["fedtune.v1.SiteService", "fedtune.v1.AdminService"] {
-        let r = health
-            .check(tonic_health::pb::HealthCheckRequest { service: service.into() })
-            .await?
-            .into_inner();
-        assert_eq!(
-            r.status,
-            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
-            "{service}"
-        );
-    }
-
-    // Reflection in both versions a stock client may speak: grpcurl v1, Python's
-    // grpcio-reflection v1alpha.
-    use tonic_reflection::pb::{v1, v1alpha};
-    let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel.clone());
-    let ask = v1alpha::ServerReflectionRequest {
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-        ..Default::default()
-    };
-    let mut answers = alpha.server_reflection_info(tokio_stream::iter([ask])).await?.into_inner();
-    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answers.message().await?.and_then(|a| a.message_response)
-    else {
-        anyhow::bail!("v1alpha reflection did not list services");
-    };
-    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    assert!(names.contains(&"fedtune.v1.AdminService"), "{names:?}");
-    let mut one = v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let ask = v1::ServerReflectionRequest {
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-        ..Default::default()
-    };
-    let mut answers = one.server_reflection_info(tokio_stream::iter([ask])).await?.into_inner();
-    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        answers.message().await?.and_then(|a| a.message_response)
-    else {
-        anyhow::bail!("v1 reflection did not list services");
-    };
-    assert!(list.service.iter().any(|s| s.name == "fedtune.v1.SiteService"));
     fed.shutdown().await
 }

@@ -10,5 +10,7 @@ mod federation;
 mod hospital;
 mod hostile_rpc;
 mod policy;
+mod refusals;
 mod revocation;
 mod stalled;
+mod stock_clients;
