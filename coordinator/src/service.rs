@@ -522,11 +522,12 @@ fn identity_of<T>(req: &Request<T>) -> SResult<Identity> {
 mod admin;
 mod blobs;
 mod checks;
+mod records;
 mod site;
 
 pub use checks::MAX_ARMS;
 use checks::{check_result, reason_name};
 
 pub use admin::AdminApi;
-use admin::model_info;
+use records::model_info;
 pub use site::SiteApi;
