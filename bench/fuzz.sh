@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cases=${1:-100000}
-cargo build --release -q -p shared -p proto --tests
+cargo build --release -q -p site-agent -p proto --tests
 echo "machine: $(uname -m), $(nproc) cpus, $(date -u +%Y-%m-%dT%H:%MZ), $cases cases per target"
 printf '%-52s %10s %7s %s\n' target executions seconds outcome
 run() {
@@ -29,9 +29,9 @@ run() {
   printf '%-52s %10d %5d.%01d %s\n' "$name" "$executions" $((ms / 1000)) $((ms % 1000 / 100)) "$outcome"
   [ "$rc" -eq 0 ] || cp /tmp/fedtune-fuzz.log "/tmp/fedtune-fuzz-${name//::/-}.log"
 }
-run shared it hostile::nifti_reader_answers_damaged_files
-run shared it hostile::nifti_reader_answers_arbitrary_bytes
-run shared it hostile::manifest_parser_answers_damaged_text
-run shared it hostile::weights_parser_answers_damaged_files
+run site-agent it hostile::nifti_reader_answers_damaged_files
+run site-agent it hostile::nifti_reader_answers_arbitrary_bytes
+run site-agent it hostile::manifest_parser_answers_damaged_text
+run site-agent it hostile::weights_parser_answers_damaged_files
 run proto decode requests_decode_arbitrary_bytes_or_refuse
 run proto decode requests_decode_damaged_encodings_or_refuse

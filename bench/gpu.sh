@@ -32,7 +32,7 @@ if [ "${1:-}" = prepare ]; then
   export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/cuda}
   started=$(date +%s)
   cargo build --release --features cuda -p site-agent
-  tests=$(cargo test --release --features cuda -p shared -p site-agent --no-run \
+  tests=$(cargo test --release --features cuda -p site-agent --no-run \
     --message-format=json 2>/dev/null |
     python3 -c 'import json,sys
 for l in sys.stdin:

@@ -8,7 +8,7 @@ On CUDA, `--precision fp32` turns TF32 off for matmuls and cuDNN (strict fp32, a
 default), `tf32` allows it, and `bf16` runs the forward pass and loss under bf16 autocast (TF32
 allowed); timings synchronise the GPU, and the peak memory is torch.cuda.max_memory_allocated.
 
-The model mirrors shared::model (same layer list, same convolutions, batch norm, nearest 2x
+The model mirrors site_agent::model (same layer list, same convolutions, batch norm, nearest 2x
 upsampling, residual and skip wiring), trained with AdamW on cross-entropy + soft Dice on random
 slices, like the Rust benchmark. `--expect-params` makes the script fail unless the parameter
 count equals the Rust model's, so the two stay the same architecture.
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 PRESETS = {
     # input channels (adjacent slices + 3 position channels), image_size, widths, encoder_blocks,
-    # decoder_blocks (as shared::model::config)
+    # decoder_blocks (as shared::architecture)
     "tiny": (4, 32, [8, 16, 32], [1, 1, 1], [1, 1]),
     "small": (6, 48, [16, 32, 64], [1, 2, 3], [2, 1]),
     "resnet103": (6, 256, [32, 64, 128, 256], [3, 8, 24, 8], [2, 2, 2]),

@@ -104,7 +104,13 @@ pub fn from_der(der: &[u8]) -> Result<Identity, String> {
     Ok(Identity {
         role,
         name,
-        fingerprint: crate::pki::fingerprint(der),
+        fingerprint: fingerprint(der),
         not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// sha256 of a DER certificate, hex: how revocations name a certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(der))
 }

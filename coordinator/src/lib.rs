@@ -18,18 +18,13 @@
 //! only metrics keyed by case index, progress, and weights where a site's policy allows.
 //! Identity and role come from the client certificate, never from a request field.
 
-pub mod cli;
-pub mod demo;
 pub mod identity;
-pub mod listener;
+pub mod lead;
 pub mod pki;
-mod plots;
-pub mod ratelimit;
 pub mod report;
 pub mod rounds;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod templates;
 
 pub use proto::PACKAGE;

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use coordinator::cli::{Cli, Command};
+use coordinator::lead::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli: Cli = match shared::cli::parse() {
@@ -23,14 +23,14 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve { config } => serve(&config).await,
-            other => coordinator::cli::run_admin(other).await,
+            other => coordinator::lead::run_admin(other).await,
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            match e.downcast_ref::<coordinator::cli::RoundNotCompleted>() {
+            match e.downcast_ref::<coordinator::lead::RoundNotCompleted>() {
                 Some(r) => ExitCode::from(r.exit_code()),
                 None => ExitCode::FAILURE,
             }

@@ -17,9 +17,9 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
+pub use crate::identity::fingerprint;
 use crate::identity::{Role, valid_name};
 
 /// PKI errors; each names the file or name concerned.
@@ -70,11 +70,6 @@ fn write(path: &Path, contents: &str, secret: bool) -> PkiResult<()> {
     #[cfg(not(unix))]
     let _ = secret;
     Ok(())
-}
-
-/// sha256 of a DER certificate, hex: how revocations name a certificate.
-pub fn fingerprint(der: &[u8]) -> String {
-    hex::encode(Sha256::digest(der))
 }
 
 fn dn(cn: &str, ou: &str) -> DistinguishedName {

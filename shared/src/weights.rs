@@ -1,16 +1,14 @@
 //! Weights files: safetensors whose `__metadata__` carries the model manifest under the key
 //! `fedtune`, so a file says what architecture, organs and history its tensors belong to.
 //!
-//! A model's identity is the sha256 of its file.
+//! A model's identity is the sha256 of its file. This module reads and checks the manifest from
+//! the header alone, without decoding a tensor, so the coordinator can vet a pushed model; the
+//! site agent's `weights` module writes and loads the tensors.
 
-use std::collections::HashMap;
-use std::path::Path;
-
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{ModelConfig, ModelError, Net};
+use crate::architecture::{ConfigError, ModelConfig};
 use crate::organs::OrganMap;
 
 /// Format tag written into every manifest.
@@ -52,18 +50,6 @@ pub struct WeightsManifest {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    #[error("cannot read weights {path}: {source}")]
-    Io {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("cannot write weights {path}: {source}; check the folder exists and is writable")]
-    Write {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
     #[error("not a fedtune weights file: {0}")]
     Format(String),
     #[error(
@@ -71,7 +57,7 @@ pub enum WeightsError {
     )]
     Incompatible { what: &'static str, found: String, expected: String },
     #[error(transparent)]
-    Model(#[from] ModelError),
+    Config(#[from] ConfigError),
 }
 
 pub type WeightsResult<T> = Result<T, WeightsError>;
@@ -79,35 +65,6 @@ pub type WeightsResult<T> = Result<T, WeightsError>;
 /// Hex sha256 of bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-/// Serialises a network and its provenance to safetensors bytes.
-pub fn to_bytes(net: &Net, provenance: &Provenance) -> WeightsResult<Vec<u8>> {
-    let manifest = WeightsManifest {
-        format: FORMAT.to_owned(),
-        config: net.config().clone(),
-        organs: net.organs().clone(),
-        layers: net.layer_names(),
-        provenance: provenance.clone(),
-    };
-    let json = serde_json::to_string(&manifest).expect("manifest serialises");
-    let tensors: Vec<(String, candle_core::Tensor)> =
-        net.named_vars().into_iter().map(|(n, v)| (n, v.as_detached_tensor())).collect();
-    let meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
-    safetensors::serialize(tensors, Some(meta))
-        .map_err(|e| WeightsError::Format(format!("cannot serialise tensors: {e}")))
-}
-
-/// Writes the weights atomically (temp file, fsync, rename); returns the file's sha256.
-pub fn save(net: &Net, provenance: &Provenance, path: &Path) -> WeightsResult<String> {
-    use std::io::Write;
-    let bytes = to_bytes(net, provenance)?;
-    let werr = |source| WeightsError::Write { path: path.to_owned(), source };
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(werr)?;
-    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(werr)?;
-    std::fs::rename(&tmp, path).map_err(werr)?;
-    Ok(sha256_hex(&bytes))
 }
 
 /// Reads the manifest from safetensors bytes without decoding tensors.
@@ -134,34 +91,6 @@ pub fn read_manifest(bytes: &[u8]) -> WeightsResult<WeightsManifest> {
         ));
     }
     Ok(manifest)
-}
-
-/// Loads weights from bytes; returns the network, its manifest and its sha256.
-pub fn from_bytes(bytes: &[u8], device: &Device) -> WeightsResult<(Net, WeightsManifest, String)> {
-    let manifest = read_manifest(bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, device)
-        .map_err(|e| WeightsError::Format(format!("cannot decode tensors: {e}")))?;
-    let net = Net::from_tensors(&manifest.config, &manifest.organs, tensors, device)?;
-    Ok((net, manifest, sha256_hex(bytes)))
-}
-
-/// Loads a weights file.
-pub fn load(path: &Path, device: &Device) -> WeightsResult<(Net, WeightsManifest, String)> {
-    let len = std::fs::metadata(path)
-        .map_err(|source| WeightsError::Io { path: path.to_owned(), source })?
-        .len();
-    if len > MAX_WEIGHTS_BYTES {
-        return Err(WeightsError::Format(format!(
-            "{} is {len} bytes, above the limit",
-            path.display()
-        )));
-    }
-    let bytes =
-        std::fs::read(path).map_err(|source| WeightsError::Io { path: path.to_owned(), source })?;
-    from_bytes(&bytes, device).map_err(|e| match e {
-        WeightsError::Format(m) => WeightsError::Format(format!("{}: {m}", path.display())),
-        other => other,
-    })
 }
 
 /// Checks that weights fit a dataset's organ map and, when given, a required config.

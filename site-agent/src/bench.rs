@@ -6,12 +6,12 @@
 
 use std::time::Instant;
 
+use crate::data::phantom;
+use crate::model::{ModelConfig, Net};
 use candle_core::{Device, Tensor};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
-use shared::data::phantom;
-use shared::model::{ModelConfig, Net};
 
 use crate::train::{SliceSet, TrainOptions, TrainResult, train};
 
@@ -102,7 +102,7 @@ impl DevicePeak {
     }
 
     fn observe(&mut self, device: &Device) {
-        if let (Some(total), Some(free)) = (self.total, shared::device::free_memory_bytes(device)) {
+        if let (Some(total), Some(free)) = (self.total, crate::device::free_memory_bytes(device)) {
             let used = total.saturating_sub(free);
             self.most = Some(self.most.map_or(used, |m| m.max(used)));
         }
@@ -125,7 +125,7 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
     let k = opts.trainable_layers.unwrap_or_else(|| opts.config.default_trainable_layers());
     let n = opts.batch * opts.steps.max(1);
     let data = random_slices(&net, n, 7)?;
-    let total = (!device.is_cpu()).then(|| shared::device::total_memory_bytes(device)).flatten();
+    let total = (!device.is_cpu()).then(|| crate::device::total_memory_bytes(device)).flatten();
     let mut peak = DevicePeak::new(total);
     let full = train_rate(&net, layers, &data, opts.batch, false, opts.repeat, &mut peak)?;
     let tail = train_rate(&net, k, &data, opts.batch, false, opts.repeat, &mut peak)?;
@@ -154,7 +154,7 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
         parameters,
         threads: rayon::current_num_threads(),
         device: opts.device_name.clone(),
-        tf32: shared::model::ops::tf32_allowed() && !device.is_cpu(),
+        tf32: crate::model::ops::tf32_allowed() && !device.is_cpu(),
         repeat: opts.repeat.max(1),
         full_train_images_per_s: full,
         tail_recompute_images_per_s: tail,

@@ -4,11 +4,11 @@
 //! back onto the slice's own pixels (the inverse of the slicing map, background outside the
 //! model's field of view) before the arg-max, so labels land on the image's grid.
 
+use crate::data::{Dataset, Image, Labels, from_model, resample_bilinear, slice_stack};
+use crate::model::Net;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
-use shared::data::{Dataset, Image, Labels, resample_bilinear, slice_stack};
-use shared::metrics::{LabelScore, score_labels};
-use shared::model::Net;
+use shared::metrics::{dice, hd95};
 
 use crate::train::TrainResult;
 
@@ -20,7 +20,7 @@ pub fn predict(net: &Net, image: &Image) -> TrainResult<Labels> {
     let spec = net.config().slice_spec();
     let [nx, ny, nz] = image.dims;
     let [sx, sy, _] = image.spacing();
-    let (cols, rows) = (spec.from_model(nx, sx), spec.from_model(ny, sy));
+    let (cols, rows) = (from_model(&spec, nx, sx), from_model(&spec, ny, sy));
     let s = spec.size;
     let stack = slice_stack(image, &spec);
     let inputs = Tensor::from_vec(stack, (nz, spec.channels(), s, s), net.device())?;
@@ -83,4 +83,54 @@ pub fn dice_of(cases: &[CaseScores], label: u16) -> Vec<f64> {
         .iter()
         .filter_map(|c| c.scores.iter().find(|s| s.label == label).map(|s| s.dice))
         .collect()
+}
+
+/// Scores of one label value.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LabelScore {
+    pub label: u16,
+    pub dice: f64,
+    /// `None` when exactly one of the two masks is empty (undefined).
+    pub hd95_mm: Option<f64>,
+}
+
+/// Why two label volumes cannot be compared.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MetricsError {
+    #[error(
+        "truth has shape {truth:?} but prediction has shape {pred:?}; both must be on the same grid"
+    )]
+    ShapeMismatch { truth: [usize; 3], pred: [usize; 3] },
+}
+
+/// Every label value present in either volume (background excluded), ascending.
+pub fn present_labels(truth: &Labels, pred: &Labels) -> Vec<u16> {
+    let mut seen = vec![false; 65536];
+    for &l in truth.data.iter().chain(&pred.data) {
+        seen[l as usize] = true;
+    }
+    (1..=u16::MAX).filter(|&l| seen[l as usize]).collect()
+}
+
+/// Dice and HD95 per label; spacing comes from `truth`.
+pub fn score_labels(
+    truth: &Labels,
+    pred: &Labels,
+    labels: &[u16],
+) -> Result<Vec<LabelScore>, MetricsError> {
+    if truth.dims != pred.dims {
+        return Err(MetricsError::ShapeMismatch { truth: truth.dims, pred: pred.dims });
+    }
+    Ok(labels
+        .iter()
+        .map(|&label| {
+            let a: Vec<bool> = pred.data.iter().map(|&l| l == label).collect();
+            let b: Vec<bool> = truth.data.iter().map(|&l| l == label).collect();
+            LabelScore {
+                label,
+                dice: dice(&a, &b),
+                hd95_mm: hd95(&a, &b, truth.dims, truth.spacing()),
+            }
+        })
+        .collect())
 }

@@ -5,13 +5,13 @@
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use crate::data::{Manifest, Split};
+use crate::model::{ModelConfig, Net};
+use crate::weights::{self, Provenance};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};
-use shared::data::{Manifest, Split};
 use shared::metrics::stats::{self, Summary, TTest, Wilcoxon, WilcoxonMethod};
-use shared::model::{ModelConfig, Net};
 use shared::organs::OrganMap;
-use shared::weights::{self, Provenance};
 
 use crate::evaluate::{CaseScores, dice_of, evaluate};
 use crate::progress::TrainProgress;
@@ -74,13 +74,13 @@ pub struct ExperimentResult {
 #[derive(Debug, thiserror::Error)]
 pub enum ExperimentError {
     #[error(transparent)]
-    Data(#[from] shared::data::DataError),
+    Data(#[from] crate::data::DataError),
     #[error(transparent)]
     Train(#[from] crate::train::TrainError),
     #[error(transparent)]
-    Model(#[from] shared::model::ModelError),
+    Model(#[from] crate::model::ModelError),
     #[error(transparent)]
-    Weights(#[from] shared::weights::WeightsError),
+    Weights(#[from] crate::weights::WeightsError),
     #[error(
         "source and target organ maps differ ({source_organs:?} vs {target:?}); both manifests must list the same [organs]"
     )]

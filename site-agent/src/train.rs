@@ -8,14 +8,14 @@
 
 use std::time::Instant;
 
+use crate::data::{Dataset, label_slices, slice_stack};
+use crate::model::optim::{AdamW, ParamsAdamW};
+use crate::model::{Net, State, loss};
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use shared::data::{Dataset, label_slices, slice_stack};
-use shared::model::optim::{AdamW, ParamsAdamW};
-use shared::model::{Net, State, loss};
 
 /// Training hyperparameters; saved beside the weights they produce.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,7 +61,7 @@ impl Default for TrainOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error(transparent)]
-    Model(#[from] shared::model::ModelError),
+    Model(#[from] crate::model::ModelError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("invalid training options: {0}")]
@@ -145,9 +145,9 @@ impl TrainReport {
         parent: Option<String>,
         layers: usize,
         opts: &TrainOptions,
-    ) -> shared::weights::Provenance {
+    ) -> crate::weights::Provenance {
         let k = self.trainable_layers;
-        shared::weights::Provenance {
+        crate::weights::Provenance {
             parent_sha256: parent,
             trainable_layers: (k < layers).then_some(k),
             epochs: opts.epochs,
@@ -206,7 +206,7 @@ fn device_budget(device: &Device, asked: Option<u64>) -> u64 {
     match asked {
         Some(b) => b,
         None if device.is_cpu() => u64::MAX,
-        None => shared::device::free_memory_bytes(device).map_or(0, |free| free / 2),
+        None => crate::device::free_memory_bytes(device).map_or(0, |free| free / 2),
     }
 }
 

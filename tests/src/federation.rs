@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use coordinator::cli::Conn;
 use coordinator::identity::Role;
+use coordinator::lead::Conn;
 use coordinator::pki::Pki;
 use coordinator::server::{LimitsConfig, ServerConfig};
 use proto::pb::{self, admin_service_client::AdminServiceClient};
-use shared::data::phantom::{self, Center};
 use site_agent::agent::config::SiteConfig;
+use site_agent::data::phantom::{self, Center};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -372,7 +372,7 @@ max_backoff_seconds = 2
     }
 
     pub async fn admin(&self) -> Result<AdminServiceClient<Channel>> {
-        coordinator::cli::connect(&self.conn(Role::Admin, "lead")).await
+        coordinator::lead::connect(&self.conn(Role::Admin, "lead")).await
     }
 
     /// Writes an untrained model of `config` for the phantom organs; returns its path.
@@ -383,12 +383,16 @@ max_backoff_seconds = 2
     /// Writes an untrained model of `config` initialised from `seed` (different seeds, different
     /// bytes); returns its path.
     pub fn model_file(&self, config: &str, seed: u64) -> Result<PathBuf> {
-        let cfg = shared::model::ModelConfig::preset(config)?;
-        let net =
-            shared::model::Net::new(&cfg, &phantom::organ_map(), seed, &candle_core::Device::Cpu)?;
+        let cfg = site_agent::model::ModelConfig::preset(config)?;
+        let net = site_agent::model::Net::new(
+            &cfg,
+            &phantom::organ_map(),
+            seed,
+            &candle_core::Device::Cpu,
+        )?;
         let name = if seed == 5 { format!("base-{config}") } else { format!("{config}-{seed}") };
         let path = self.root.join(format!("{name}.safetensors"));
-        shared::weights::save(&net, &Default::default(), &path)?;
+        site_agent::weights::save(&net, &Default::default(), &path)?;
         Ok(path)
     }
 
@@ -396,7 +400,7 @@ max_backoff_seconds = 2
     pub async fn study(&self, name: &str, config: &str) -> Result<pb::StudyInfo> {
         let mut admin = self.admin().await?;
         let model = self.base_model(config)?;
-        coordinator::cli::push_model(&mut admin, &model, &format!("base-{config}"), false).await?;
+        coordinator::lead::push_model(&mut admin, &model, &format!("base-{config}"), false).await?;
         for s in &self.sites {
             admin.approve_site(pb::SiteRequest { name: s.clone(), ..Default::default() }).await?;
         }

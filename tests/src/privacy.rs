@@ -6,7 +6,7 @@ use anyhow::Result;
 
 /// Every string a manifest names that must never leave the site: case ids and file paths.
 pub fn site_secrets(data_dir: &Path) -> Result<Vec<String>> {
-    let m = shared::data::Manifest::load(&data_dir.join("manifest.toml"))?;
+    let m = site_agent::data::Manifest::load(&data_dir.join("manifest.toml"))?;
     let mut out = Vec::new();
     for c in &m.cases {
         out.push(c.id.clone());

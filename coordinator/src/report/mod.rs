@@ -11,9 +11,9 @@
 use std::collections::BTreeMap;
 
 pub mod finetune;
+mod html;
+mod plots;
 pub(crate) mod render;
-
-pub use render::{Format, render};
 
 use proto::pb;
 use serde::{Deserialize, Serialize};
@@ -402,5 +402,26 @@ pub fn build(results: &pb::StudyResults) -> Report {
         finetune: tuned.map(|r| finetune::finetune(r, &cases)),
         cases,
         methods: METHODS.to_owned(),
+    }
+}
+
+/// Output formats of `coordinator report`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Table,
+    Md,
+    Csv,
+    Json,
+    Html,
+}
+
+/// The report in `format`.
+pub fn render(r: &Report, format: Format) -> String {
+    match format {
+        Format::Table => render::text(r, false),
+        Format::Md => render::text(r, true),
+        Format::Csv => render::csv(r),
+        Format::Json => serde_json::to_string_pretty(r).expect("reports serialise"),
+        Format::Html => html::html(r),
     }
 }

@@ -2,17 +2,15 @@
 
 use std::sync::Arc;
 
-use prost::Message;
 use proto::pb::{self, admin_service_server::AdminService};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::records::{model_info, site_info, site_warnings, study_info};
+use super::records::{model_info, site_info, site_standing, study_info};
 use super::{Coordinator, Feed, SResult, ServiceError, identity_of, now_s};
 use crate::identity::{Identity, invalid_name, valid_name};
-use crate::store::{
-    ModelRecord, RoundRecord, RoundState, SiteRecord, StudyRecord, TaskRecord, TaskState,
-};
+use crate::rounds::{self, Plan, PlanError, PlanInputs};
+use crate::store::{ModelRecord, RoundRecord, RoundState, SiteRecord, StudyRecord, TaskState};
 
 type RoundStream = super::FedStream<pb::RoundInfo>;
 
@@ -55,20 +53,6 @@ impl AdminApi {
     fn round(&self, id: &str) -> SResult<RoundRecord> {
         self.0.store.round(id)?.ok_or_else(|| ServiceError::NotFound(format!("no round {id}")))
     }
-}
-
-/// The longest round deadline a study lead may set: 90 days.
-const MAX_DEADLINE_SECONDS: u32 = 90 * 86_400;
-
-/// Epochs, batch size and learning rate within sane bounds.
-fn check_spec_numbers(spec: &pb::TaskSpec) -> Result<(), String> {
-    if spec.epochs > 10_000 || spec.batch_size > 4096 {
-        return Err("epochs <= 10000 and batch_size <= 4096".into());
-    }
-    if !(spec.learning_rate.is_finite() && spec.learning_rate >= 0.0 && spec.learning_rate < 10.0) {
-        return Err(format!("learning_rate = {} is not a learning rate", spec.learning_rate));
-    }
-    Ok(())
 }
 
 fn admin<T>(req: &Request<T>) -> SResult<Identity> {
@@ -247,215 +231,34 @@ impl AdminService for AdminApi {
             .store
             .study(&body.study)?
             .ok_or_else(|| ServiceError::NotFound(format!("no study \"{}\"", body.study)))?;
-        let spec = body
-            .spec
-            .ok_or_else(|| ServiceError::InvalidArgument("a round needs a task spec".into()))?;
-        let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
-        let bad = |m: String| Status::from(ServiceError::InvalidArgument(m));
-        // Model_S is the study's base model, or is trained by the round's source site when the
-        // study has none yet. A source site never runs the target arms.
-        let source = (!body.source_site.is_empty()).then_some(body.source_site.as_str());
-        if let Some(site) = source {
-            if kind != pb::TaskKind::TransferTarget {
-                return Err(bad("a source site is for transfer rounds".into()));
-            }
-            if !study.sites.iter().any(|s| s == site) {
-                return Err(bad(format!(
-                    "source site \"{site}\" is not one of study {}'s sites ({})",
-                    study.name,
-                    study.sites.join(", ")
-                )));
-            }
-            if study.sites.len() < 2 {
-                return Err(bad("a transfer round needs a target site besides the source".into()));
-            }
-        }
-        let trains_source = source.is_some() && study.base_sha256.is_empty();
-        let source_spec = if trains_source {
-            let mut ss = body.source_spec.clone().unwrap_or_default();
-            ss.kind = pb::TaskKind::TransferSource as i32;
-            ss.arms.clear();
-            if ss.config.is_empty() {
-                ss.config = spec.config.clone();
-            }
-            check_spec_numbers(&ss).map_err(bad)?;
-            Some(ss)
-        } else {
-            None
+        // Planning is pure; what it reads from the store is read here, under the write lock.
+        let base_config = match study.base_sha256.as_str() {
+            "" => None,
+            sha => c.store.model(sha)?.map(|m| m.config),
         };
-        // Model_S's config, to check the arms' k against (and to default it).
-        let config_name = match &source_spec {
-            Some(ss) => {
-                Some(if ss.config.is_empty() { "small".to_owned() } else { ss.config.clone() })
-            }
-            None if kind == pb::TaskKind::Train => None,
-            None => {
-                if study.base_sha256.is_empty() {
-                    return Err(bad(format!(
-                        "study {} has no base model: push one and create the study with --base, or name a --source site that trains Model_S",
-                        study.name
-                    )));
-                }
-                let base = c.store.model(&study.base_sha256)?.ok_or_else(|| {
-                    ServiceError::NotFound(format!(
-                        "the study's base model {} is gone",
-                        study.base_sha256
-                    ))
-                })?;
-                Some(base.config)
-            }
-        };
-        let config = config_name
-            .map(|name| {
-                shared::model::ModelConfig::preset(&name)
-                    .map_err(|_| bad(format!("config \"{name}\": use tiny, small or resnet103")))
-            })
-            .transpose()?;
-        let base_layers = config.as_ref().map_or(0, |c| c.num_layers() as u32);
-        let mut spec = spec;
-        if let Some(config) = &config {
-            // k = 0: the paper's share of the layers.
-            for arm in spec
-                .arms
-                .iter_mut()
-                .filter(|a| a.kind == pb::ArmKind::Finetune as i32 && a.trainable_layers == 0)
-            {
-                arm.trainable_layers = config.default_trainable_layers() as u32;
-            }
-        }
-        match kind {
-            pb::TaskKind::Unspecified | pb::TaskKind::TransferSource => {
-                return Err(bad("task kind: use evaluate, finetune, train or transfer".into()));
-            }
-            pb::TaskKind::Finetune => {
-                if spec.trainable_layers == 0 || spec.trainable_layers > base_layers {
-                    return Err(bad(format!(
-                        "trainable_layers = {}; the base model has {base_layers} layers",
-                        spec.trainable_layers
-                    )));
-                }
-            }
-            pb::TaskKind::Train => {
-                if !spec.config.is_empty()
-                    && shared::model::ModelConfig::preset(&spec.config).is_err()
-                {
-                    return Err(bad(format!(
-                        "config \"{}\": use tiny, small or resnet103",
-                        spec.config
-                    )));
-                }
-            }
-            pb::TaskKind::TransferTarget => {
-                if spec.arms.is_empty() || spec.arms.len() > super::MAX_ARMS {
-                    return Err(bad(format!(
-                        "a transfer round runs 1 to {} arms, not {}",
-                        super::MAX_ARMS,
-                        spec.arms.len()
-                    )));
-                }
-                for (i, arm) in spec.arms.iter().enumerate() {
-                    let ak = pb::ArmKind::try_from(arm.kind).unwrap_or(pb::ArmKind::Unspecified);
-                    if ak == pb::ArmKind::Unspecified {
-                        return Err(bad(format!("arm {i}: kind is base, scratch or finetune")));
-                    }
-                    if ak == pb::ArmKind::Finetune
-                        && (arm.trainable_layers == 0 || arm.trainable_layers > base_layers)
-                    {
-                        return Err(bad(format!(
-                            "arm {i}: trainable_layers = {}; Model_S has {base_layers} layers",
-                            arm.trainable_layers
-                        )));
-                    }
-                    check_spec_numbers(&pb::TaskSpec {
-                        epochs: arm.epochs,
-                        learning_rate: arm.learning_rate,
-                        ..Default::default()
-                    })
-                    .map_err(|m| bad(format!("arm {i}: {m}")))?;
-                }
-            }
-            pb::TaskKind::Evaluate => {}
-        }
-        check_spec_numbers(&spec).map_err(bad)?;
-        // One task per study site; a source site that does not train Model_S has none.
-        let sites: Vec<&String> =
-            study.sites.iter().filter(|s| trains_source || source != Some(s.as_str())).collect();
-        let n = sites.len() as u32;
-        let quorum = if body.quorum == 0 { n } else { body.quorum };
-        if quorum > n {
-            return Err(bad(format!("quorum {quorum} is more than the round's {n} sites")));
-        }
-        let (revoked, warnings) = site_warnings(c, &sites)?;
-        if let Some(s) = source.filter(|s| trains_source && revoked.iter().any(|r| r == s)) {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "the source site {s} is revoked: it cannot train Model_S; reinstate it \
-                 (`coordinator site approve {s} --reinstate`) or name another --source"
-            ))
-            .into());
-        }
-        let usable = n - revoked.len() as u32;
-        if quorum > usable {
-            return Err(ServiceError::FailedPrecondition(format!(
-                "site(s) {} of study {} are revoked, so their tasks would fail at once and the \
-                 quorum of {quorum} cannot be met by the other {usable}: reinstate them \
-                 (`coordinator site approve NAME --reinstate`) or pass --quorum {usable}",
-                revoked.join(", "),
-                study.name
-            ))
-            .into());
-        }
-        if body.deadline_seconds > MAX_DEADLINE_SECONDS {
-            return Err(bad(format!(
-                "deadline_seconds = {} is more than {} days; a round that long is a mistake",
-                body.deadline_seconds,
-                MAX_DEADLINE_SECONDS / 86_400
-            )));
-        }
-        let deadline = if body.deadline_seconds == 0 {
-            c.limits.round_deadline_seconds
-        } else {
-            body.deadline_seconds
-        };
-        let max_attempts =
-            if body.max_attempts == 0 { c.limits.max_attempts } else { body.max_attempts.min(100) };
-        let id = format!("r{}-{:06x}", now_s(), rand::random::<u32>() & 0xff_ffff);
-        let tasks: Vec<TaskRecord> = sites
-            .iter()
-            .map(|s| {
-                let is_source = trains_source && source == Some(s.as_str());
-                TaskRecord {
-                    id: format!("{id}.{s}"),
-                    round_id: id.clone(),
-                    site: (*s).clone(),
-                    state: if trains_source && !is_source {
-                        TaskState::Waiting
-                    } else {
-                        TaskState::Pending
-                    },
-                    attempt: 0,
-                    progress: Vec::new(),
-                    source: is_source,
-                }
-            })
-            .collect();
-        let round = RoundRecord {
-            id: id.clone(),
-            study: study.name.clone(),
-            spec: spec.encode_to_vec(),
-            // Set when the source site uploads Model_S.
-            base_sha256: (kind != pb::TaskKind::Train && !trains_source)
-                .then(|| study.base_sha256.clone()),
-            quorum,
-            max_attempts,
-            created: now_s(),
-            created_ms: time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000,
-            deadline: now_s() + i64::from(deadline),
-            state: RoundState::Running,
-            tasks: tasks.iter().map(|t| t.id.clone()).collect(),
-            source_spec: source_spec.map(|s| s.encode_to_vec()),
-        };
+        let sites = site_standing(c, &study.sites)?;
+        let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
+        let planned = rounds::plan::plan(
+            body,
+            &PlanInputs {
+                study: &study,
+                base_config,
+                sites,
+                default_deadline_seconds: c.limits.round_deadline_seconds,
+                default_max_attempts: c.limits.max_attempts,
+                now_s: now_ms / 1000,
+                now_ms,
+                id: format!("r{}-{:06x}", now_s(), rand::random::<u32>() & 0xff_ffff),
+            },
+        );
+        let Plan { round, tasks, warnings, kind } = planned.map_err(|e| match e {
+            PlanError::Invalid(m) => ServiceError::InvalidArgument(m),
+            PlanError::Precondition(m) => ServiceError::FailedPrecondition(m),
+            PlanError::NotFound(m) => ServiceError::NotFound(m),
+        })?;
         c.store.commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)?;
         c.durable().await?;
+        let id = &round.id;
         tracing::info!(admin = %who.name, round = %id, study = %study.name, kind = ?kind, "round started");
         for w in &warnings {
             tracing::warn!(round = %id, "{w}");

@@ -39,8 +39,7 @@ fn check_durations(d: [(&str, f64); 3]) -> SResult<()> {
     Ok(())
 }
 
-/// The most arms one transfer task may run (and report).
-pub const MAX_ARMS: usize = 64;
+pub use crate::rounds::MAX_ARMS;
 
 pub(super) fn check_result(r: &pb::TaskResult) -> SResult<()> {
     check_scores(&r.organs)?;

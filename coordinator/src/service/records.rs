@@ -1,11 +1,17 @@
 //! What the admin service answers about stored records (sites, models, studies), and what
-//! the study lead should know about a round's sites before it starts.
+//! the study lead should know about a round's sites before it starts, and the answers about
+//! rounds (state, results).
+
+use std::collections::BTreeMap;
 
 use prost::Message;
 use proto::pb;
 
-use super::{Coordinator, SResult, now_s};
-use crate::store::{ModelRecord, SiteRecord, StudyRecord};
+use super::{Coordinator, SResult, ServiceError, now_s};
+use crate::rounds::SiteStanding;
+use crate::store::{
+    ModelRecord, RoundRecord, RoundState, SiteRecord, StoreError, StudyRecord, TaskState,
+};
 
 pub(super) fn site_info(c: &Coordinator, s: &SiteRecord) -> pb::SiteInfo {
     pb::SiteInfo {
@@ -24,43 +30,46 @@ pub(super) fn site_info(c: &Coordinator, s: &SiteRecord) -> pb::SiteInfo {
     }
 }
 
-/// A round's sites that are revoked, and a sentence for each site the study lead should know
-/// about: revoked (its task fails at once), never connected, not approved, or silent for a day
-/// (its task waits until it returns or the round's deadline).
-pub(super) fn site_warnings(
+/// How each site stands for a new round: revoked (its task fails at once), and a sentence for
+/// each thing the study lead should know: revoked, never connected, not approved, or silent for
+/// a day (its task waits until it returns or the round's deadline).
+pub(super) fn site_standing(
     c: &Coordinator,
-    sites: &[&String],
-) -> SResult<(Vec<String>, Vec<String>)> {
-    let (mut revoked, mut warnings) = (Vec::new(), Vec::new());
+    sites: &[String],
+) -> SResult<BTreeMap<String, SiteStanding>> {
     let now = now_s();
-    for &name in sites {
-        let Some(site) = c.store.site(name)? else {
-            warnings.push(format!(
+    let mut out = BTreeMap::new();
+    for name in sites {
+        let mut standing = SiteStanding::default();
+        let warnings = &mut standing.warnings;
+        match c.store.site(name)? {
+            None => warnings.push(format!(
                 "site {name} has never connected: its task waits until it does (or the \
                  round's deadline)"
-            ));
-            continue;
-        };
-        if c.site_revoked(&site) {
-            warnings.push(format!("site {name} is revoked: its task fails at once"));
-            revoked.push(name.clone());
-            continue;
+            )),
+            Some(site) if c.site_revoked(&site) => {
+                warnings.push(format!("site {name} is revoked: its task fails at once"));
+                standing.revoked = true;
+            }
+            Some(site) => {
+                if !site.approved {
+                    warnings.push(format!(
+                        "site {name} is not approved: its task waits for `coordinator site approve {name}`"
+                    ));
+                }
+                let silent = now - c.last_contact(&site);
+                if silent > 86_400 {
+                    warnings.push(format!(
+                        "site {name} was last seen {} days ago: its task waits until it returns \
+                         (or the round's deadline)",
+                        silent / 86_400
+                    ));
+                }
+            }
         }
-        if !site.approved {
-            warnings.push(format!(
-                "site {name} is not approved: its task waits for `coordinator site approve {name}`"
-            ));
-        }
-        let silent = now - c.last_contact(&site);
-        if silent > 86_400 {
-            warnings.push(format!(
-                "site {name} was last seen {} days ago: its task waits until it returns (or the \
-                 round's deadline)",
-                silent / 86_400
-            ));
-        }
+        out.insert(name.clone(), standing);
     }
-    Ok((revoked, warnings))
+    Ok(out)
 }
 
 pub(super) fn model_info(m: &ModelRecord) -> pb::ModelInfo {
@@ -78,5 +87,79 @@ pub(super) fn study_info(c: &Coordinator, s: StudyRecord) -> pb::StudyInfo {
         name: s.name,
         sites: s.sites,
         created_unix: s.created,
+    }
+}
+
+impl Coordinator {
+    pub(super) fn round_info(&self, round: &RoundRecord) -> SResult<pb::RoundInfo> {
+        let tasks = self.store.round_tasks(round)?;
+        let (state, reason) = match &round.state {
+            RoundState::Running => (pb::RoundState::Running, String::new()),
+            RoundState::Completed => (pb::RoundState::Completed, String::new()),
+            RoundState::Failed { reason } => (pb::RoundState::Failed, reason.clone()),
+            RoundState::Cancelled => (pb::RoundState::Cancelled, String::new()),
+        };
+        Ok(pb::RoundInfo {
+            round_id: round.id.clone(),
+            study: round.study.clone(),
+            spec: pb::TaskSpec::decode(round.spec.as_slice()).ok(),
+            state: state as i32,
+            tasks: tasks
+                .iter()
+                .map(|t| {
+                    let (state, reason) = match &t.state {
+                        TaskState::Waiting => (pb::TaskState::Waiting, String::new()),
+                        TaskState::Pending => (pb::TaskState::Pending, String::new()),
+                        TaskState::Leased { .. } => (pb::TaskState::Leased, String::new()),
+                        TaskState::Succeeded => (pb::TaskState::Succeeded, String::new()),
+                        TaskState::Failed { reason } => (pb::TaskState::Failed, reason.clone()),
+                        TaskState::Refused { reason } => (pb::TaskState::Refused, reason.clone()),
+                        TaskState::Cancelled => (pb::TaskState::Cancelled, String::new()),
+                    };
+                    pb::TaskInfo {
+                        task_id: t.id.clone(),
+                        site: t.site.clone(),
+                        state: state as i32,
+                        attempt: t.attempt,
+                        progress: pb::Progress::decode(t.progress.as_slice())
+                            .ok()
+                            .filter(|_| !t.progress.is_empty()),
+                        reason,
+                        source: t.source,
+                    }
+                })
+                .collect(),
+            quorum: round.quorum,
+            created_unix: round.created,
+            deadline_unix: round.deadline,
+            reason,
+            source_spec: round.source_spec.as_deref().and_then(|b| pb::TaskSpec::decode(b).ok()),
+            warnings: Vec::new(),
+        })
+    }
+
+    /// A round with the results of its succeeded tasks.
+    pub(super) fn round_results(&self, round: &RoundRecord) -> SResult<pb::RoundResults> {
+        let mut results = Vec::new();
+        for t in self.store.round_tasks(round)? {
+            if let Some(bytes) = self.store.result(&t.id)? {
+                let result = pb::TaskResult::decode(bytes.as_slice()).map_err(|e| {
+                    ServiceError::Store(StoreError::Corrupt {
+                        tree: "results",
+                        key: t.id.clone(),
+                        error: e.to_string(),
+                    })
+                })?;
+                results.push(pb::SiteResult { site: t.site, result: Some(result) });
+            }
+        }
+        Ok(pb::RoundResults { round: Some(self.round_info(round)?), results })
+    }
+
+    pub(super) fn model_ref(&self, sha256: &str) -> SResult<pb::ModelRef> {
+        let m = self.store.model(sha256)?.ok_or_else(|| {
+            ServiceError::NotFound(format!("model {sha256} is not stored on this coordinator"))
+        })?;
+        Ok(pb::ModelRef { sha256: m.sha256, size: m.size, name: m.name })
     }
 }

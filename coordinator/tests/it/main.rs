@@ -73,7 +73,7 @@ fn usage_errors_exit_64() {
 #[test]
 fn every_command_and_argument_is_explained() {
     use clap::CommandFactory;
-    let mut cli = coordinator::cli::Cli::command();
+    let mut cli = coordinator::lead::Cli::command();
     let problems = shared::cli::undocumented(&cli);
     assert!(problems.is_empty(), "{}", problems.join("\n"));
     // The commands a study lead starts with show an example.

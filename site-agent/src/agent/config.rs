@@ -5,8 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::device::DeviceChoice;
 use serde::Deserialize;
-use shared::device::DeviceChoice;
 
 /// The parsed configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -172,8 +172,8 @@ impl SiteConfig {
         }
         match cfg.agent.device.parse::<DeviceChoice>() {
             Err(e) => problems.push(format!("agent.device: {e}")),
-            Ok(d @ DeviceChoice::Cuda(_)) if !shared::device::cuda_built() => {
-                problems.push(format!("agent.device: {}", shared::device::DeviceError::NotBuilt(d)))
+            Ok(d @ DeviceChoice::Cuda(_)) if !crate::device::cuda_built() => {
+                problems.push(format!("agent.device: {}", crate::device::DeviceError::NotBuilt(d)))
             }
             Ok(_) => {}
         }
@@ -226,7 +226,7 @@ mod tests {
         assert!(bad.starts_with("/etc/fedtune/site.toml: agent.device"), "{bad}");
         assert!(bad.contains("auto, cpu, cuda, cuda:N"), "{bad}");
         let cuda = parse("[agent]\ndevice = \"cuda:1\"");
-        if shared::device::cuda_built() {
+        if crate::device::cuda_built() {
             assert_eq!(cuda.expect("a CUDA build").device_choice(), DeviceChoice::Cuda(1));
         } else {
             let e = cuda.expect_err("a CPU build").to_string();

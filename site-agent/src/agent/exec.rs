@@ -4,11 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::data::{Dataset, Manifest, Split};
+use crate::model::{ModelConfig, Net};
+use crate::weights::{self, WeightsManifest};
 use candle_core::Device;
 use proto::pb;
-use shared::data::{Dataset, Manifest, Split};
-use shared::model::{ModelConfig, Net};
-use shared::weights::{self, WeightsManifest};
 
 use super::config::{Policy, SiteConfig};
 use super::policy::{check_gpu_memory, effective_epochs};
@@ -92,7 +92,7 @@ pub struct Site {
     pub spacing_range: ([f64; 3], [f64; 3]),
     /// Where the engine runs (`agent.device`, selected at start).
     pub device: Device,
-    pub device_info: shared::device::DeviceInfo,
+    pub device_info: crate::device::DeviceInfo,
 }
 
 impl Site {
@@ -101,7 +101,7 @@ impl Site {
     /// problem is returned, by case and file.
     pub fn open(
         cfg: &SiteConfig,
-        selected: shared::device::Selected,
+        selected: crate::device::Selected,
     ) -> Result<Self, SiteDataError> {
         let manifest = Manifest::load(&cfg.data.manifest).map_err(|e| SiteDataError {
             manifest: cfg.data.manifest.clone(),
@@ -110,7 +110,7 @@ impl Site {
         let (mut lo, mut hi) = ([f64::INFINITY; 3], [0f64; 3]);
         let mut problems = Vec::new();
         for case in &manifest.cases {
-            match shared::data::load_case(case, &manifest.organs) {
+            match crate::data::load_case(case, &manifest.organs) {
                 Ok(c) => {
                     for i in 0..3 {
                         lo[i] = lo[i].min(f64::from(c.image.spacing()[i]));

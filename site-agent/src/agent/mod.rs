@@ -42,7 +42,7 @@ pub enum AgentError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error("site data: {0}")]
-    Data(#[from] shared::data::DataError),
+    Data(#[from] crate::data::DataError),
     #[error(transparent)]
     SiteData(#[from] exec::SiteDataError),
     #[error(transparent)]
@@ -54,7 +54,7 @@ pub enum AgentError {
     #[error("the coordinator refused this site: {0}")]
     Refused(String),
     #[error("agent.device in the site config: {0}")]
-    Device(#[from] shared::device::DeviceError),
+    Device(#[from] crate::device::DeviceError),
 }
 
 fn gib_to_bytes(gib: f64) -> u64 {
@@ -80,7 +80,7 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
     pb::HelloRequest {
         capabilities: Some(pb::Capabilities {
             device: site.device_info.kind.into(),
-            memory_bytes: shared::device::host_memory_bytes().unwrap_or(0),
+            memory_bytes: crate::device::host_memory_bytes().unwrap_or(0),
             gpu_name: if site.device_info.ordinal.is_some() {
                 site.device_info.name.clone()
             } else {
@@ -92,7 +92,7 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
                 0
             },
             max_gpu_memory_bytes: cfg.policy.max_gpu_memory_gb.map_or(0, gib_to_bytes),
-            gpu_free_bytes: shared::device::free_memory_bytes(&site.device).unwrap_or(0),
+            gpu_free_bytes: crate::device::free_memory_bytes(&site.device).unwrap_or(0),
             threads: rayon::current_num_threads() as u32,
             allowed_kinds: kinds,
             max_epochs: cfg.policy.max_epochs,
@@ -100,8 +100,8 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
             share_weights: cfg.policy.share_weights,
         }),
         dataset: Some(pb::DatasetSummary {
-            train_cases: site.manifest.cases_in(shared::data::Split::Train).count() as u32,
-            test_cases: site.manifest.cases_in(shared::data::Split::Test).count() as u32,
+            train_cases: site.manifest.cases_in(crate::data::Split::Train).count() as u32,
+            test_cases: site.manifest.cases_in(crate::data::Split::Test).count() as u32,
             organs: site.manifest.organs.names().iter().map(|s| s.to_string()).collect(),
             spacing_min_mm: if ranges { lo.to_vec() } else { Vec::new() },
             spacing_max_mm: if ranges { hi.to_vec() } else { Vec::new() },

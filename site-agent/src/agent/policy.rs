@@ -1,8 +1,8 @@
 //! The site's policy applied to a task, before any work: the kinds it runs, epochs and hours,
 //! whether weights may leave, and the GPU memory a task may plan to use.
 
+use crate::model::ModelConfig;
 use proto::pb;
-use shared::model::ModelConfig;
 
 use super::config::Policy;
 use super::exec::Site;

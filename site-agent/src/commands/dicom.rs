@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::{self, Labels};
 use anyhow::{Result, bail};
 use clap::Args;
-use shared::data::{self, Labels};
 use shared::structures::NameMap;
 
 use super::out;
@@ -137,13 +137,13 @@ pub(super) fn write_prediction_rtstruct(
 
 /// `site-agent phantom --dicom`: phantom patients as a planning-system export.
 pub(super) fn phantom_export(
-    center: shared::data::phantom::Center,
+    center: crate::data::phantom::Center,
     cases: usize,
     seed: u64,
     out_dir: &Path,
 ) -> Result<()> {
     for i in 0..cases {
-        let (image, labels) = shared::data::phantom::center_case(center, seed, i);
+        let (image, labels) = crate::data::phantom::center_case(center, seed, i);
         let ids = crate::dicom::synthetic::SeriesIds::seeded(
             &format!("PHANTOM-{center}-{:03}", i + 1),
             &format!("Phantom^{center}^{:03}", i + 1),

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
+use crate::data::phantom;
+use crate::model::ModelConfig;
 use anyhow::{Context, Result};
 use clap::Args;
-use shared::data::phantom;
-use shared::model::ModelConfig;
 
 use super::{DeviceArg, load_manifest, out};
 use crate::experiment::{self, ExperimentOptions};

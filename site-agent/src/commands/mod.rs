@@ -6,11 +6,11 @@ mod model;
 
 use std::path::{Path, PathBuf};
 
+use crate::data::{self, Manifest, Split, phantom};
+use crate::evaluate::{LabelScore, present_labels, score_labels};
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
-use shared::data::{self, Manifest, Split, phantom};
-use shared::metrics::{LabelScore, present_labels, score_labels};
 
 use measure::{BenchArgs, ExperimentArgs, bench_cmd, experiment_cmd};
 pub use model::{

@@ -3,12 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::{self, Manifest, Split};
+use crate::model::{ModelConfig, Net};
+use crate::weights;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::{Args, ValueEnum};
-use shared::data::{self, Manifest, Split};
-use shared::model::{ModelConfig, Net};
-use shared::weights;
 
 use super::{dicom, load_manifest, out};
 use crate::evaluate::{CaseScores, evaluate, predict};
@@ -21,7 +21,7 @@ pub struct DeviceArg {
     /// Where to compute: auto (the first CUDA GPU when this build has CUDA and the driver shows
     /// one, else the CPU), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto", env = "FEDTUNE_DEVICE")]
-    pub device: shared::device::DeviceChoice,
+    pub device: crate::device::DeviceChoice,
 }
 
 impl DeviceArg {

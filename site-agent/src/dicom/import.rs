@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use shared::data::{Manifest, ManifestCase, Split, Volume, write_image, write_labels};
+use crate::data::{Manifest, ManifestCase, Split, Volume, write_image, write_labels};
 use shared::structures::{KNOWN_ORGANS, NameMap, standard_organ_map};
 
 use super::rtstruct::{RtStruct, rasterize};

@@ -60,7 +60,7 @@ pub enum DicomError {
     #[error(transparent)]
     Names(#[from] shared::structures::NamesError),
     #[error(transparent)]
-    Data(#[from] shared::data::DataError),
+    Data(#[from] crate::data::DataError),
 }
 
 /// Opens a DICOM file: a Part 10 file, or a bare data set in implicit VR little endian (what

@@ -9,10 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::{Affine, Image, Volume};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_pixeldata::{ConvertOptions, ModalityLutOption, PixelDecoder};
-use shared::data::{Affine, Image, Volume};
 
 use super::{DicomError, DicomResult, cross, dot, number, numbers, open, sub, text};
 

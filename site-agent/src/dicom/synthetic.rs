@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::data::{Image, Labels};
 use dicom_core::{DataElement, PrimitiveValue, VR};
 use dicom_dictionary_std::tags;
 use dicom_object::InMemDicomObject;
 use dicom_object::meta::FileMetaTableBuilder;
-use shared::data::{Image, Labels};
 use shared::structures::standard_organ_map;
 
 use super::series::CtSeries;

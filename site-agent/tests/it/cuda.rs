@@ -4,12 +4,12 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::Device;
-use shared::data::{Split, phantom};
-use shared::model::{ModelConfig, Net};
+use site_agent::data::{Split, phantom};
+use site_agent::model::{ModelConfig, Net};
 use site_agent::train::{SliceSet, TrainOptions, train};
 
 fn gpu() -> Option<Device> {
-    match shared::device::DeviceChoice::Cuda(0).select() {
+    match site_agent::device::DeviceChoice::Cuda(0).select() {
         Ok(s) => Some(s.device),
         Err(e) => {
             eprintln!("skipped: {e}");

@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use serde_json::Value;
-use shared::data::read_labels;
 use shared::structures::NameMap;
+use site_agent::data::read_labels;
 use site_agent::dicom::import::{ImportOptions, Source, run};
 use site_agent::dicom::rtstruct::RtStruct;
 use site_agent::dicom::series::CtSeries;

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use shared::data::{Manifest, Split, phantom, read_labels};
 use shared::structures::{KNOWN_ORGANS, NameMap};
+use site_agent::data::{Manifest, Split, phantom, read_labels};
 use site_agent::dicom::import::Source;
 use site_agent::dicom::rtstruct::RtStruct;
 use site_agent::dicom::series::CtSeries;

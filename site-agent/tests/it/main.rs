@@ -1,19 +1,28 @@
-//! Engine tests on tiny phantoms: the frozen prefix stays frozen, the cache changes nothing but
-//! speed, runs are reproducible, and fine-tuning helps at a new center.
+//! Engine tests: metrics against medpy and scipy, NIfTI against real files, manifests, the model
+//! and its weights, the CPU training ops against candle's own, hostile input to the readers;
+//! and on tiny phantoms: the frozen prefix stays frozen, the cache changes nothing but speed,
+//! runs are reproducible, and fine-tuning helps at a new center.
 
 mod cuda;
+mod cuda_ops;
 mod dicom;
 mod dicom_export;
+mod hostile;
+mod manifest;
+mod metrics;
+mod model;
+mod nifti;
+mod ops;
 mod orientation;
 
 use std::path::PathBuf;
 
 use candle_core::Device;
-use shared::data::{Dataset, Manifest, Split, phantom};
-use shared::model::{ModelConfig, Net};
-use shared::weights::{self, Provenance};
+use site_agent::data::{Dataset, Manifest, Split, phantom};
 use site_agent::evaluate::{dice_of, evaluate};
+use site_agent::model::{ModelConfig, Net};
 use site_agent::train::{SliceSet, TrainOptions, train};
+use site_agent::weights::{self, Provenance};
 
 /// `../shared/testdata` beside the repository, or `None` (tests then skip with a message).
 pub(crate) fn testdata(rel: &str) -> Option<PathBuf> {

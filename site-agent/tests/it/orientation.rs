@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use shared::data::{
+use site_agent::data::{
     Affine, Manifest, ManifestCase, Orientation, Split, Volume, phantom, read_image_with_source,
     read_labels, write_image, write_labels, write_labels_like,
 };
@@ -124,16 +124,16 @@ fn an_image_and_label_on_different_grids_are_refused() {
     let mut case = m.cases[0].clone();
     case.image = dir.path().join("lps-image.nii.gz");
     write_image(&case.image, &image).expect("image");
-    shared::data::check_case(&case, &m.organs).expect("same world grid in another order");
+    site_agent::data::check_case(&case, &m.organs).expect("same world grid in another order");
     // A label shifted by one voxel, or with another voxel size, is not.
     let mut shifted = labels.clone();
     shifted.affine.0[0][3] += 1.0;
     write_labels(&case.label, &shifted).expect("label");
-    let e = shared::data::check_case(&case, &m.organs).expect_err("shifted").to_string();
+    let e = site_agent::data::check_case(&case, &m.organs).expect_err("shifted").to_string();
     assert!(e.contains("1.000 voxels away") && e.contains("\"ras\""), "{e}");
     let mut larger = labels.clone();
     larger.affine.0[2][2] = 2.2;
     write_labels(&case.label, &larger).expect("label");
-    let e = shared::data::check_case(&case, &m.organs).expect_err("spacing").to_string();
+    let e = site_agent::data::check_case(&case, &m.organs).expect_err("spacing").to_string();
     assert!(e.contains("0.600 voxels away"), "{e}");
 }

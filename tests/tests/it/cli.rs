@@ -124,7 +124,7 @@ fn metrics_json_follows_the_interface() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     let dims = [6, 5, 4];
-    let mut truth = shared::data::Volume::filled(dims, [1.0, 1.0, 2.0], 0u16);
+    let mut truth = site_agent::data::Volume::filled(dims, [1.0, 1.0, 2.0], 0u16);
     let mut pred = truth.clone();
     for z in 1..3 {
         for y in 1..4 {
@@ -136,8 +136,8 @@ fn metrics_json_follows_the_interface() -> Result<()> {
         }
     }
     pred.data[0] = 5; // only in the prediction: Dice 0, HD95 undefined
-    shared::data::write_labels(&d.join("t.nii"), &truth)?;
-    shared::data::write_labels(&d.join("p.nii.gz"), &pred)?;
+    site_agent::data::write_labels(&d.join("t.nii"), &truth)?;
+    site_agent::data::write_labels(&d.join("p.nii.gz"), &pred)?;
     let out = site_agent(&[
         "metrics",
         "--truth",
@@ -154,8 +154,8 @@ fn metrics_json_follows_the_interface() -> Result<()> {
     assert_eq!(v["labels"][1]["dice"], 0.0);
     assert!(v["labels"][1]["hd95_mm"].is_null());
     // Shapes must agree.
-    let other = shared::data::Volume::filled([6, 5, 3], [1.0; 3], 0u16);
-    shared::data::write_labels(&d.join("o.nii"), &other)?;
+    let other = site_agent::data::Volume::filled([6, 5, 3], [1.0; 3], 0u16);
+    site_agent::data::write_labels(&d.join("o.nii"), &other)?;
     let bad =
         site_agent(&["metrics", "--truth", s(&d.join("t.nii")), "--pred", s(&d.join("o.nii"))])?;
     assert_ne!(bad.code, Some(0));
@@ -167,7 +167,13 @@ fn metrics_json_follows_the_interface() -> Result<()> {
 fn bad_site_data_fails_naming_case_and_file() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let m = shared::data::phantom::write_center(shared::data::phantom::Center::Source, 2, 1, 1, d)?;
+    let m = site_agent::data::phantom::write_center(
+        site_agent::data::phantom::Center::Source,
+        2,
+        1,
+        1,
+        d,
+    )?;
     // Truncate one label file.
     let label = &m.cases[1].label;
     let bytes = std::fs::read(label)?;
@@ -199,7 +205,7 @@ fn usage_errors_exit_64() -> Result<()> {
 #[test]
 fn an_unavailable_gpu_is_refused_with_what_to_do() -> Result<()> {
     let out = site_agent(&["bench", "--device", "cuda:0", "--steps", "1", "--repeat", "1"])?;
-    if shared::device::cuda_built() {
+    if site_agent::device::cuda_built() {
         // A CUDA build: refused only where the driver shows no GPU.
         if out.code != Some(0) {
             assert!(out.stderr.contains("no CUDA GPU is visible"), "{}", out.stderr);
@@ -216,7 +222,7 @@ fn an_unavailable_gpu_is_refused_with_what_to_do() -> Result<()> {
     .ok()?;
     let r: serde_json::Value = serde_json::from_str(auto.stdout.trim())?;
     let device = r["device"].as_str().unwrap_or_default();
-    if !shared::device::cuda_built() {
+    if !site_agent::device::cuda_built() {
         assert!(device.starts_with("cpu"), "{device}");
         assert!(device.ends_with("; auto: this build has no CUDA"), "{device}");
         assert!(r["peak_device_mib"].is_null(), "{r}");

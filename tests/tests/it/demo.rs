@@ -23,7 +23,7 @@ fn the_demo_runs_the_study_and_writes_a_report_that_parses() -> Result<()> {
     assert!(run.stdout.contains("Site target-a") && run.stdout.contains("Site target-b"));
     assert!(run.stderr.contains("report written to"), "{}", run.stderr);
     let organs =
-        shared::data::Manifest::load(&out.join("target-a/data/manifest.toml"))?.organs.len();
+        site_agent::data::Manifest::load(&out.join("target-a/data/manifest.toml"))?.organs.len();
 
     let report = out.join("report");
     let json: serde_json::Value =

@@ -87,7 +87,7 @@ fn fill(path: &Path) -> anyhow::Result<u64> {
 }
 
 fn sha256_of(path: &Path) -> anyhow::Result<String> {
-    Ok(shared::weights::sha256_hex(&std::fs::read(path)?))
+    Ok(site_agent::weights::sha256_hex(&std::fs::read(path)?))
 }
 
 async fn model_names(fed: &Federation) -> anyhow::Result<Vec<String>> {
@@ -100,8 +100,8 @@ async fn model_names(fed: &Federation) -> anyhow::Result<Vec<String>> {
 
 async fn push(fed: &Federation, file: &Path, name: &str) -> Result<pb::ModelInfo, tonic::Status> {
     let mut admin = fed.admin().await.map_err(|e| tonic::Status::unknown(e.to_string()))?;
-    coordinator::cli::push_model(&mut admin, file, name, false).await.map_err(|e| {
-        match e.downcast_ref::<coordinator::cli::CallFailed>() {
+    coordinator::lead::push_model(&mut admin, file, name, false).await.map_err(|e| {
+        match e.downcast_ref::<coordinator::lead::CallFailed>() {
             Some(failed) => failed.0.clone(),
             None => tonic::Status::unknown(e.to_string()),
         }

@@ -264,16 +264,16 @@ async fn an_unwritable_data_dir_fails_uploads_clearly_and_damages_nothing() -> R
     std::fs::remove_dir_all(&tmp)?;
     std::fs::write(&tmp, b"not a folder")?;
     let other = fed.root.join("other.safetensors");
-    let cfg = shared::model::ModelConfig::preset("tiny")?;
-    let net = shared::model::Net::new(
+    let cfg = site_agent::model::ModelConfig::preset("tiny")?;
+    let net = site_agent::model::Net::new(
         &cfg,
-        &shared::data::phantom::organ_map(),
+        &site_agent::data::phantom::organ_map(),
         99,
         &candle_core::Device::Cpu,
     )?;
-    shared::weights::save(&net, &Default::default(), &other)?;
+    site_agent::weights::save(&net, &Default::default(), &other)?;
     let mut admin = fed.admin().await?;
-    let err = coordinator::cli::push_model(&mut admin, &other, "other", false)
+    let err = coordinator::lead::push_model(&mut admin, &other, "other", false)
         .await
         .expect_err("the upload cannot be stored");
     let msg = format!("{err:#}");
@@ -288,7 +288,7 @@ async fn an_unwritable_data_dir_fails_uploads_clearly_and_damages_nothing() -> R
 
     // Writable again: the same upload goes through.
     std::fs::remove_file(&tmp)?;
-    coordinator::cli::push_model(&mut admin, &other, "other", false).await?;
+    coordinator::lead::push_model(&mut admin, &other, "other", false).await?;
     assert_eq!(admin.list_models(pb::ListModelsRequest {}).await?.into_inner().models.len(), 2);
     fed.shutdown().await
 }

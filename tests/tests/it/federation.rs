@@ -74,7 +74,7 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
     // Each site's Hello said what it trains on (agent.device defaults to auto: the CPU in a
     // build without CUDA) and the machine's memory; every result names the same device.
     let listed = fed.admin().await?.list_sites(pb::ListSitesRequest {}).await?.into_inner();
-    let want = if shared::device::cuda_built() { ["cpu", "cuda"].as_slice() } else { &["cpu"] };
+    let want = if site_agent::device::cuda_built() { ["cpu", "cuda"].as_slice() } else { &["cpu"] };
     for s in &listed.sites {
         let c = s.capabilities.as_ref().expect("capabilities from the Hello");
         assert!(want.contains(&c.device.as_str()), "{}: {c:?}", s.name);
@@ -147,7 +147,7 @@ async fn a_cut_download_resumes_from_its_offset() -> R {
     let resent = part + second - model.size;
     assert!(resent <= proto::limits::CHUNK_BYTES as u64, "{resent} bytes sent twice");
     let bytes = std::fs::read(&path)?;
-    assert_eq!(shared::weights::sha256_hex(&bytes), model.sha256);
+    assert_eq!(site_agent::weights::sha256_hex(&bytes), model.sha256);
     fed.shutdown().await
 }
 
@@ -210,8 +210,9 @@ async fn a_model_altered_by_one_byte_is_refetched_or_refused() -> R {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_data_at_one_site_fails_its_task_with_a_code_only() -> R {
     let mut fed = Federation::builder().sites(2).without_agents().start().await?;
-    let manifest = shared::data::Manifest::load(&fed.data_dir("site-b").join("manifest.toml"))?;
-    let case = manifest.cases_in(shared::data::Split::Test).next().expect("a test case").clone();
+    let manifest = site_agent::data::Manifest::load(&fed.data_dir("site-b").join("manifest.toml"))?;
+    let case =
+        manifest.cases_in(site_agent::data::Split::Test).next().expect("a test case").clone();
     let bytes = std::fs::read(&case.label)?;
     // An agent refuses to start on invalid data, naming the case, the file and check-data.
     std::fs::write(&case.label, &bytes[..bytes.len() / 3])?;

@@ -68,8 +68,8 @@ fn a_dicom_export_becomes_a_manifest_and_predictions_come_back_as_rtstruct() -> 
     // The RTSTRUCT imports back onto the same CT as the same voxels.
     let back = d.join("back");
     site_agent(&["import-dicom", "--ct", s(&ct), "--rtstruct", s(&rs), "--out", s(&back)])?.ok()?;
-    let predicted = shared::data::read_labels(&pred)?;
-    let reimported = shared::data::read_labels(&back.join("labels/case-001.nii.gz"))?;
+    let predicted = site_agent::data::read_labels(&pred)?;
+    let reimported = site_agent::data::read_labels(&back.join("labels/case-001.nii.gz"))?;
     assert_eq!(reimported.dims, predicted.dims);
     assert_eq!(reimported.affine, predicted.affine);
     let organs_predicted = shared::structures::KNOWN_ORGANS

@@ -94,7 +94,7 @@ async fn policy_refusals_and_release_on_shutdown() -> R {
 /// that is not its leased source task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weights_leave_a_site_only_where_its_policy_shares_them() -> R {
-    use coordinator::templates::{self, Template, TemplateOptions};
+    use coordinator::lead::templates::{self, Template, TemplateOptions};
     let fed = Federation::builder().sites(2).start().await?;
     let mut admin = fed.admin().await?;
     for s in &fed.sites {

@@ -26,7 +26,7 @@ async fn refusals() -> R {
     conn.bundle = stranger;
     // The stranger trusts the real CA (so the server is accepted) but presents its own cert.
     std::fs::copy(fed.pki_dir.join("ca.pem"), conn.bundle.join("ca.pem"))?;
-    let err = coordinator::cli::connect(&conn).await;
+    let err = coordinator::lead::connect(&conn).await;
     let refused = match err {
         Err(_) => true,
         Ok(mut c) => c.list_sites(pb::ListSitesRequest {}).await.is_err(),
@@ -70,7 +70,7 @@ async fn refusals() -> R {
     assert_code(fetch.map(|_| ()), tonic::Code::PermissionDenied, "fetching a model of no task");
 
     // A site certificate on the admin service.
-    let mut as_admin = coordinator::cli::connect(&fed.conn(Role::Site, "site-a")).await?;
+    let mut as_admin = coordinator::lead::connect(&fed.conn(Role::Site, "site-a")).await?;
     let r = as_admin.list_sites(pb::ListSitesRequest {}).await;
     assert_eq!(r.expect_err("site on admin").code(), tonic::Code::PermissionDenied);
 

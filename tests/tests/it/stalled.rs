@@ -132,7 +132,7 @@ async fn wait_for_log(path: &Path, words: &str) -> anyhow::Result<String> {
 fn header(bytes: &[u8], name: &str) -> pb::PushModelRequest {
     pb::PushModelRequest {
         part: Some(pb::push_model_request::Part::Header(pb::ModelRef {
-            sha256: shared::weights::sha256_hex(bytes),
+            sha256: site_agent::weights::sha256_hex(bytes),
             size: bytes.len() as u64,
             name: name.into(),
         })),
@@ -205,7 +205,7 @@ async fn slow_uploads_pass_stalled_uploads_and_readers_are_ended_after_the_idle_
     // A download whose reader stops: a model of many chunks, a client that takes one and
     // then waits. The coordinator ends the stream; what the client read before is intact.
     let big = fed.base_model("resnet103")?;
-    coordinator::cli::push_model(&mut admin, &big, "base-big", false).await?;
+    coordinator::lead::push_model(&mut admin, &big, "base-big", false).await?;
     admin.approve_site(pb::SiteRequest { name: "site-a".into(), ..Default::default() }).await?;
     admin
         .create_study(pb::CreateStudyRequest {

@@ -1,0 +1,312 @@
+//! The gRPC services: `SiteService` for site certificates and `AdminService` for admin
+//! certificates, over one shared [`Coordinator`].
+//!
+//! Every handler that changes state takes the coordinator's write lock, commits one sled
+//! transaction, flushes, and only then answers; watchers and long polls wake on a version
+//! counter.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message;
+use proto::pb;
+use tokio::sync::{Mutex, watch};
+use tonic::Request;
+
+use crate::identity::{self, Identity, Role};
+use crate::rounds;
+use crate::store::{RoundRecord, RoundState, SiteRecord, Store, StoreError, TaskRecord, TaskState};
+
+type SResult<T> = Result<T, ServiceError>;
+
+/// Limits and timings; every default is documented in `coordinator.toml` (see `config`).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub lease_seconds: u32,
+    pub max_poll_seconds: u32,
+    pub round_deadline_seconds: u32,
+    pub max_attempts: u32,
+    /// Longest an upload waits for its next chunk, or a download or watch for the client to
+    /// take its next message.
+    pub idle_seconds: u32,
+}
+
+pub fn now_s() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Certificates revoked with `coordinator pki revoke`: a file re-read when it changes.
+#[derive(Debug, Default)]
+struct RevocationList {
+    path: Option<PathBuf>,
+    /// (modification time, fingerprints) of the last read.
+    cached: StdMutex<(Option<SystemTime>, HashSet<String>)>,
+}
+
+impl RevocationList {
+    fn contains(&self, fingerprint: &str) -> bool {
+        let Some(path) = &self.path else { return false };
+        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
+        if cached.0 != mtime || mtime.is_none() {
+            let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the revocation list");
+                String::new()
+            });
+            let set = text
+                .lines()
+                .filter(|l| !l.trim_start().starts_with('#'))
+                .filter_map(|l| l.split_whitespace().next())
+                .map(str::to_owned)
+                .collect();
+            *cached = (mtime, set);
+        }
+        cached.1.contains(fingerprint)
+    }
+}
+
+/// The coordinator's shared state.
+#[derive(Debug)]
+pub struct Coordinator {
+    store: Store,
+    blobs: PathBuf,
+    limits: Limits,
+    revocations: RevocationList,
+    /// Serialises read-modify-write changes, so a change sees the state the last one left.
+    write: Mutex<()>,
+    /// Bumped after every committed change; long polls and round watchers wait on it.
+    changed: watch::Sender<u64>,
+    /// Unix seconds of each site's last call, kept in memory (the store keeps the last hello).
+    contact: StdMutex<std::collections::HashMap<String, i64>>,
+}
+
+impl Coordinator {
+    pub fn new(
+        store: Store,
+        blobs: PathBuf,
+        limits: Limits,
+        revocation_list: Option<PathBuf>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            blobs,
+            limits,
+            revocations: RevocationList { path: revocation_list, ..Default::default() },
+            write: Mutex::new(()),
+            changed: watch::channel(0).0,
+            contact: Default::default(),
+        })
+    }
+
+    /// Whether a site may no longer be served: revoked with `site revoke`, or the certificate
+    /// it last connected with is on the revocation list.
+    fn site_revoked(&self, site: &SiteRecord) -> bool {
+        site.revoked || self.certificate_revoked(site)
+    }
+
+    fn certificate_revoked(&self, site: &SiteRecord) -> bool {
+        !site.fingerprint.is_empty() && self.revocations.contains(&site.fingerprint)
+    }
+
+    /// When a site last called, Unix seconds (0: never).
+    fn last_contact(&self, site: &SiteRecord) -> i64 {
+        let contact = self.contact.lock().unwrap_or_else(|e| e.into_inner());
+        contact.get(&site.name).copied().unwrap_or(0).max(site.last_seen)
+    }
+
+    /// Makes every change so far durable, then wakes long polls and round watchers: what each
+    /// change does before it answers.
+    async fn durable(&self) -> SResult<()> {
+        self.store.flush().await?;
+        self.notify();
+        Ok(())
+    }
+
+    fn notify(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// The caller's identity from its verified client certificate, refused when revoked or of
+    /// the wrong role. Called by the interceptors of both services on every call.
+    pub fn authenticate<T>(&self, req: &Request<T>, role: Role) -> SResult<Identity> {
+        let certs = req.peer_certs().ok_or_else(|| {
+            ServiceError::Unauthenticated(
+                "no client certificate; connect with a bundle from `coordinator pki issue-site` or `issue-admin`"
+                    .into(),
+            )
+        })?;
+        let der = certs.first().ok_or_else(|| {
+            ServiceError::Unauthenticated("the client certificate chain is empty".into())
+        })?;
+        let id = identity::from_der(der.as_ref()).map_err(ServiceError::Unauthenticated)?;
+        if self.revocations.contains(&id.fingerprint) {
+            return Err(ServiceError::PermissionDenied(format!(
+                "the certificate of {} \"{}\" is revoked",
+                id.role, id.name
+            )));
+        }
+        if id.role == Role::Site
+            && let Some(site) = self.store.site(&id.name)?
+            && (site.revoked || site.revoked_fingerprints.contains(&id.fingerprint))
+        {
+            return Err(ServiceError::PermissionDenied(format!(
+                "site \"{}\" is revoked; ask the study lead",
+                id.name
+            )));
+        }
+        if id.role == Role::Site && role == Role::Site {
+            self.contact.lock().unwrap_or_else(|e| e.into_inner()).insert(id.name.clone(), now_s());
+        }
+        if id.role != role {
+            return Err(ServiceError::PermissionDenied(format!(
+                "a {} certificate (\"{}\") cannot call the {} service",
+                id.role,
+                id.name,
+                role.as_str()
+            )));
+        }
+        Ok(id)
+    }
+
+    // === rounds ===
+
+    /// Expires leases and applies round deadlines; run by the server's ticker.
+    pub async fn tick(&self) -> SResult<()> {
+        let _w = self.write.lock().await;
+        let (now_ms, now_s) = (now_ms(), now_s());
+        let mut changed = false;
+        let revoked: HashSet<String> = self
+            .store
+            .sites()?
+            .into_iter()
+            .filter(|s| self.site_revoked(s))
+            .map(|s| s.name)
+            .collect();
+        for mut round in self.store.rounds()? {
+            if round.state != RoundState::Running {
+                continue;
+            }
+            let mut tasks = self.store.round_tasks(&round)?;
+            let mut dirty: Vec<usize> = Vec::new();
+            for (i, t) in tasks.iter_mut().enumerate() {
+                if rounds::expire_lease(t, now_ms, round.max_attempts) {
+                    tracing::info!(task = %t.id, site = %t.site, state = ?t.state, "lease expired");
+                    dirty.push(i);
+                }
+            }
+            if rounds::fail_revoked(&mut tasks, |s| revoked.contains(s)) {
+                tracing::warn!(round = %round.id, "the tasks of revoked sites failed");
+                dirty = (0..tasks.len()).collect();
+            }
+            if rounds::apply_deadline(&round, &mut tasks, now_s)
+                | rounds::release_waiting(&round, &mut tasks)
+            {
+                dirty = (0..tasks.len()).collect();
+            }
+            let settled = rounds::settle(&mut round, &tasks);
+            if settled || !dirty.is_empty() {
+                let changed_tasks: Vec<&TaskRecord> = dirty.iter().map(|&i| &tasks[i]).collect();
+                self.store.commit(settled.then_some(&round), &changed_tasks, None)?;
+                changed = true;
+            }
+        }
+        if changed {
+            self.durable().await?;
+        }
+        Ok(())
+    }
+
+    /// The next task for `site`: a pending task of a running round, or one this site holds a
+    /// lease on (an agent that asks again has dropped it, e.g. after a restart).
+    async fn lease_next(&self, site: &str) -> SResult<Option<pb::Task>> {
+        let _w = self.write.lock().await;
+        let mut tasks: Vec<TaskRecord> = self
+            .store
+            .tasks()?
+            .into_iter()
+            .filter(|t| {
+                t.site == site && matches!(t.state, TaskState::Pending | TaskState::Leased { .. })
+            })
+            .collect();
+        tasks.sort_by(|a, b| a.id.cmp(&b.id));
+        for mut task in tasks {
+            let Some(round) = self.store.round(&task.round_id)? else { continue };
+            if round.state != RoundState::Running || task.attempt >= round.max_attempts {
+                continue;
+            }
+            task.attempt += 1;
+            let lease = self.limits.lease_seconds;
+            task.state = TaskState::Leased { deadline_ms: now_ms() + i64::from(lease) * 1000 };
+            self.store.commit(None, &[&task], None)?;
+            self.durable().await?;
+            // A transfer round's source task trains Model_S from scratch: no base.
+            let (spec, base) = if task.source {
+                (round.source_spec.as_deref().unwrap_or_default(), None)
+            } else {
+                (round.spec.as_slice(), round.base_sha256.as_deref())
+            };
+            let base = base.map(|s| self.model_ref(s)).transpose()?;
+            tracing::info!(task = %task.id, site, attempt = task.attempt, "task leased");
+            return Ok(Some(pb::Task {
+                task_id: task.id,
+                attempt: task.attempt,
+                round_id: round.id,
+                spec: pb::TaskSpec::decode(spec).ok(),
+                base,
+                lease_seconds: lease,
+            }));
+        }
+        Ok(None)
+    }
+
+    fn owned_task(&self, site: &str, task_id: &str) -> SResult<(TaskRecord, RoundRecord)> {
+        let task = self
+            .store
+            .task(task_id)?
+            .ok_or_else(|| ServiceError::NotFound(format!("no task {task_id}")))?;
+        if task.site != site {
+            return Err(ServiceError::PermissionDenied(format!(
+                "task {task_id} belongs to another site"
+            )));
+        }
+        let round = self.store.round(&task.round_id)?.ok_or_else(|| {
+            ServiceError::Store(StoreError::Corrupt {
+                tree: "rounds",
+                key: task.round_id.clone(),
+                error: "round of a task is missing".into(),
+            })
+        })?;
+        Ok((task, round))
+    }
+}
+
+fn identity_of<T>(req: &Request<T>) -> SResult<Identity> {
+    req.extensions()
+        .get::<Identity>()
+        .cloned()
+        .ok_or_else(|| ServiceError::Unauthenticated("the call was not authenticated".into()))
+}
+
+mod admin;
+mod blobs;
+mod checks;
+mod error;
+mod feed;
+mod records;
+mod site;
+
+pub use error::ServiceError;
+use feed::{FedStream, Feed};
+
+pub use checks::MAX_ARMS;
+use checks::{check_result, reason_name};
+
+pub use admin::AdminApi;
+use records::model_info;
+pub use site::SiteApi;
