@@ -144,6 +144,16 @@ pub struct Store {
     rounds: sled::Tree,
     tasks: sled::Tree,
     results: sled::Tree,
+    audit_anchors: sled::Tree,
+}
+
+/// The newest head of a site's audit log the site reported (see `GetAuditAnchor`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditAnchorRecord {
+    pub seq: u64,
+    /// The entry's hash, hex.
+    pub head: String,
+    pub recorded: i64,
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> StoreResult<T> {
@@ -176,6 +186,7 @@ impl Store {
             rounds: db.open_tree("rounds")?,
             tasks: db.open_tree("tasks")?,
             results: db.open_tree("results")?,
+            audit_anchors: db.open_tree("audit_anchors")?,
             db,
         })
     }
@@ -204,6 +215,33 @@ impl Store {
     }
 
     // === sites ===
+
+    /// Keeps `anchor` for `site` unless a higher entry is already kept; returns the kept one
+    /// it replaced or refused when that one is not on the same chain position (a site that
+    /// reports a lower sequence number than before has a cut or reset log). Written without a
+    /// flush: sled writes it out within its flush interval.
+    pub fn note_audit_anchor(
+        &self,
+        site: &str,
+        anchor: &AuditAnchorRecord,
+    ) -> StoreResult<Option<AuditAnchorRecord>> {
+        let mut lower = None;
+        self.audit_anchors.fetch_and_update(site, |old| {
+            let kept: Option<AuditAnchorRecord> = old.and_then(|b| serde_json::from_slice(b).ok());
+            match kept {
+                Some(k) if k.seq > anchor.seq => {
+                    lower = Some(k.clone());
+                    Some(encode(&k))
+                }
+                _ => Some(encode(anchor)),
+            }
+        })?;
+        Ok(lower)
+    }
+
+    pub fn audit_anchor(&self, site: &str) -> StoreResult<Option<AuditAnchorRecord>> {
+        Self::get(&self.audit_anchors, "audit_anchors", site)
+    }
 
     pub fn site(&self, name: &str) -> StoreResult<Option<SiteRecord>> {
         Self::get(&self.sites, "sites", name)

@@ -16,6 +16,12 @@ pub mod codec;
 /// The protocol package name every message and service lives in.
 pub const PACKAGE: &str = "fedtune.v1";
 
+/// Request metadata on every site call: the sequence number of the newest entry of the
+/// agent's audit log when the call was made (see `GetAuditAnchor`).
+pub const AUDIT_SEQ_HEADER: &str = "x-fedtune-audit-seq";
+/// Request metadata on every site call: that entry's hash, 64 hex digits.
+pub const AUDIT_HEAD_HEADER: &str = "x-fedtune-audit-head";
+
 mod generated {
     #![allow(clippy::all, clippy::pedantic, unreachable_pub, missing_debug_implementations)]
     #![allow(rust_2018_idioms)]

@@ -22,6 +22,7 @@ fn decode_all(bytes: &[u8]) {
         pb::HeartbeatRequest,
         pb::UploadModelRequest,
         pb::SubmitResultRequest,
+        pb::AuditAnchorRequest,
         pb::PushModelRequest,
         pb::ListModelsRequest,
         pb::ListSitesRequest,

@@ -162,6 +162,7 @@ impl Coordinator {
         }
         if id.role == Role::Site && role == Role::Site {
             self.contact.lock().unwrap_or_else(|e| e.into_inner()).insert(id.name.clone(), now_s());
+            self.note_audit_head(&id.name, req.metadata());
         }
         if id.role != role {
             return Err(ServiceError::PermissionDenied(format!(
@@ -172,6 +173,35 @@ impl Coordinator {
             )));
         }
         Ok(id)
+    }
+
+    /// Keeps the audit-log head a site call carries (see `GetAuditAnchor`). A call without
+    /// one, or with one that does not parse, is served all the same.
+    fn note_audit_head(&self, site: &str, meta: &tonic::metadata::MetadataMap) {
+        let text = |k| meta.get(k).and_then(|v| v.to_str().ok());
+        let (Some(seq), Some(head)) =
+            (text(proto::AUDIT_SEQ_HEADER), text(proto::AUDIT_HEAD_HEADER))
+        else {
+            return;
+        };
+        let (Ok(seq), true) =
+            (seq.parse::<u64>(), head.len() == 64 && head.bytes().all(|b| b.is_ascii_hexdigit()))
+        else {
+            tracing::warn!(site, "a malformed audit head in a call's metadata; ignored");
+            return;
+        };
+        let anchor = crate::store::AuditAnchorRecord { seq, head: head.into(), recorded: now_s() };
+        match self.store.note_audit_anchor(site, &anchor) {
+            Ok(Some(kept)) => tracing::warn!(
+                site,
+                reported = seq,
+                kept = kept.seq,
+                "the site reported an older audit-log entry than before: its log may have been \
+                 cut or reset; `site-agent audit --verify` at the site compares it"
+            ),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(site, error = %e, "could not keep the audit head"),
+        }
     }
 
     // === rounds ===

@@ -195,6 +195,23 @@ impl SiteService for SiteApi {
         Ok(Response::new(pb::HeartbeatResponse { lease_seconds: lease, stop: false }))
     }
 
+    async fn get_audit_anchor(
+        &self,
+        req: Request<pb::AuditAnchorRequest>,
+    ) -> Result<Response<pb::AuditAnchor>, Status> {
+        let who = identity_of(&req)?;
+        let anchor = match self.0.store.audit_anchor(&who.name)? {
+            Some(a) => pb::AuditAnchor {
+                present: true,
+                seq: a.seq,
+                head: a.head,
+                recorded_unix: a.recorded,
+            },
+            None => pb::AuditAnchor::default(),
+        };
+        Ok(Response::new(anchor))
+    }
+
     async fn submit_result(
         &self,
         req: Request<pb::SubmitResultRequest>,

@@ -199,6 +199,19 @@ impl AuditLog {
             .collect()
     }
 
+    /// The newest entry's sequence number and hash, which every call reports to the
+    /// coordinator (the anchor `audit --verify` compares against).
+    pub fn head(&self) -> Result<Option<(u64, String)>, AuditError> {
+        Ok(match self.tree.last()? {
+            Some((_, v)) => {
+                let e: AuditEntry = serde_json::from_slice(&v)
+                    .map_err(|e| AuditError::Corrupt(u64::MAX, e.to_string()))?;
+                Some((e.seq, e.hash))
+            }
+            None => None,
+        })
+    }
+
     /// Checks the hash chain; returns the problems found (empty when intact).
     pub fn verify(&self) -> Result<Vec<String>, AuditError> {
         Ok(verify(&self.entries()?))
@@ -228,6 +241,30 @@ pub fn verify(entries: &[AuditEntry]) -> Vec<String> {
         expected_seq = e.seq + 1;
     }
     problems
+}
+
+/// Compares `entries` with the head the coordinator kept (`seq`, `head`): the problem found,
+/// if any. A log cut after that entry, or rewritten up to it (even with a consistent chain),
+/// no longer holds that hash at that position.
+pub fn check_anchor(entries: &[AuditEntry], seq: u64, head: &str) -> Option<String> {
+    match entries.iter().find(|e| e.seq == seq) {
+        None => {
+            let last = entries.last().map_or("the log is empty".to_owned(), |e| {
+                format!("the log ends at entry {}", e.seq)
+            });
+            Some(format!(
+                "the coordinator holds entry {seq} of this log, but {last}: entries were removed \
+                 from the end"
+            ))
+        }
+        Some(e) if e.hash != head => Some(format!(
+            "entry {seq} is not the entry the coordinator was told of (hash {}.. there, {}.. \
+             here): the log was rewritten",
+            &head[..head.len().min(12)],
+            &e.hash[..e.hash.len().min(12)]
+        )),
+        Some(_) => None,
+    }
 }
 
 #[cfg(test)]

@@ -74,6 +74,10 @@ const SVC: &str = "fedtune.v1.SiteService";
 
 impl Link {
     pub async fn connect(cfg: &SiteConfig, audit: AuditLog) -> Result<Self, CallError> {
+        Ok(Self { client: Self::channel(cfg).await?, audit })
+    }
+
+    async fn channel(cfg: &SiteConfig) -> Result<SiteServiceClient<Channel>, CallError> {
         let bundle = &cfg.tls.bundle;
         check_certificate(&bundle.join("cert.pem"))?;
         let read = |f: &str| {
@@ -92,10 +96,9 @@ impl Link {
             .keep_alive_while_idle(true)
             .connect()
             .await?;
-        let client = SiteServiceClient::new(channel)
+        Ok(SiteServiceClient::new(channel)
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(limits::MAX_MESSAGE_BYTES);
-        Ok(Self { client, audit })
+            .max_encoding_message_size(limits::MAX_MESSAGE_BYTES))
     }
 
     fn audit<M: Message>(&self, rpc: &str, m: &M) -> Result<(), CallError> {
@@ -103,15 +106,41 @@ impl Link {
         Ok(())
     }
 
+    /// `m` audited, as a request that carries the log's newest entry (this message's own, or
+    /// for an upload the entry before its first message) for the coordinator to keep.
+    fn audited<M: Message>(&self, rpc: &str, m: M) -> Result<tonic::Request<M>, CallError> {
+        self.audit(rpc, &m)?;
+        self.anchored(m)
+    }
+
+    fn anchored<T>(&self, m: T) -> Result<tonic::Request<T>, CallError> {
+        let mut r = tonic::Request::new(m);
+        if let Some((seq, head)) = self.audit.head()? {
+            let meta = r.metadata_mut();
+            // Digits and hex: always valid metadata values.
+            if let (Ok(seq), Ok(head)) = (seq.to_string().parse(), head.parse()) {
+                meta.insert(proto::AUDIT_SEQ_HEADER, seq);
+                meta.insert(proto::AUDIT_HEAD_HEADER, head);
+            }
+        }
+        Ok(r)
+    }
+
+    /// The audit-log head the coordinator kept for this site. The request is empty and is not
+    /// itself logged: `site-agent audit --verify` asks while a running agent holds the log.
+    pub async fn audit_anchor(cfg: &SiteConfig) -> Result<pb::AuditAnchor, CallError> {
+        let mut client = Self::channel(cfg).await?;
+        Ok(client.get_audit_anchor(pb::AuditAnchorRequest {}).await?.into_inner())
+    }
+
     pub async fn hello(&mut self, req: pb::HelloRequest) -> Result<pb::HelloResponse, CallError> {
-        self.audit("Hello", &req)?;
+        let req = self.audited("Hello", req)?;
         Ok(self.client.hello(req).await?.into_inner())
     }
 
     pub async fn next_task(&mut self, wait_seconds: u32) -> Result<Option<pb::Task>, CallError> {
         let req = pb::NextTaskRequest { wait_seconds };
-        self.audit("NextTask", &req)?;
-        let mut r = tonic::Request::new(req);
+        let mut r = self.audited("NextTask", req)?;
         r.set_timeout(Duration::from_secs(u64::from(wait_seconds) + 30));
         Ok(self.client.next_task(r).await?.into_inner().task)
     }
@@ -120,12 +149,12 @@ impl Link {
         &mut self,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, CallError> {
-        self.audit("Heartbeat", &req)?;
+        let req = self.audited("Heartbeat", req)?;
         Ok(self.client.heartbeat(req).await?.into_inner())
     }
 
     pub async fn submit(&mut self, req: pb::SubmitResultRequest) -> Result<bool, CallError> {
-        self.audit("SubmitResult", &req)?;
+        let req = self.audited("SubmitResult", req)?;
         faults::pause_at("submit");
         Ok(self.client.submit_result(req).await?.into_inner().recorded)
     }
@@ -160,7 +189,8 @@ impl Link {
             self.audit("UploadModel", m)?;
         }
         tracing::info!(task = task_id, sha256 = %sha256, bytes = bytes.len(), "uploading Model_S (policy share_weights = true)");
-        Ok(self.client.upload_model(tokio_stream::iter(msgs)).await?.into_inner())
+        let req = self.anchored(tokio_stream::iter(msgs))?;
+        Ok(self.client.upload_model(req).await?.into_inner())
     }
 
     /// Downloads a model into `dir/<sha256>`, resuming from `dir/<sha256>.part`, and verifies
@@ -231,7 +261,7 @@ impl Link {
             .await
             .map_err(io(&part))?;
         let req = pb::FetchModelRequest { sha256: sha.clone(), offset };
-        self.audit("FetchModel", &req)?;
+        let req = self.audited("FetchModel", req)?;
         let mut stream = self.client.fetch_model(req).await?.into_inner();
         let mut received = 0u64;
         while let Some(chunk) = stream.message().await? {

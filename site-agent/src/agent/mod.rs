@@ -20,7 +20,7 @@ pub mod config;
 mod diagnose;
 pub mod exec;
 pub mod faults;
-mod link;
+pub(crate) mod link;
 pub mod policy;
 
 use std::future::Future;

@@ -80,9 +80,13 @@ pub struct AuditArgs {
     /// the message decoded.
     #[arg(long)]
     pub json: bool,
-    /// Check the hash chain; exit 1 if an entry was altered or removed.
+    /// Check the hash chain, and the log against the newest entry the coordinator was told
+    /// of (which finds a cut tail or a rewritten log); exit 1 on any problem.
     #[arg(long)]
     pub verify: bool,
+    /// With --verify: check the chain alone, without asking the coordinator.
+    #[arg(long, requires = "verify")]
+    pub offline: bool,
 }
 
 #[derive(Debug, Args)]
@@ -183,10 +187,32 @@ fn audit_cmd(a: &AuditArgs) -> Result<()> {
     let (entries, source) = crate::agent::audit::AuditLog::read(&cfg.storage.dir)
         .with_context(|| format!("reading the audit log in {}", cfg.storage.dir.display()))?;
     if a.verify {
-        let problems = crate::agent::audit::verify(&entries);
+        let mut problems = crate::agent::audit::verify(&entries);
         let n = entries.len();
+        let mut checked = "hash chain verified".to_owned();
+        if !a.offline {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let anchor =
+                runtime.block_on(crate::agent::link::Link::audit_anchor(&cfg)).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot ask the coordinator at {} for this site's audit head ({e}); \
+                         `--offline` checks the hash chain alone",
+                        cfg.coordinator.address
+                    )
+                })?;
+            if anchor.present {
+                let seq = anchor.seq;
+                problems.extend(crate::agent::audit::check_anchor(&entries, seq, &anchor.head));
+                checked = format!(
+                    "{checked}, entry {seq} matches the head the coordinator kept ({})",
+                    shared::cert::utc(anchor.recorded_unix)
+                );
+            } else {
+                checked = format!("{checked}; the coordinator holds no head for this site yet");
+            }
+        }
         if problems.is_empty() {
-            out(&format!("audit log intact: {n} entries from the {source}, hash chain verified"));
+            out(&format!("audit log intact: {n} entries from the {source}, {checked}"));
             return Ok(());
         }
         for p in &problems {

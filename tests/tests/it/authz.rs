@@ -17,8 +17,15 @@ use tonic::transport::Channel;
 
 type R = anyhow::Result<()>;
 
-const SITE_RPCS: [&str; 6] =
-    ["Hello", "NextTask", "FetchModel", "Heartbeat", "SubmitResult", "UploadModel"];
+const SITE_RPCS: [&str; 7] = [
+    "Hello",
+    "NextTask",
+    "FetchModel",
+    "Heartbeat",
+    "SubmitResult",
+    "UploadModel",
+    "GetAuditAnchor",
+];
 const ADMIN_RPCS: [&str; 14] = [
     "PushModel",
     "ListModels",
@@ -78,6 +85,7 @@ async fn call_all(ch: Channel, t: &Target) -> BTreeMap<&'static str, &'static st
                 .await,
         ),
     );
+    out.insert("GetAuditAnchor", outcome(site.get_audit_anchor(pb::AuditAnchorRequest {}).await));
     out.insert(
         "Heartbeat",
         outcome(
@@ -207,7 +215,7 @@ async fn every_rpc_for_every_identity() -> R {
         }
     }
     assert_eq!(mismatches, 0, "{mismatches} unexpected outcomes:\n{table}");
-    assert_eq!(checked, 7 * 20);
+    assert_eq!(checked, 7 * 21);
     eprintln!("authorization matrix: {checked} identity x RPC pairs as expected");
 
     // The agent with the expired certificate does not dial: it stops with what to do.
@@ -246,7 +254,8 @@ fn expected(who: &str, rpc: &str) -> &'static str {
         // Hello registers it and says it waits for approval; asking for work says so too; the
         // calls about another site's task or a model it holds no task for are denied.
         "unapproved site" => match rpc {
-            "Hello" => "allowed",
+            // Its own audit head: nothing about another site or a task.
+            "Hello" | "GetAuditAnchor" => "allowed",
             "NextTask" => "unapproved",
             _ => "denied",
         },

@@ -1,5 +1,6 @@
 //! Whole-system tests: the real binaries, run as an operator would.
 
+mod audit_anchor;
 mod authz;
 mod cli;
 mod demo;
