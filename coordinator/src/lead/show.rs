@@ -115,29 +115,19 @@ pub(super) fn print_round(r: &pb::RoundInfo) {
     }
 }
 
-/// Mean and SD of a slice (SD with n - 1).
-fn mean_sd(v: &[f64]) -> (f64, f64) {
-    shared::metrics::stats::summary(v)
-        .map(|s| (s.mean, s.sd.unwrap_or(0.0)))
-        .unwrap_or((f64::NAN, 0.0))
-}
-
-fn organs_json(organs: &[pb::OrganScores]) -> serde_json::Value {
-    organs
+fn scores_json(scores: &[pb::CaseScore]) -> serde_json::Value {
+    scores
         .iter()
-        .map(|o| {
+        .map(|c| {
             serde_json::json!({
-                "organ": o.organ,
-                "cases": o.cases.iter().map(|c| serde_json::json!({
-                    "case_index": c.case_index, "dice": c.dice, "hd95_mm": c.hd95_mm,
-                })).collect::<Vec<_>>(),
+                "organ": c.organ, "case_index": c.case_index, "dice": c.dice, "hd95_mm": c.hd95_mm,
             })
         })
         .collect()
 }
 
-/// `results --json`: every site's scores per organ and case; `arms` holds a transfer target's
-/// arms, or a finetune task's base model scored on the same cases before fine-tuning.
+/// `results --json`: every site's arms (the models its task scored, in order), each with its
+/// training figures and its scores as one row per organ and case index.
 pub fn results_json(r: &pb::RoundResults) -> serde_json::Value {
     let round = r.round.as_ref();
     serde_json::json!({
@@ -146,21 +136,21 @@ pub fn results_json(r: &pb::RoundResults) -> serde_json::Value {
         "state": round.map(|r| round_state(r.state)),
         "sites": r.results.iter().map(|s| {
             let res = s.result.clone().unwrap_or_default();
+            let labels = arm_labels(r, &s.site, &res);
             serde_json::json!({
                 "site": s.site,
                 "device": res.device,
-                "train_seconds": res.train_seconds,
-                "cache_seconds": res.cache_seconds,
-                "eval_seconds": res.eval_seconds,
-                "epoch_losses": res.epoch_losses,
-                "weights_sha256": res.weights_sha256,
-                "organs": organs_json(&res.organs),
-                "arms": res.arms.iter().map(|a| serde_json::json!({
-                    "arm": crate::report::arm_name(a.spec.as_ref()),
+                "arms": res.arms.iter().zip(labels).map(|(a, label)| serde_json::json!({
+                    "arm": label,
                     "trainable_layers": a.trainable_layers,
                     "train_cases": a.train_cases,
+                    "train_slices": a.train_slices,
                     "train_seconds": a.train_seconds,
-                    "organs": organs_json(&a.organs),
+                    "cache_seconds": a.cache_seconds,
+                    "eval_seconds": a.eval_seconds,
+                    "epoch_losses": a.epoch_losses,
+                    "weights_sha256": a.weights_sha256,
+                    "scores": scores_json(&a.scores),
                 })).collect::<Vec<_>>(),
             })
         }).collect::<Vec<_>>(),
@@ -178,47 +168,41 @@ fn dice_cell(v: &[f64]) -> String {
     }
 }
 
-/// One scored model of a task: its label, training seconds and scores.
-struct Scored<'a> {
-    label: String,
-    train_seconds: f64,
-    organs: &'a [pb::OrganScores],
+/// What each arm of `site`'s result is, in words: in a transfer round Model_S, Model_T and
+/// Model_ST (with k, and n when the arm used fewer training cases); the source's Model_S; a
+/// finetune task's base and fine-tuned models; what a plain train or evaluate task scored.
+fn arm_labels(r: &pb::RoundResults, site: &str, res: &pb::TaskResult) -> Vec<String> {
+    let round = r.round.as_ref();
+    let source = round.is_some_and(|i| i.tasks.iter().any(|t| t.source && t.site == site));
+    let task_kind = round.and_then(|i| i.spec.as_ref()).map_or(0, |s| s.kind);
+    let transfer = task_kind == pb::TaskKind::TransferTarget as i32;
+    res.arms
+        .iter()
+        .map(|a| {
+            let kind = pb::ArmKind::try_from(a.spec.as_ref().map_or(0, |s| s.kind))
+                .unwrap_or(pb::ArmKind::Unspecified);
+            let mut label = match kind {
+                _ if source => "Model_S (trained)".to_owned(),
+                _ if transfer => crate::report::arm_name(a.spec.as_ref()).to_owned(),
+                pb::ArmKind::Base => "base model".to_owned(),
+                pb::ArmKind::Scratch => "trained".to_owned(),
+                pb::ArmKind::Finetune => "fine-tuned".to_owned(),
+                pb::ArmKind::Unspecified => "?".to_owned(),
+            };
+            if kind == pb::ArmKind::Finetune {
+                label.push_str(&format!(" k={}", a.trainable_layers));
+            }
+            if kind != pb::ArmKind::Base && a.spec.as_ref().is_some_and(|s| s.train_cases > 0) {
+                label.push_str(&format!(" n={}", a.train_cases));
+            }
+            label
+        })
+        .collect()
 }
 
-/// Every model a task scored: the task's own (evaluate, train, finetune, a source's Model_S)
-/// and each arm (a transfer target's arms, a finetune task's base model).
-fn scored_models(res: &pb::TaskResult) -> Vec<Scored<'_>> {
-    let mut out = Vec::new();
-    // A task with a model of its own and a base arm is a finetune task with its baseline.
-    let finetune_base = !res.organs.is_empty()
-        && res
-            .arms
-            .iter()
-            .any(|a| a.spec.as_ref().is_some_and(|s| s.kind == pb::ArmKind::Base as i32));
-    if !res.organs.is_empty() {
-        let label = if finetune_base { "fine-tuned" } else { "Dice" };
-        out.push(Scored {
-            label: label.into(),
-            train_seconds: res.train_seconds,
-            organs: &res.organs,
-        });
-    }
-    for a in &res.arms {
-        let kind = a.spec.as_ref().map_or(0, |s| s.kind);
-        let mut label = if finetune_base && kind == pb::ArmKind::Base as i32 {
-            "base model".to_string()
-        } else {
-            crate::report::arm_name(a.spec.as_ref()).to_string()
-        };
-        if kind == pb::ArmKind::Finetune as i32 {
-            label.push_str(&format!(" k={}", a.trainable_layers));
-        }
-        if kind != pb::ArmKind::Base as i32 && a.spec.as_ref().is_some_and(|s| s.train_cases > 0) {
-            label.push_str(&format!(" n={}", a.train_cases));
-        }
-        out.push(Scored { label, train_seconds: a.train_seconds, organs: &a.organs });
-    }
-    out
+/// Dice of `organ` in `scores`, in case order.
+fn dice_of(scores: &[pb::CaseScore], organ: &str) -> Vec<f64> {
+    scores.iter().filter(|c| c.organ == organ).map(|c| c.dice).collect()
 }
 
 pub(super) fn print_results(r: &pb::RoundResults) {
@@ -232,12 +216,14 @@ pub(super) fn print_results(r: &pb::RoundResults) {
     }
     for s in &r.results {
         let Some(res) = &s.result else { continue };
-        let models = scored_models(res);
-        let eval: f64 = res.eval_seconds + res.arms.iter().map(|a| a.eval_seconds).sum::<f64>();
-        let trained: Vec<String> = models
+        let labels = arm_labels(r, &s.site, res);
+        let eval: f64 = res.arms.iter().map(|a| a.eval_seconds).sum();
+        let trained: Vec<String> = res
+            .arms
             .iter()
-            .filter(|m| m.train_seconds > 0.0)
-            .map(|m| format!("{} {:.1} s", m.label, m.train_seconds))
+            .zip(&labels)
+            .filter(|(a, _)| a.train_seconds > 0.0)
+            .map(|(a, label)| format!("{label} {:.1} s", a.train_seconds))
             .collect();
         let trained = if trained.is_empty() {
             String::new()
@@ -245,29 +231,32 @@ pub(super) fn print_results(r: &pb::RoundResults) {
             format!("training {}, ", trained.join(", "))
         };
         out(&format!("site {} ({}; {trained}evaluation {eval:.1} s)", s.site, res.device));
-        if models.is_empty() {
-            continue;
-        }
+        let Some(first) = res.arms.first() else { continue };
         let mut header = format!("  {:<18}", "organ");
-        for m in &models {
-            header.push_str(&format!(" {:>15}", m.label));
+        for label in &labels {
+            header.push_str(&format!(" {label:>15}"));
         }
         out(&format!("{header} {:>8} {:>4}", "HD95 mm", "n"));
-        // Organs in the order the first model lists them; HD95 and n of the first model.
-        for o in models[0].organs {
-            let mut line = format!("  {:<18}", o.organ);
-            for m in &models {
-                let dice: Vec<f64> = m
-                    .organs
-                    .iter()
-                    .find(|x| x.organ == o.organ)
-                    .map(|x| x.cases.iter().map(|c| c.dice).collect())
-                    .unwrap_or_default();
-                line.push_str(&format!(" {:>15}", dice_cell(&dice)));
+        // Organs in the order the first arm lists them; HD95 and n of the first arm.
+        let mut organs: Vec<&str> = Vec::new();
+        for c in &first.scores {
+            if !organs.contains(&c.organ.as_str()) {
+                organs.push(&c.organ);
             }
-            let hd: Vec<f64> = o.cases.iter().filter_map(|c| c.hd95_mm).collect();
-            let hd = if hd.is_empty() { "-".to_string() } else { format!("{:.1}", mean_sd(&hd).0) };
-            out(&format!("{line} {hd:>8} {:>4}", o.cases.len()));
+        }
+        for organ in organs {
+            let mut line = format!("  {organ:<18}");
+            for a in &res.arms {
+                line.push_str(&format!(" {:>15}", dice_cell(&dice_of(&a.scores, organ))));
+            }
+            let rows: Vec<&pb::CaseScore> =
+                first.scores.iter().filter(|c| c.organ == organ).collect();
+            let hd: Vec<f64> = rows.iter().filter_map(|c| c.hd95_mm).collect();
+            let hd = match shared::metrics::stats::summary(&hd) {
+                Some(s) => format!("{:.1}", s.mean),
+                None => "-".to_string(),
+            };
+            out(&format!("{line} {hd:>8} {:>4}", rows.len()));
         }
     }
 }
@@ -297,43 +286,57 @@ mod tests {
     }
 
     #[test]
-    fn results_list_every_model_a_task_scored() {
-        let organ = |dice: &[f64]| {
-            vec![pb::OrganScores {
-                organ: "brainstem".into(),
-                cases: dice
-                    .iter()
-                    .enumerate()
-                    .map(|(i, d)| pb::CaseScore { case_index: i as u32, dice: *d, hd95_mm: None })
-                    .collect(),
-            }]
-        };
-        let arm = |kind: pb::ArmKind, k: u32, dice: &[f64]| pb::ArmResult {
+    fn results_label_every_model_a_task_scored() {
+        let arm = |kind: pb::ArmKind, k: u32| pb::ArmResult {
             spec: Some(pb::ArmSpec { kind: kind as i32, ..Default::default() }),
             trainable_layers: k,
-            organs: organ(dice),
             ..Default::default()
         };
-        // A transfer target: no model of its own, three arms.
+        let round = |kind: pb::TaskKind, source: Option<&str>| pb::RoundResults {
+            round: Some(pb::RoundInfo {
+                spec: Some(pb::TaskSpec { kind: kind as i32, ..Default::default() }),
+                tasks: source
+                    .map(|s| pb::TaskInfo { site: s.into(), source: true, ..Default::default() })
+                    .into_iter()
+                    .collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         let transfer = pb::TaskResult {
             arms: vec![
-                arm(pb::ArmKind::Base, 0, &[0.5, 0.6]),
-                arm(pb::ArmKind::Scratch, 22, &[0.6, 0.7]),
-                arm(pb::ArmKind::Finetune, 3, &[0.7]),
+                arm(pb::ArmKind::Base, 0),
+                arm(pb::ArmKind::Scratch, 22),
+                arm(pb::ArmKind::Finetune, 3),
             ],
             ..Default::default()
         };
-        let labels: Vec<String> = scored_models(&transfer).into_iter().map(|m| m.label).collect();
-        assert_eq!(labels, ["Model_S", "Model_T", "Model_ST k=3"]);
-        // A finetune task: its own model and the base model.
+        let r = round(pb::TaskKind::TransferTarget, Some("src"));
+        assert_eq!(arm_labels(&r, "a", &transfer), ["Model_S", "Model_T", "Model_ST k=3"]);
+        let source =
+            pb::TaskResult { arms: vec![arm(pb::ArmKind::Scratch, 22)], ..Default::default() };
+        assert_eq!(arm_labels(&r, "src", &source), ["Model_S (trained)"]);
         let finetune = pb::TaskResult {
-            organs: organ(&[0.7, 0.8]),
-            arms: vec![arm(pb::ArmKind::Base, 0, &[0.5, 0.6])],
+            arms: vec![arm(pb::ArmKind::Base, 0), arm(pb::ArmKind::Finetune, 2)],
             ..Default::default()
         };
-        let labels: Vec<String> = scored_models(&finetune).into_iter().map(|m| m.label).collect();
-        assert_eq!(labels, ["fine-tuned", "base model"]);
-        assert_eq!(dice_cell(&[0.7]), "0.700", "no SD for one case");
+        let r = round(pb::TaskKind::Finetune, None);
+        assert_eq!(arm_labels(&r, "a", &finetune), ["base model", "fine-tuned k=2"]);
+        let rows = |organ: &str, dice: &[f64]| -> Vec<pb::CaseScore> {
+            dice.iter()
+                .enumerate()
+                .map(|(i, d)| pb::CaseScore {
+                    organ: organ.into(),
+                    case_index: i as u32,
+                    dice: *d,
+                    hd95_mm: None,
+                })
+                .collect()
+        };
+        let mut scores = rows("brainstem", &[0.5, 0.7]);
+        scores.extend(rows("mandible", &[0.9]));
+        assert_eq!(dice_of(&scores, "brainstem"), [0.5, 0.7]);
+        assert_eq!(dice_cell(&dice_of(&scores, "mandible")), "0.900", "no SD for one case");
         assert_eq!(dice_cell(&[0.5, 0.7]), "0.600 ± 0.141");
         assert_eq!(dice_cell(&[]), "-");
     }

@@ -48,37 +48,12 @@ fn trainable_layers(r: &pb::RoundResults) -> u32 {
     r.round.as_ref().and_then(|r| r.spec.as_ref()).map_or(0, |s| s.trainable_layers)
 }
 
-/// Per-case scores of both models at every site that reported the base model's too.
+/// Per-case scores of both models (the base model, scored first, and the fine-tuned one).
 pub(super) fn case_scores(r: &pb::RoundResults) -> Vec<CaseScore> {
-    let k = trainable_layers(r);
-    let mut out = Vec::new();
-    for sr in &r.results {
-        let Some(res) = &sr.result else { continue };
-        let base = res
-            .arms
-            .iter()
-            .find(|a| a.spec.as_ref().is_some_and(|s| s.kind == pb::ArmKind::Base as i32));
-        let Some(base) = base else { continue };
-        for (arm, organs, layers) in [(BASE, &base.organs, 0), (FINETUNED, &res.organs, k)] {
-            for o in organs {
-                for c in &o.cases {
-                    out.push(CaseScore {
-                        round: round_id(r),
-                        template: "finetune".into(),
-                        site: sr.site.clone(),
-                        arm: arm.into(),
-                        trainable_layers: layers,
-                        train_cases: 0,
-                        organ: o.organ.clone(),
-                        case_index: c.case_index,
-                        dice: c.dice,
-                        hd95_mm: c.hd95_mm,
-                    });
-                }
-            }
-        }
-    }
-    out
+    let kind = |a: &pb::ArmResult| a.spec.as_ref().map_or(0, |s| s.kind);
+    super::rows(r, "finetune", |a| {
+        if kind(a) == pb::ArmKind::Base as i32 { BASE } else { FINETUNED }.to_owned()
+    })
 }
 
 pub(super) fn finetune(r: &pb::RoundResults, cases: &[CaseScore]) -> Finetune {
@@ -118,7 +93,7 @@ pub(super) fn finetune(r: &pb::RoundResults, cases: &[CaseScore]) -> Finetune {
         .results
         .iter()
         .filter(|s| sites.contains(&s.site))
-        .filter_map(|s| Some((s.site.clone(), s.result.as_ref()?.train_seconds)))
+        .filter_map(|s| Some((s.site.clone(), s.result.as_ref()?.arms.last()?.train_seconds)))
         .collect();
     Finetune {
         round: id,

@@ -156,31 +156,43 @@ fn round_id(r: &pb::RoundResults) -> String {
     r.round.as_ref().map(|r| r.round_id.clone()).unwrap_or_default()
 }
 
-/// Every per-case score of the transfer-template rounds' target results.
-fn case_scores(r: &pb::RoundResults) -> Vec<CaseScore> {
+/// The one place the report reads per-case scores off the wire: every row of every arm of
+/// every site's result in round `r`, the arm named by `name` (a site's arms in order), except
+/// the source site's (whose one arm trained Model_S: see the training table).
+fn rows(
+    r: &pb::RoundResults,
+    template: &str,
+    name: impl Fn(&pb::ArmResult) -> String,
+) -> Vec<CaseScore> {
+    let source = r.round.as_ref().and_then(|i| i.tasks.iter().find(|t| t.source));
     let mut out = Vec::new();
     for sr in &r.results {
+        if source.is_some_and(|t| t.site == sr.site) {
+            continue;
+        }
         let Some(res) = &sr.result else { continue };
         for arm in &res.arms {
-            for o in &arm.organs {
-                for c in &o.cases {
-                    out.push(CaseScore {
-                        round: round_id(r),
-                        template: template_of(r).to_owned(),
-                        site: sr.site.clone(),
-                        arm: arm_name(arm.spec.as_ref()).to_owned(),
-                        trainable_layers: arm.trainable_layers,
-                        train_cases: arm.train_cases,
-                        organ: o.organ.clone(),
-                        case_index: c.case_index,
-                        dice: c.dice,
-                        hd95_mm: c.hd95_mm,
-                    });
-                }
-            }
+            let arm_name = name(arm);
+            out.extend(arm.scores.iter().map(|c| CaseScore {
+                round: round_id(r),
+                template: template.to_owned(),
+                site: sr.site.clone(),
+                arm: arm_name.clone(),
+                trainable_layers: arm.trainable_layers,
+                train_cases: arm.train_cases,
+                organ: c.organ.clone(),
+                case_index: c.case_index,
+                dice: c.dice,
+                hd95_mm: c.hd95_mm,
+            }));
         }
     }
     out
+}
+
+/// Every per-case score of a transfer-template round's target results.
+fn case_scores(r: &pb::RoundResults) -> Vec<CaseScore> {
+    rows(r, template_of(r), |a| arm_name(a.spec.as_ref()).to_owned())
 }
 
 type Key = (String, u32); // (site, case index)
@@ -253,9 +265,9 @@ fn organ_order(r: &pb::RoundResults) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for sr in &r.results {
         for arm in sr.result.iter().flat_map(|r| &r.arms) {
-            for o in &arm.organs {
-                if !out.contains(&o.organ) {
-                    out.push(o.organ.clone());
+            for c in &arm.scores {
+                if !out.contains(&c.organ) {
+                    out.push(c.organ.clone());
                 }
             }
         }
@@ -277,9 +289,10 @@ fn transfer(r: &pb::RoundResults, cases: &[CaseScore]) -> Transfer {
             scope(s, &c, &organs)
         })
         .collect();
+    let source_site = info.tasks.iter().find(|t| t.source).map(|t| t.site.clone());
     let mut training = Vec::new();
     let (mut k, mut total) = (0, 0);
-    for sr in &r.results {
+    for sr in r.results.iter().filter(|sr| source_site.as_deref() != Some(sr.site.as_str())) {
         for arm in sr.result.iter().flat_map(|r| &r.arms) {
             let name = arm_name(arm.spec.as_ref());
             match name {
@@ -299,10 +312,14 @@ fn transfer(r: &pb::RoundResults, cases: &[CaseScore]) -> Transfer {
             });
         }
     }
-    let source_site = info.tasks.iter().find(|t| t.source).map(|t| t.site.clone());
-    // Model_S, where this round trained it: the source site's own result.
+    // Model_S, where this round trained it: the source site's one arm.
     if let Some(src) = &source_site
-        && let Some(res) = r.results.iter().find(|x| &x.site == src).and_then(|x| x.result.as_ref())
+        && let Some(res) = r
+            .results
+            .iter()
+            .find(|x| &x.site == src)
+            .and_then(|x| x.result.as_ref())
+            .and_then(|r| r.arms.last())
     {
         training.insert(
             0,

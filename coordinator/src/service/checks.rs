@@ -4,28 +4,25 @@ use proto::pb;
 
 use super::{SResult, ServiceError};
 
-fn check_scores(organs: &[pb::OrganScores]) -> SResult<()> {
+fn check_scores(scores: &[pb::CaseScore]) -> SResult<()> {
     let bad = |m: String| Err(ServiceError::InvalidArgument(m));
-    if organs.len() > 256 {
-        return bad(format!("{} organs in a result; at most 256", organs.len()));
-    }
-    for o in organs {
-        if o.organ.is_empty() || o.organ.len() > 64 {
+    for c in scores {
+        if c.organ.is_empty() || c.organ.len() > 64 {
             return bad("organ names are 1 to 64 characters".into());
         }
-        if o.cases.len() > 100_000 {
-            return bad(format!("{} cases for {}; at most 100000", o.cases.len(), o.organ));
+        if !(0.0..=1.0).contains(&c.dice) {
+            return bad(format!("Dice {} of {} is outside 0..1", c.dice, c.organ));
         }
-        for c in &o.cases {
-            if !(0.0..=1.0).contains(&c.dice) {
-                return bad(format!("Dice {} of {} is outside 0..1", c.dice, o.organ));
-            }
-            if let Some(h) = c.hd95_mm
-                && !(h.is_finite() && h >= 0.0)
-            {
-                return bad(format!("HD95 {h} of {} is not a distance", o.organ));
-            }
+        if let Some(h) = c.hd95_mm
+            && !(h.is_finite() && h >= 0.0)
+        {
+            return bad(format!("HD95 {h} of {} is not a distance", c.organ));
         }
+    }
+    let organs: std::collections::BTreeSet<&str> =
+        scores.iter().map(|c| c.organ.as_str()).collect();
+    if organs.len() > 256 {
+        return bad(format!("{} organs in a result; at most 256", organs.len()));
     }
     Ok(())
 }
@@ -42,12 +39,11 @@ fn check_durations(d: [(&str, f64); 3]) -> SResult<()> {
 pub use crate::rounds::MAX_ARMS;
 
 pub(super) fn check_result(r: &pb::TaskResult) -> SResult<()> {
-    check_scores(&r.organs)?;
-    check_durations([
-        ("train_seconds", r.train_seconds),
-        ("cache_seconds", r.cache_seconds),
-        ("eval_seconds", r.eval_seconds),
-    ])?;
+    if r.arms.is_empty() {
+        return Err(ServiceError::InvalidArgument(
+            "a result reports at least one arm (the model it scored)".into(),
+        ));
+    }
     if r.arms.len() > MAX_ARMS {
         return Err(ServiceError::InvalidArgument(format!(
             "{} arms in a result; at most {MAX_ARMS}",
@@ -55,7 +51,7 @@ pub(super) fn check_result(r: &pb::TaskResult) -> SResult<()> {
         )));
     }
     for a in &r.arms {
-        check_scores(&a.organs)?;
+        check_scores(&a.scores)?;
         check_durations([
             ("train_seconds", a.train_seconds),
             ("cache_seconds", a.cache_seconds),

@@ -237,16 +237,18 @@ impl SiteService for SiteApi {
             Some(pb::submit_result_request::Outcome::Result(r)) => {
                 check_result(&r)?;
                 if task.source {
-                    // Model_S must have arrived (UploadModel) before the source's result.
-                    let uploaded = c.store.model(&r.weights_sha256)?;
-                    if r.weights_sha256.is_empty() || uploaded.is_none() {
+                    // Model_S (the source's one arm) must have arrived (UploadModel) before
+                    // the source's result.
+                    let sha = r.arms.last().map(|a| a.weights_sha256.clone()).unwrap_or_default();
+                    let uploaded = c.store.model(&sha)?;
+                    if sha.is_empty() || uploaded.is_none() {
                         return Err(ServiceError::FailedPrecondition(format!(
-                            "task {} trains Model_S: upload its weights ({}) before the result",
-                            task.id, r.weights_sha256
+                            "task {} trains Model_S: upload its weights ({sha}) before the result",
+                            task.id
                         ))
                         .into());
                     }
-                    round.base_sha256 = Some(r.weights_sha256.clone());
+                    round.base_sha256 = Some(sha);
                 }
                 result_bytes = Some(r.encode_to_vec());
                 task.state = TaskState::Succeeded;

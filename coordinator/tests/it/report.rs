@@ -59,6 +59,22 @@ fn values(site_i: usize, organ_i: usize, arm_i: usize) -> Vec<f64> {
     v
 }
 
+/// Site `si`'s per-case scores of arm `ai`, one row per organ and case.
+fn rows(si: usize, ai: usize, hd95_mm: Option<f64>) -> Vec<pb::CaseScore> {
+    ORGANS
+        .iter()
+        .enumerate()
+        .flat_map(|(oi, organ)| {
+            values(si, oi, ai).into_iter().enumerate().map(move |(i, d)| pb::CaseScore {
+                organ: (*organ).into(),
+                case_index: i as u32,
+                dice: d,
+                hd95_mm,
+            })
+        })
+        .collect()
+}
+
 fn study() -> pb::StudyResults {
     let results = SITES
         .iter()
@@ -75,26 +91,10 @@ fn study() -> pb::StudyResults {
                         trainable_layers: [0, 22, 3][ai],
                         train_cases: [0, 5, 5][ai],
                         train_seconds: [0.0, 30.0, 6.0][ai],
-                        organs: ORGANS
-                            .iter()
-                            .enumerate()
-                            .map(|(oi, organ)| pb::OrganScores {
-                                organ: (*organ).into(),
-                                cases: values(si, oi, ai)
-                                    .into_iter()
-                                    .enumerate()
-                                    .map(|(i, d)| pb::CaseScore {
-                                        case_index: i as u32,
-                                        dice: d,
-                                        hd95_mm: Some(2.0),
-                                    })
-                                    .collect(),
-                            })
-                            .collect(),
+                        scores: rows(si, ai, Some(2.0)),
                         ..Default::default()
                     })
                     .collect(),
-                ..Default::default()
             }),
         })
         .collect();
@@ -233,41 +233,32 @@ fn with_finetune_round() -> pb::StudyResults {
     let results = SITES
         .iter()
         .enumerate()
-        .map(|(si, (site, _))| {
-            let organs = |arm_i: usize| -> Vec<pb::OrganScores> {
-                ORGANS
-                    .iter()
-                    .enumerate()
-                    .map(|(oi, organ)| pb::OrganScores {
-                        organ: (*organ).into(),
-                        cases: values(si, oi, arm_i)
-                            .into_iter()
-                            .enumerate()
-                            .map(|(i, d)| pb::CaseScore {
-                                case_index: i as u32,
-                                dice: d,
-                                hd95_mm: None,
-                            })
-                            .collect(),
-                    })
-                    .collect()
-            };
-            pb::SiteResult {
-                site: (*site).into(),
-                result: Some(pb::TaskResult {
-                    organs: organs(2),
-                    train_seconds: 12.0,
-                    arms: vec![pb::ArmResult {
+        .map(|(si, (site, _))| pb::SiteResult {
+            site: (*site).into(),
+            result: Some(pb::TaskResult {
+                arms: vec![
+                    pb::ArmResult {
                         spec: Some(pb::ArmSpec {
                             kind: pb::ArmKind::Base as i32,
                             ..Default::default()
                         }),
-                        organs: organs(0),
+                        scores: rows(si, 0, None),
                         ..Default::default()
-                    }],
-                    ..Default::default()
-                }),
-            }
+                    },
+                    pb::ArmResult {
+                        spec: Some(pb::ArmSpec {
+                            kind: pb::ArmKind::Finetune as i32,
+                            trainable_layers: 3,
+                            ..Default::default()
+                        }),
+                        trainable_layers: 3,
+                        train_seconds: 12.0,
+                        scores: rows(si, 2, None),
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }),
         })
         .collect();
     let round = pb::RoundInfo {
@@ -324,14 +315,23 @@ fn the_training_time_table_has_a_model_s_row() {
     s.rounds[0].results.push(pb::SiteResult {
         site: "source".into(),
         result: Some(pb::TaskResult {
-            train_seconds: 41.5,
-            train_slices: 480,
-            epoch_losses: vec![0.9, 0.5],
+            arms: vec![pb::ArmResult {
+                spec: Some(pb::ArmSpec { kind: pb::ArmKind::Scratch as i32, ..Default::default() }),
+                train_seconds: 41.5,
+                train_slices: 480,
+                epoch_losses: vec![0.9, 0.5],
+                trainable_layers: 22,
+                // Model_S on the source's own test cases: not a target's score.
+                scores: rows(0, 1, None),
+                ..Default::default()
+            }],
             ..Default::default()
         }),
     });
     let r = report::build(&s);
     let t = r.transfer.as_ref().expect("transfer");
+    assert!(t.sites.iter().all(|x| x.scope != "source"), "the source is no target");
+    assert!(r.cases.iter().all(|c| c.site != "source"));
     let first = &t.training[0];
     assert_eq!((first.site.as_str(), first.arm.as_str()), ("source", MODEL_S));
     assert_eq!((first.train_seconds, first.epochs, first.trainable_layers), (41.5, 2, 22));

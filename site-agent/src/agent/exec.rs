@@ -253,26 +253,30 @@ impl Runner<'_> {
         let started = Instant::now();
         let cases = evaluate(net, test).map_err(fail(pb::FailureCode::Internal, "evaluation"))?;
         arm.eval_seconds = started.elapsed().as_secs_f64();
-        let organs = &test.organs;
-        arm.organs = organs
-            .labels()
-            .into_iter()
-            .map(|label| pb::OrganScores {
-                organ: organs.name(label).unwrap_or("?").to_owned(),
-                cases: cases
-                    .iter()
-                    .filter_map(|c| {
-                        c.scores.iter().find(|s| s.label == label).map(|s| pb::CaseScore {
-                            case_index: c.case_index as u32,
-                            dice: s.dice,
-                            hd95_mm: s.hd95_mm,
-                        })
-                    })
-                    .collect(),
-            })
-            .collect();
+        arm.scores = case_rows(&cases, &test.organs);
         Ok(())
     }
+}
+
+/// Per-case scores as the long rows the protocol carries: one per organ and case, organs in
+/// label order within a case.
+fn case_rows(
+    cases: &[crate::evaluate::CaseScores],
+    organs: &shared::organs::OrganMap,
+) -> Vec<pb::CaseScore> {
+    cases
+        .iter()
+        .flat_map(|c| {
+            organs.labels().into_iter().filter_map(move |label| {
+                c.scores.iter().find(|s| s.label == label).map(|s| pb::CaseScore {
+                    organ: organs.name(label).unwrap_or("?").to_owned(),
+                    case_index: c.case_index as u32,
+                    dice: s.dice,
+                    hd95_mm: s.hd95_mm,
+                })
+            })
+        })
+        .collect()
 }
 
 fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
@@ -323,7 +327,8 @@ pub fn run_task(
     }
 }
 
-/// Evaluate, finetune, train and transfer-source: one model, trained or not, then scored.
+/// Evaluate, finetune, train and transfer-source: one model, trained or not, then scored (a
+/// finetune task scores its base model first).
 fn run_single(
     site: &Site,
     task: &pb::Task,
@@ -366,15 +371,20 @@ fn run_single(
     let test = load_split(site, Split::Test)?;
     // A finetune task scores the base model on the same cases first, so the study lead sees
     // whether fine-tuning helped (paired by case).
-    let mut baseline = Vec::new();
+    let mut arms = Vec::new();
     if kind == pb::TaskKind::Finetune {
         let mut base = pb::ArmResult {
             spec: Some(pb::ArmSpec { kind: pb::ArmKind::Base as i32, ..Default::default() }),
             ..Default::default()
         };
         runner.evaluate(&net, &test, &mut base)?;
-        baseline.push(base);
+        arms.push(base);
     }
+    let arm_kind = match kind {
+        pb::TaskKind::Evaluate => pb::ArmKind::Base,
+        pb::TaskKind::Finetune => pb::ArmKind::Finetune,
+        _ => pb::ArmKind::Scratch,
+    };
     let mut arm = pb::ArmResult::default();
     if kind != pb::TaskKind::Evaluate {
         let train = load_split(site, Split::Train)?;
@@ -390,18 +400,14 @@ fn run_single(
         })?;
         arm.train_cases = train.cases.len() as u32;
     }
+    arm.spec = Some(pb::ArmSpec {
+        kind: arm_kind as i32,
+        trainable_layers: if kind == pb::TaskKind::Finetune { k as u32 } else { 0 },
+        ..Default::default()
+    });
     runner.evaluate(&net, &test, &mut arm)?;
-    Ok(pb::TaskResult {
-        organs: arm.organs,
-        train_seconds: arm.train_seconds,
-        cache_seconds: arm.cache_seconds,
-        eval_seconds: arm.eval_seconds,
-        epoch_losses: arm.epoch_losses,
-        device: site.device_info.kind.into(),
-        weights_sha256: arm.weights_sha256,
-        train_slices: arm.train_slices,
-        arms: baseline,
-    })
+    arms.push(arm);
+    Ok(pb::TaskResult { device: site.device_info.kind.into(), arms })
 }
 
 /// A transfer target: every arm of the spec against the base model (Model_S), in order.
@@ -512,5 +518,5 @@ fn run_arms(
         );
         arms.push(result);
     }
-    Ok(pb::TaskResult { device: site.device_info.kind.into(), arms, ..Default::default() })
+    Ok(pb::TaskResult { device: site.device_info.kind.into(), arms })
 }

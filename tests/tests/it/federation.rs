@@ -12,10 +12,16 @@ use tests::privacy::{assert_sends_none_of, site_secrets};
 
 type R = anyhow::Result<()>;
 
+/// Organs with a Dice in 0..1 for every row of the task's last arm (its own model).
 fn organs_with_dice(r: &pb::TaskResult) -> usize {
-    r.organs
-        .iter()
-        .filter(|o| !o.cases.is_empty() && o.cases.iter().all(|c| (0.0..=1.0).contains(&c.dice)))
+    let rows = r.arms.last().map_or(&[][..], |a| &a.scores[..]);
+    let mut organs: Vec<&str> = rows.iter().map(|c| c.organ.as_str()).collect();
+    organs.dedup();
+    organs.sort();
+    organs.dedup();
+    organs
+        .into_iter()
+        .filter(|o| rows.iter().filter(|c| c.organ == *o).all(|c| (0.0..=1.0).contains(&c.dice)))
         .count()
 }
 
@@ -52,22 +58,26 @@ async fn three_sites_complete_evaluate_and_finetune_rounds() -> R {
         for r in &results.results {
             let res = r.result.as_ref().expect("result");
             assert_eq!(organs_with_dice(res), 9, "per-organ Dice from {}", r.site);
+            let kinds: Vec<i32> =
+                res.arms.iter().map(|a| a.spec.as_ref().map_or(0, |s| s.kind)).collect();
             if kind == pb::TaskKind::Finetune as i32 {
-                assert_eq!(res.epoch_losses.len(), 1);
+                // The base model scored on the same cases before fine-tuning, then the
+                // fine-tuned model.
+                assert_eq!(kinds, [pb::ArmKind::Base as i32, pb::ArmKind::Finetune as i32]);
+                let (base, tuned) = (&res.arms[0], &res.arms[1]);
+                assert_eq!(tuned.epoch_losses.len(), 1);
+                assert_eq!(tuned.trainable_layers, 2);
                 assert_eq!(
-                    res.weights_sha256.len(),
+                    tuned.weights_sha256.len(),
                     64,
                     "fine-tuned weights stay at the site, named by hash"
                 );
-                // The base model scored on the same cases before fine-tuning.
-                let base = res.arms.first().expect("the base model's scores");
-                assert_eq!(base.spec.as_ref().map(|s| s.kind), Some(pb::ArmKind::Base as i32));
-                let cases = |o: &[pb::OrganScores]| -> Vec<(String, Vec<u32>)> {
-                    o.iter()
-                        .map(|o| (o.organ.clone(), o.cases.iter().map(|c| c.case_index).collect()))
-                        .collect()
+                let cases = |a: &pb::ArmResult| -> Vec<(String, u32)> {
+                    a.scores.iter().map(|c| (c.organ.clone(), c.case_index)).collect()
                 };
-                assert_eq!(cases(&base.organs), cases(&res.organs), "the same organs and cases");
+                assert_eq!(cases(base), cases(tuned), "the same organs and cases");
+            } else {
+                assert_eq!(kinds, [pb::ArmKind::Base as i32], "an evaluation scores one model");
             }
         }
     }
@@ -274,9 +284,14 @@ async fn a_result_submitted_twice_counts_once() -> R {
         task_id: task.task_id.clone(),
         attempt: task.attempt,
         outcome: Some(pb::submit_result_request::Outcome::Result(pb::TaskResult {
-            organs: vec![pb::OrganScores {
-                organ: "brainstem".into(),
-                cases: vec![pb::CaseScore { case_index: 0, dice, hd95_mm: None }],
+            arms: vec![pb::ArmResult {
+                scores: vec![pb::CaseScore {
+                    organ: "brainstem".into(),
+                    case_index: 0,
+                    dice,
+                    hd95_mm: None,
+                }],
+                ..Default::default()
             }],
             ..Default::default()
         })),
@@ -286,7 +301,7 @@ async fn a_result_submitted_twice_counts_once() -> R {
     assert!(!a.submit(result(0.1)).await?, "the second is not");
     let results = fed.results(&round).await?;
     assert_eq!(results.results.len(), 1, "one result");
-    let dice = results.results[0].result.as_ref().expect("result").organs[0].cases[0].dice;
+    let dice = results.results[0].result.as_ref().expect("result").arms[0].scores[0].dice;
     assert_eq!(dice, 0.8, "the first submission's scores stand");
     let info = fed.wait_round(&round, 30).await?;
     assert_eq!(info.state, pb::RoundState::Completed as i32);

@@ -155,8 +155,10 @@ async fn an_agent_on_imported_dicom_sends_no_identifier() -> Result<()> {
     let info = fed.wait_round(&round, 240).await?;
     assert_eq!(info.state, pb::RoundState::Completed as i32, "{info:?}");
     let results = fed.results(&round).await?;
-    let organs = results.results[0].result.as_ref().expect("result").organs.len();
-    assert_eq!(organs, 9, "scores for every organ of the imported data");
+    let res = results.results[0].result.as_ref().expect("result");
+    let organs: std::collections::BTreeSet<&str> =
+        res.arms.iter().flat_map(|a| &a.scores).map(|c| c.organ.as_str()).collect();
+    assert_eq!(organs.len(), 9, "scores for every organ of the imported data");
     for a in &mut fed.agents {
         a.stop().await?;
     }
