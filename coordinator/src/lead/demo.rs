@@ -115,8 +115,9 @@ impl Drop for Proc {
     }
 }
 
-/// The site-agent binary: `--site-agent`, or beside this executable; under `cargo run`, built
-/// on first use.
+/// The site-agent binary: `--site-agent`, or beside this executable. Under `cargo run` it is
+/// built (or rebuilt) first the same way, so that an agent left from an older checkout never
+/// talks to this coordinator.
 fn site_agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     if let Some(p) = explicit {
         if p.is_file() {
@@ -127,13 +128,12 @@ fn site_agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the coordinator executable")?;
     let dir = exe.parent().context("the executable's folder")?;
     let path = dir.join(format!("site-agent{}", std::env::consts::EXE_SUFFIX));
-    if path.is_file() {
-        return Ok(path);
-    }
-    // Under `cargo run` (which sets CARGO), build the agent the same way.
+    // Under `cargo run` (which sets CARGO): cargo does nothing when the agent is current.
     if let Ok(cargo) = std::env::var("CARGO") {
         let release = dir.file_name().is_some_and(|n| n == "release");
-        eprintln!("building site-agent (first run only) ...");
+        if !path.is_file() {
+            eprintln!("building site-agent (first run only) ...");
+        }
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "--quiet", "-p", "site-agent"]);
         if release {
@@ -143,6 +143,8 @@ fn site_agent_binary(explicit: Option<&Path>) -> Result<PathBuf> {
         if status.success() && path.is_file() {
             return Ok(path);
         }
+    } else if path.is_file() {
+        return Ok(path);
     }
     bail!(
         "the site-agent binary is not at {}; build it with `cargo build --release -p site-agent` or pass --site-agent PATH",

@@ -2,18 +2,16 @@
 //! training, evaluation, and the result message (scores by case index only).
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
-use crate::data::{Dataset, Manifest, Split};
+use crate::data::{Dataset, Split};
 use crate::model::{ModelConfig, Net};
 use crate::weights::{self, WeightsManifest};
-use candle_core::Device;
 use proto::pb;
 
-use super::config::{Policy, SiteConfig};
 use super::policy::{check_gpu_memory, effective_epochs};
-use crate::evaluate::evaluate;
-use crate::train::{SliceSet, TrainError, TrainEvent, TrainOptions, train_until};
+use super::runner::{Runner, Training, fail};
+pub use super::site::{Site, SiteDataError};
+use crate::train::{SliceSet, TrainOptions};
 
 /// What a task ended with.
 #[derive(Clone, Debug, PartialEq)]
@@ -67,77 +65,6 @@ fn train_options(spec: &pb::TaskSpec) -> TrainOptions {
     }
 }
 
-/// Site data that failed the start-up check: the manifest and each problem (by case and file).
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "{} failed validation ({} problem(s)); fix them (`site-agent check-data --manifest {}` \
-     re-checks) and start the agent again:\n  {}",
-    manifest.display(),
-    problems.len(),
-    manifest.display(),
-    problems.join("\n  ")
-)]
-pub struct SiteDataError {
-    pub manifest: PathBuf,
-    pub problems: Vec<String>,
-}
-
-/// Everything a task needs from the site.
-#[derive(Debug)]
-pub struct Site {
-    pub manifest: Manifest,
-    pub storage: PathBuf,
-    pub policy: Policy,
-    /// Smallest and largest voxel spacing per axis over the site's images (read at start).
-    pub spacing_range: ([f64; 3], [f64; 3]),
-    /// Where the engine runs (`agent.device`, selected at start).
-    pub device: Device,
-    pub device_info: crate::device::DeviceInfo,
-}
-
-impl Site {
-    /// Opens the site's data: every case of the manifest is read and checked as `check-data`
-    /// does, so an agent never starts on data that a task would later find invalid; every
-    /// problem is returned, by case and file.
-    pub fn open(
-        cfg: &SiteConfig,
-        selected: crate::device::Selected,
-    ) -> Result<Self, SiteDataError> {
-        let manifest = Manifest::load(&cfg.data.manifest).map_err(|e| SiteDataError {
-            manifest: cfg.data.manifest.clone(),
-            problems: vec![e.to_string()],
-        })?;
-        let (mut lo, mut hi) = ([f64::INFINITY; 3], [0f64; 3]);
-        let mut problems = Vec::new();
-        for case in &manifest.cases {
-            match crate::data::load_case(case, &manifest.organs) {
-                Ok(c) => {
-                    for i in 0..3 {
-                        lo[i] = lo[i].min(f64::from(c.image.spacing()[i]));
-                        hi[i] = hi[i].max(f64::from(c.image.spacing()[i]));
-                    }
-                }
-                Err(e) => problems.push(e.to_string()),
-            }
-        }
-        if !problems.is_empty() {
-            return Err(SiteDataError { manifest: cfg.data.manifest.clone(), problems });
-        }
-        Ok(Self {
-            manifest,
-            storage: cfg.storage.dir.clone(),
-            policy: cfg.policy.clone(),
-            spacing_range: (lo, hi),
-            device: selected.device,
-            device_info: selected.info,
-        })
-    }
-
-    pub fn train_cases(&self) -> usize {
-        self.manifest.cases_in(Split::Train).count()
-    }
-}
-
 /// Where a task's trained weights stay at the site (and, for a transfer source, what is
 /// uploaded).
 pub fn weights_path(site: &Site, task_id: &str, arm: Option<usize>) -> PathBuf {
@@ -146,137 +73,6 @@ pub fn weights_path(site: &Site, task_id: &str, arm: Option<usize>) -> PathBuf {
         Some(i) => format!("{task_id}.arm{i}.safetensors"),
     };
     site.storage.join("weights").join(name)
-}
-
-/// Logs `e` (details stay in this site's log) and fails with `code`.
-fn fail<E: std::fmt::Display>(
-    code: pb::FailureCode,
-    what: &'static str,
-) -> impl FnOnce(E) -> pb::FailureCode {
-    move |e| {
-        tracing::error!(error = %e, "{what}");
-        code
-    }
-}
-
-/// Training one model: what to train, on which slices, and where its weights go.
-struct Training<'a> {
-    net: &'a Net,
-    k: usize,
-    slices: &'a SliceSet,
-    opts: TrainOptions,
-    parent: Option<String>,
-    out: PathBuf,
-}
-
-/// What running a task needs besides the work itself.
-struct Runner<'a> {
-    progress: &'a mut dyn FnMut(pb::Progress),
-    stop: &'a dyn Fn() -> bool,
-    /// The share of the task's progress this step covers.
-    span: (f64, f64),
-}
-
-impl Runner<'_> {
-    fn phase(&mut self, name: &str, at: f64) {
-        let fraction = self.span.0 + (self.span.1 - self.span.0) * at;
-        (self.progress)(pb::Progress { phase: name.into(), fraction, ..Default::default() });
-    }
-
-    /// Trains, saves the weights at the site, and returns the arm's training figures.
-    fn train(&mut self, t: Training<'_>) -> Result<pb::ArmResult, pb::FailureCode> {
-        let epochs = t.opts.epochs as u32;
-        let (lo, hi) = self.span;
-        let progress = &mut *self.progress;
-        let mut on_event = |e: &TrainEvent| match *e {
-            TrainEvent::Caching { done, total } => progress(pb::Progress {
-                phase: "cache".into(),
-                fraction: lo + (hi - lo) * 0.1 * done as f64 / total.max(1) as f64,
-                epochs,
-                ..Default::default()
-            }),
-            TrainEvent::Step { epoch, step, steps_per_epoch, loss } => {
-                super::faults::pause_at("train");
-                progress(pb::Progress {
-                    phase: "train".into(),
-                    epoch: epoch as u32 + 1,
-                    epochs,
-                    loss,
-                    fraction: lo
-                        + (hi - lo)
-                            * (0.1
-                                + 0.8
-                                    * (epoch as f64
-                                        + (step + 1) as f64 / steps_per_epoch.max(1) as f64)
-                                    / f64::from(epochs.max(1))),
-                })
-            }
-            TrainEvent::Epoch { .. } => {}
-        };
-        let report = match train_until(t.net, t.k, t.slices, &t.opts, &mut on_event, self.stop) {
-            Ok(r) => r,
-            Err(TrainError::Stopped) => {
-                return Err(pb::FailureCode::AgentShutdown);
-            }
-            Err(TrainError::Diverged(..)) => {
-                return Err(pb::FailureCode::Diverged);
-            }
-            Err(e) => return Err(fail(pb::FailureCode::Internal, "training")(e)),
-        };
-        let prov = report.provenance(t.parent, t.net.num_layers(), &t.opts);
-        if let Some(dir) = t.out.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(fail(pb::FailureCode::Internal, "creating the weights folder"))?;
-        }
-        let sha = weights::save(t.net, &prov, &t.out)
-            .map_err(fail(pb::FailureCode::Internal, "saving the trained weights"))?;
-        tracing::info!(path = %t.out.display(), "trained weights kept at this site");
-        Ok(pb::ArmResult {
-            train_seconds: report.seconds,
-            cache_seconds: report.cache_seconds,
-            epoch_losses: report.epoch_losses,
-            weights_sha256: sha,
-            train_slices: report.slices as u32,
-            trainable_layers: t.k as u32,
-            ..Default::default()
-        })
-    }
-
-    /// Scores `net` on the test split: per organ, per case index.
-    fn evaluate(
-        &mut self,
-        net: &Net,
-        test: &Dataset,
-        arm: &mut pb::ArmResult,
-    ) -> Result<(), pb::FailureCode> {
-        self.phase("evaluate", 0.92);
-        let started = Instant::now();
-        let cases = evaluate(net, test).map_err(fail(pb::FailureCode::Internal, "evaluation"))?;
-        arm.eval_seconds = started.elapsed().as_secs_f64();
-        arm.scores = case_rows(&cases, &test.organs);
-        Ok(())
-    }
-}
-
-/// Per-case scores as the long rows the protocol carries: one per organ and case, organs in
-/// label order within a case.
-fn case_rows(
-    cases: &[crate::evaluate::CaseScores],
-    organs: &shared::organs::OrganMap,
-) -> Vec<pb::CaseScore> {
-    cases
-        .iter()
-        .flat_map(|c| {
-            organs.labels().into_iter().filter_map(move |label| {
-                c.scores.iter().find(|s| s.label == label).map(|s| pb::CaseScore {
-                    organ: organs.name(label).unwrap_or("?").to_owned(),
-                    case_index: c.case_index as u32,
-                    dice: s.dice,
-                    hd95_mm: s.hd95_mm,
-                })
-            })
-        })
-        .collect()
 }
 
 fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {

@@ -22,6 +22,8 @@ pub mod exec;
 pub mod faults;
 pub(crate) mod link;
 pub mod policy;
+mod runner;
+pub mod site;
 
 use std::future::Future;
 use std::path::PathBuf;

@@ -5,7 +5,7 @@ use crate::model::ModelConfig;
 use proto::pb;
 
 use super::config::Policy;
-use super::exec::Site;
+use super::site::Site;
 use crate::train::TrainOptions;
 
 /// `policy.max_gpu_memory_gb` against the estimated memory of training the last `k` layers of

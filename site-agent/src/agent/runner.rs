@@ -1,0 +1,144 @@
+//! One step of a task: training a model (with progress events and the stop flag) and
+//! scoring it on the test split, as the protocol's arm result.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use proto::pb;
+
+use crate::data::Dataset;
+use crate::evaluate::evaluate;
+use crate::model::Net;
+use crate::train::{SliceSet, TrainError, TrainEvent, TrainOptions, train_until};
+use crate::weights;
+
+/// Logs `e` (details stay in this site's log) and fails with `code`.
+pub(super) fn fail<E: std::fmt::Display>(
+    code: pb::FailureCode,
+    what: &'static str,
+) -> impl FnOnce(E) -> pb::FailureCode {
+    move |e| {
+        tracing::error!(error = %e, "{what}");
+        code
+    }
+}
+
+/// Training one model: what to train, on which slices, and where its weights go.
+pub(super) struct Training<'a> {
+    pub(super) net: &'a Net,
+    pub(super) k: usize,
+    pub(super) slices: &'a SliceSet,
+    pub(super) opts: TrainOptions,
+    pub(super) parent: Option<String>,
+    pub(super) out: PathBuf,
+}
+
+/// What running a task needs besides the work itself.
+pub(super) struct Runner<'a> {
+    pub(super) progress: &'a mut dyn FnMut(pb::Progress),
+    pub(super) stop: &'a dyn Fn() -> bool,
+    /// The share of the task's progress this step covers.
+    pub(super) span: (f64, f64),
+}
+
+impl Runner<'_> {
+    pub(super) fn phase(&mut self, name: &str, at: f64) {
+        let fraction = self.span.0 + (self.span.1 - self.span.0) * at;
+        (self.progress)(pb::Progress { phase: name.into(), fraction, ..Default::default() });
+    }
+
+    /// Trains, saves the weights at the site, and returns the arm's training figures.
+    pub(super) fn train(&mut self, t: Training<'_>) -> Result<pb::ArmResult, pb::FailureCode> {
+        let epochs = t.opts.epochs as u32;
+        let (lo, hi) = self.span;
+        let progress = &mut *self.progress;
+        let mut on_event = |e: &TrainEvent| match *e {
+            TrainEvent::Caching { done, total } => progress(pb::Progress {
+                phase: "cache".into(),
+                fraction: lo + (hi - lo) * 0.1 * done as f64 / total.max(1) as f64,
+                epochs,
+                ..Default::default()
+            }),
+            TrainEvent::Step { epoch, step, steps_per_epoch, loss } => {
+                super::faults::pause_at("train");
+                progress(pb::Progress {
+                    phase: "train".into(),
+                    epoch: epoch as u32 + 1,
+                    epochs,
+                    loss,
+                    fraction: lo
+                        + (hi - lo)
+                            * (0.1
+                                + 0.8
+                                    * (epoch as f64
+                                        + (step + 1) as f64 / steps_per_epoch.max(1) as f64)
+                                    / f64::from(epochs.max(1))),
+                })
+            }
+            TrainEvent::Epoch { .. } => {}
+        };
+        let report = match train_until(t.net, t.k, t.slices, &t.opts, &mut on_event, self.stop) {
+            Ok(r) => r,
+            Err(TrainError::Stopped) => {
+                return Err(pb::FailureCode::AgentShutdown);
+            }
+            Err(TrainError::Diverged(..)) => {
+                return Err(pb::FailureCode::Diverged);
+            }
+            Err(e) => return Err(fail(pb::FailureCode::Internal, "training")(e)),
+        };
+        let prov = report.provenance(t.parent, t.net.num_layers(), &t.opts);
+        if let Some(dir) = t.out.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(fail(pb::FailureCode::Internal, "creating the weights folder"))?;
+        }
+        let sha = weights::save(t.net, &prov, &t.out)
+            .map_err(fail(pb::FailureCode::Internal, "saving the trained weights"))?;
+        tracing::info!(path = %t.out.display(), "trained weights kept at this site");
+        Ok(pb::ArmResult {
+            train_seconds: report.seconds,
+            cache_seconds: report.cache_seconds,
+            epoch_losses: report.epoch_losses,
+            weights_sha256: sha,
+            train_slices: report.slices as u32,
+            trainable_layers: t.k as u32,
+            ..Default::default()
+        })
+    }
+
+    /// Scores `net` on the test split: per organ, per case index.
+    pub(super) fn evaluate(
+        &mut self,
+        net: &Net,
+        test: &Dataset,
+        arm: &mut pb::ArmResult,
+    ) -> Result<(), pb::FailureCode> {
+        self.phase("evaluate", 0.92);
+        let started = Instant::now();
+        let cases = evaluate(net, test).map_err(fail(pb::FailureCode::Internal, "evaluation"))?;
+        arm.eval_seconds = started.elapsed().as_secs_f64();
+        arm.scores = case_rows(&cases, &test.organs);
+        Ok(())
+    }
+}
+
+/// Per-case scores as the long rows the protocol carries: one per organ and case, organs in
+/// label order within a case.
+fn case_rows(
+    cases: &[crate::evaluate::CaseScores],
+    organs: &shared::organs::OrganMap,
+) -> Vec<pb::CaseScore> {
+    cases
+        .iter()
+        .flat_map(|c| {
+            organs.labels().into_iter().filter_map(move |label| {
+                c.scores.iter().find(|s| s.label == label).map(|s| pb::CaseScore {
+                    organ: organs.name(label).unwrap_or("?").to_owned(),
+                    case_index: c.case_index as u32,
+                    dice: s.dice,
+                    hd95_mm: s.hd95_mm,
+                })
+            })
+        })
+        .collect()
+}
