@@ -357,3 +357,24 @@ fn tx_error(e: TransactionError<StoreError>) -> StoreError {
         TransactionError::Storage(e) => StoreError::Sled(e),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_highest_audit_anchor_is_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        let anchor =
+            |seq: u64, head: &str| AuditAnchorRecord { seq, head: head.into(), recorded: 1 };
+        assert_eq!(store.audit_anchor("a").expect("read"), None);
+        assert_eq!(store.note_audit_anchor("a", &anchor(5, "h5")).expect("note"), None);
+        assert_eq!(store.note_audit_anchor("a", &anchor(7, "h7")).expect("note"), None);
+        // A lower entry (a cut or reset log) does not replace what the site reported before.
+        let kept = store.note_audit_anchor("a", &anchor(2, "x2")).expect("note");
+        assert_eq!(kept, Some(anchor(7, "h7")));
+        assert_eq!(store.audit_anchor("a").expect("read"), Some(anchor(7, "h7")));
+        assert_eq!(store.audit_anchor("b").expect("read"), None, "per site");
+    }
+}

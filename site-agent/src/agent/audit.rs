@@ -360,4 +360,25 @@ mod tests {
         assert!(problems.contains(&"entry 1: the chain is broken before it".to_owned()));
         assert!(problems.contains(&"entry 1: altered".to_owned()), "{problems:?}");
     }
+
+    #[test]
+    fn the_head_and_the_coordinators_anchor() {
+        let (_d, log) = log_with(4);
+        let entries = log.entries().expect("entries");
+        let (seq, head) = log.head().expect("head").expect("a head");
+        assert_eq!((seq, head.as_str()), (3, entries[3].hash.as_str()));
+        // Intact, and the coordinator knew an earlier entry: both fine.
+        assert_eq!(check_anchor(&entries, 3, &head), None);
+        assert_eq!(check_anchor(&entries, 1, &entries[1].hash), None);
+        // The tail cut after the anchored entry.
+        let cut = check_anchor(&entries[..2], 3, &head).expect("a cut tail");
+        assert!(cut.contains("ends at entry 1"), "{cut}");
+        let empty = check_anchor(&[], 0, &entries[0].hash).expect("an emptied log");
+        assert!(empty.contains("the log is empty"), "{empty}");
+        // A different entry at the anchored position.
+        let other = check_anchor(&entries, 2, &head).expect("a rewrite");
+        assert!(other.contains("entry 2 is not the entry the coordinator was told of"), "{other}");
+        let (_e, fresh) = log_with(0);
+        assert_eq!(fresh.head().expect("head"), None, "a new log reports no head");
+    }
 }
