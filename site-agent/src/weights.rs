@@ -11,9 +11,10 @@ pub use shared::weights::{
 
 use crate::model::{ModelError, Net};
 
-/// Why weights cannot be written or loaded: the manifest's errors, and the model's.
+/// What is wrong with a weights file's manifest (format, compatibility, config).
 pub use shared::weights::WeightsError as ManifestError;
 
+/// Why weights cannot be written or loaded: files, the manifest, the model.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     #[error("cannot read weights {path}: {source}")]
@@ -28,26 +29,11 @@ pub enum WeightsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("not a fedtune weights file: {0}")]
-    Format(String),
-    #[error(
-        "weights were made for {what} {found}, but {expected} is required; use weights trained for this model and organ map"
-    )]
-    Incompatible { what: &'static str, found: String, expected: String },
+    /// Not a fedtune weights file, or not one for this model and organ map.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
     #[error(transparent)]
     Model(#[from] ModelError),
-}
-
-impl From<ManifestError> for WeightsError {
-    fn from(e: ManifestError) -> Self {
-        match e {
-            ManifestError::Format(m) => Self::Format(m),
-            ManifestError::Incompatible { what, found, expected } => {
-                Self::Incompatible { what, found, expected }
-            }
-            ManifestError::Config(c) => Self::Model(ModelError::Config(c)),
-        }
-    }
 }
 
 /// [`shared::weights::check_compatible`], with this module's error.
@@ -75,7 +61,7 @@ pub fn to_bytes(net: &Net, provenance: &Provenance) -> WeightsResult<Vec<u8>> {
         net.named_vars().into_iter().map(|(n, v)| (n, v.as_detached_tensor())).collect();
     let meta = HashMap::from([(METADATA_KEY.to_owned(), json)]);
     safetensors::serialize(tensors, Some(meta))
-        .map_err(|e| WeightsError::Format(format!("cannot serialise tensors: {e}")))
+        .map_err(|e| ManifestError::Format(format!("cannot serialise tensors: {e}")).into())
 }
 
 /// Writes the weights atomically (temp file, fsync, rename); returns the file's sha256.
@@ -93,8 +79,9 @@ pub fn save(net: &Net, provenance: &Provenance, path: &Path) -> WeightsResult<St
 /// Loads weights from bytes; returns the network, its manifest and its sha256.
 pub fn from_bytes(bytes: &[u8], device: &Device) -> WeightsResult<(Net, WeightsManifest, String)> {
     let manifest = read_manifest(bytes)?;
-    let tensors = candle_core::safetensors::load_buffer(bytes, device)
-        .map_err(|e| WeightsError::Format(format!("cannot decode tensors: {e}")))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
+        WeightsError::from(ManifestError::Format(format!("cannot decode tensors: {e}")))
+    })?;
     let net = Net::from_tensors(&manifest.config, &manifest.organs, tensors, device)?;
     Ok((net, manifest, sha256_hex(bytes)))
 }
@@ -105,15 +92,18 @@ pub fn load(path: &Path, device: &Device) -> WeightsResult<(Net, WeightsManifest
         .map_err(|source| WeightsError::Io { path: path.to_owned(), source })?
         .len();
     if len > MAX_WEIGHTS_BYTES {
-        return Err(WeightsError::Format(format!(
+        return Err(ManifestError::Format(format!(
             "{} is {len} bytes, above the limit",
             path.display()
-        )));
+        ))
+        .into());
     }
     let bytes =
         std::fs::read(path).map_err(|source| WeightsError::Io { path: path.to_owned(), source })?;
     from_bytes(&bytes, device).map_err(|e| match e {
-        WeightsError::Format(m) => WeightsError::Format(format!("{}: {m}", path.display())),
+        WeightsError::Manifest(ManifestError::Format(m)) => {
+            ManifestError::Format(format!("{}: {m}", path.display())).into()
+        }
         other => other,
     })
 }

@@ -6,7 +6,7 @@ use candle_core::{Device, Tensor};
 use shared::organs::OrganMap;
 use site_agent::data::phantom;
 use site_agent::model::{ModelConfig, Net};
-use site_agent::weights::{self, Provenance, WeightsError};
+use site_agent::weights::{self, ManifestError, Provenance, WeightsError};
 
 #[test]
 fn layer_counts_follow_the_documented_rule() {
@@ -76,7 +76,10 @@ fn mismatched_weights_are_refused_by_name() {
     // Another organ map.
     let other = OrganMap::new(BTreeMap::from([(1, "brainstem".to_owned())])).expect("map");
     let e = weights::check_compatible(&manifest, &other, None).expect_err("organ map differs");
-    assert!(matches!(e, WeightsError::Incompatible { what: "organ map", .. }), "{e}");
+    assert!(
+        matches!(e, WeightsError::Manifest(ManifestError::Incompatible { what: "organ map", .. })),
+        "{e}"
+    );
     // Another config.
     let small = ModelConfig::preset("small").expect("preset");
     let e = weights::check_compatible(&manifest, &phantom::organ_map(), Some(&small))
