@@ -3,20 +3,11 @@
 //! within its budget and spills to host memory beyond it, with the same losses.
 #![cfg(feature = "cuda")]
 
+use crate::gpu;
 use candle_core::Device;
 use site_agent::data::{Split, phantom};
 use site_agent::model::{ModelConfig, Net};
 use site_agent::train::{SliceSet, TrainOptions, train};
-
-fn gpu() -> Option<Device> {
-    match site_agent::device::DeviceChoice::Cuda(0).select() {
-        Ok(s) => Some(s.device),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 fn run(device: &Device, k: Option<usize>, budget: Option<u64>) -> (Vec<f64>, bool, bool) {
     let dir = tempfile::tempdir().expect("tempdir");

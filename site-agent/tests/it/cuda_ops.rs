@@ -4,20 +4,11 @@
 //! values and gradients agree to a relative L2 error of 1e-4 in fp32 (TF32 off).
 #![cfg(feature = "cuda")]
 
+use crate::gpu;
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use site_agent::model::ops::{add_relu, conv2d};
-
-fn gpu() -> Option<Device> {
-    match site_agent::device::DeviceChoice::Cuda(0).select() {
-        Ok(s) => Some(s.device),
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            None
-        }
-    }
-}
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let a = a.to_device(&Device::Cpu).expect("to cpu");

@@ -202,3 +202,15 @@ fn every_command_and_argument_is_explained() {
     let problems = shared::cli::undocumented(&site_agent::commands::Cli::command());
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+/// The first CUDA GPU, or `None` with a message (the CUDA tests then skip).
+#[cfg(feature = "cuda")]
+pub(crate) fn gpu() -> Option<candle_core::Device> {
+    match site_agent::device::DeviceChoice::Cuda(0).select() {
+        Ok(s) => Some(s.device),
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            None
+        }
+    }
+}
