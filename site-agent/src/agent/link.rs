@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use super::audit::{self, AuditLog};
+use super::audit::{self, AuditEntry, AuditLog};
 use super::config::SiteConfig;
 use super::faults;
 
@@ -72,6 +72,18 @@ pub struct Link {
 
 const SVC: &str = "fedtune.v1.SiteService";
 
+/// A request carrying the audit log's newest entry (`entry`) as metadata.
+fn anchored<T>(m: T, entry: &AuditEntry) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    let meta = r.metadata_mut();
+    // Digits and hex: always valid metadata values.
+    if let (Ok(seq), Ok(head)) = (entry.seq.to_string().parse(), entry.hash.parse()) {
+        meta.insert(proto::AUDIT_SEQ_HEADER, seq);
+        meta.insert(proto::AUDIT_HEAD_HEADER, head);
+    }
+    r
+}
+
 impl Link {
     pub async fn connect(cfg: &SiteConfig, audit: AuditLog) -> Result<Self, CallError> {
         Ok(Self { client: Self::channel(cfg).await?, audit })
@@ -101,29 +113,15 @@ impl Link {
             .max_encoding_message_size(limits::MAX_MESSAGE_BYTES))
     }
 
-    fn audit<M: Message>(&self, rpc: &str, m: &M) -> Result<(), CallError> {
-        self.audit.record(&format!("{SVC}/{rpc}"), &m.encode_to_vec())?;
-        Ok(())
+    fn audit<M: Message>(&self, rpc: &str, m: &M) -> Result<AuditEntry, CallError> {
+        Ok(self.audit.record(&format!("{SVC}/{rpc}"), &m.encode_to_vec())?)
     }
 
-    /// `m` audited, as a request that carries the log's newest entry (this message's own, or
-    /// for an upload the entry before its first message) for the coordinator to keep.
+    /// `m` audited, as a request that carries its own entry, the log's newest, for the
+    /// coordinator to keep.
     fn audited<M: Message>(&self, rpc: &str, m: M) -> Result<tonic::Request<M>, CallError> {
-        self.audit(rpc, &m)?;
-        self.anchored(m)
-    }
-
-    fn anchored<T>(&self, m: T) -> Result<tonic::Request<T>, CallError> {
-        let mut r = tonic::Request::new(m);
-        if let Some((seq, head)) = self.audit.head()? {
-            let meta = r.metadata_mut();
-            // Digits and hex: always valid metadata values.
-            if let (Ok(seq), Ok(head)) = (seq.to_string().parse(), head.parse()) {
-                meta.insert(proto::AUDIT_SEQ_HEADER, seq);
-                meta.insert(proto::AUDIT_HEAD_HEADER, head);
-            }
-        }
-        Ok(r)
+        let entry = self.audit(rpc, &m)?;
+        Ok(anchored(m, &entry))
     }
 
     /// The audit-log head the coordinator kept for this site. The request is empty and is not
@@ -185,11 +183,17 @@ impl Link {
         msgs.extend(bytes.chunks(limits::CHUNK_BYTES).map(|c| pb::UploadModelRequest {
             part: Some(pb::upload_model_request::Part::Chunk(c.to_vec())),
         }));
+        let mut last = None;
         for m in &msgs {
-            self.audit("UploadModel", m)?;
+            last = Some(self.audit("UploadModel", m)?);
         }
         tracing::info!(task = task_id, sha256 = %sha256, bytes = bytes.len(), "uploading Model_S (policy share_weights = true)");
-        let req = self.anchored(tokio_stream::iter(msgs))?;
+        let stream = tokio_stream::iter(msgs);
+        // The upload's messages were all logged above; the last one's entry is the newest.
+        let req = match &last {
+            Some(entry) => anchored(stream, entry),
+            None => tonic::Request::new(stream),
+        };
         Ok(self.client.upload_model(req).await?.into_inner())
     }
 
