@@ -47,6 +47,11 @@ pub struct ModelRecord {
     pub created: i64,
     pub config: String,
     pub layers: u32,
+    /// A tail file: the sha256 of the model it applies to, and how many last layers it holds.
+    #[serde(default)]
+    pub tail_of: Option<String>,
+    #[serde(default)]
+    pub tail_layers: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -59,15 +64,18 @@ pub struct StudyRecord {
 }
 
 /// Round lifecycle: Running -> Completed | Failed | Cancelled.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RoundState {
+    #[default]
     Running,
     Completed,
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
     Cancelled,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RoundRecord {
     pub id: String,
     pub study: String,
@@ -88,14 +96,42 @@ pub struct RoundRecord {
     /// Transfer rounds with a source site: the source task's `pb::TaskSpec` bytes.
     #[serde(default)]
     pub source_spec: Option<Vec<u8>>,
+    /// Federated rounds: which step runs and what each finished step averaged.
+    #[serde(default)]
+    pub fed: Option<FedState>,
+}
+
+/// A federated round's progress: R steps, each one task per participant then an average.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FedState {
+    pub rounds: u32,
+    /// The step running now (1-based).
+    pub step: u32,
+    pub keep_local_bn: bool,
+    pub prox_mu: f64,
+    /// The sites that take part, in order.
+    pub participants: Vec<String>,
+    /// One per finished step, in order.
+    pub aggregates: Vec<FedAggregate>,
+}
+
+/// One averaging of a federated round.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FedAggregate {
+    pub step: u32,
+    pub tail_sha256: String,
+    pub sites: Vec<String>,
+    pub cases: Vec<u32>,
+    pub tail_bytes: u64,
 }
 
 /// Task lifecycle: Pending -> Leased -> Succeeded | Failed | Refused; Cancelled with its
 /// round; an expired lease returns to Pending while attempts remain.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskState {
     /// A transfer round's target task, until the source site uploads Model_S.
     Waiting,
+    #[default]
     Pending,
     /// `deadline_ms`: Unix milliseconds when the lease ends unless renewed.
     Leased {
@@ -117,7 +153,7 @@ impl TaskState {
     }
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TaskRecord {
     pub id: String,
     pub round_id: String,
@@ -131,6 +167,17 @@ pub struct TaskRecord {
     /// The source site's task of a transfer round (it runs the round's `source_spec`).
     #[serde(default)]
     pub source: bool,
+    /// Weights bytes sent to the site for this task (FetchModel) and received (UploadModel).
+    #[serde(default)]
+    pub bytes_down: u64,
+    #[serde(default)]
+    pub bytes_up: u64,
+    /// A federated round's step this task belongs to (1-based; 0 otherwise).
+    #[serde(default)]
+    pub fed_step: u32,
+    /// What the site uploaded for this task: arm index -> sha256.
+    #[serde(default)]
+    pub uploads: std::collections::BTreeMap<u32, String>,
 }
 
 /// The database and its trees.

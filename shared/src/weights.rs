@@ -34,6 +34,35 @@ pub struct Provenance {
     /// Training slices seen per epoch.
     #[serde(default)]
     pub train_slices: usize,
+    /// A federated average: which round, after how many steps, of which sites' tails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<Federated>,
+}
+
+/// How a federated average came to be.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Federated {
+    pub round: String,
+    /// The step this average closed (1-based) of `rounds`.
+    pub step: u32,
+    pub rounds: u32,
+    /// The sites averaged, and their training cases (the weights), in the same order.
+    pub sites: Vec<String>,
+    pub cases: Vec<u32>,
+    /// FedBN: the batch-norm statistics here are the average, but each site trains and scores
+    /// with its own.
+    pub keep_local_bn: bool,
+    pub prox_mu: f64,
+}
+
+/// A tail file: only the tensors of the last `layers` layers, to apply over the model whose
+/// file has sha256 `base_sha256` (the same config and organ map).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TailOf {
+    pub base_sha256: String,
+    pub layers: usize,
 }
 
 /// What `__metadata__["fedtune"]` holds.
@@ -46,6 +75,10 @@ pub struct WeightsManifest {
     /// Layer names in order; a file whose list differs from its config's is refused.
     pub layers: Vec<String>,
     pub provenance: Provenance,
+    /// Present in a tail file (see [`TailOf`]): its tensors are those of the last
+    /// `tail.layers` layers only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail: Option<TailOf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +123,31 @@ pub fn read_manifest(bytes: &[u8]) -> WeightsResult<WeightsManifest> {
             "the manifest's layer list does not match its config".to_owned(),
         ));
     }
+    if let Some(t) = &manifest.tail {
+        if t.layers == 0 || t.layers > names.len() {
+            return Err(WeightsError::Format(format!(
+                "a tail of {} layers of a {}-layer model",
+                t.layers,
+                names.len()
+            )));
+        }
+        if t.base_sha256.len() != 64 || !t.base_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(WeightsError::Format("a tail's base_sha256 is not a sha256".into()));
+        }
+    }
     Ok(manifest)
+}
+
+impl WeightsManifest {
+    /// The layers a tail file holds (the last `tail.layers`); `None` for a full model.
+    pub fn tail_layer_names(&self) -> Option<&[String]> {
+        self.tail.as_ref().map(|t| &self.layers[self.layers.len() - t.layers..])
+    }
+}
+
+/// Whether tensor `name` (`<layer>.<tensor>`) belongs to one of `layers`.
+pub fn in_layers(name: &str, layers: &[String]) -> bool {
+    layers.iter().any(|l| name.strip_prefix(l.as_str()).is_some_and(|rest| rest.starts_with('.')))
 }
 
 /// Checks that weights fit a dataset's organ map and, when given, a required config.

@@ -156,6 +156,7 @@ pub fn run(
         seed: opts.source_train.seed,
         site: Some("source".into()),
         train_slices: rep_s.slices,
+        federated: None,
         ..Default::default()
     };
     let bytes_s = weights::to_bytes(&net_s, &prov_s)?;
@@ -170,6 +171,7 @@ pub fn run(
         seed: opts.train.seed,
         site: Some("target".into()),
         train_slices: rep_t.slices,
+        federated: None,
         ..Default::default()
     };
     let sha_t = save(&net_t, &prov_t, "model_t.safetensors")?;
@@ -184,6 +186,7 @@ pub fn run(
         seed: opts.finetune.seed,
         site: Some("target".into()),
         train_slices: rep_st.slices,
+        federated: None,
     };
     let sha_st = save(&net_st, &prov_st, "model_st.safetensors")?;
     drop(data_t);

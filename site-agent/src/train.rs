@@ -39,6 +39,14 @@ pub struct TrainOptions {
     /// A property of the machine, not of the training: not saved with the options.
     #[serde(skip)]
     pub cache_device_budget: Option<u64>,
+    /// FedProx: `prox_mu / 2 * ||w - w0||^2` over the trained tensors, `w0` their values when
+    /// training starts (the federated round's global model), is added to the loss. 0: off.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub prox_mu: f64,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
 }
 
 impl Default for TrainOptions {
@@ -53,6 +61,7 @@ impl Default for TrainOptions {
             augment: false,
             cache: true,
             cache_device_budget: None,
+            prox_mu: 0.0,
         }
     }
 }
@@ -154,6 +163,7 @@ impl TrainReport {
             seed: opts.seed,
             site: None,
             train_slices: self.slices,
+            federated: None,
         }
     }
 }
@@ -255,6 +265,19 @@ pub fn build_cache(
     Ok(PrefixCache { parts, has_residual: net.prefix_has_residual(k)?, in_host_memory })
 }
 
+/// `sum ||w - w0||^2` over FedProx's (variable, anchor) pairs, as a graph on the variables.
+fn proximal(anchor: &[(candle_core::Var, Tensor)]) -> TrainResult<Tensor> {
+    let mut total: Option<Tensor> = None;
+    for (var, w0) in anchor {
+        let d = var.as_tensor().sub(w0)?.sqr()?.sum_all()?;
+        total = Some(match total {
+            Some(t) => (t + d)?,
+            None => d,
+        });
+    }
+    Ok(total.expect("the anchor is not empty"))
+}
+
 /// Trains the last `k` layers of `net` on `data` (all layers when `k == net.num_layers()`).
 pub fn train(
     net: &Net,
@@ -298,6 +321,17 @@ pub fn train_until(
     let frozen = k < layers;
     let use_cache = frozen && opts.cache && !opts.augment;
     let vars = net.trainable_vars(k)?;
+    if !(opts.prox_mu >= 0.0 && opts.prox_mu.is_finite()) {
+        return Err(TrainError::Options(format!("prox_mu = {} is not >= 0", opts.prox_mu)));
+    }
+    // FedProx's anchor: the trained tensors as they start.
+    let anchor: Vec<(candle_core::Var, Tensor)> = if opts.prox_mu > 0.0 {
+        vars.iter()
+            .map(|v| Ok((v.clone(), v.as_detached_tensor().copy()?)))
+            .collect::<TrainResult<_>>()?
+    } else {
+        Vec::new()
+    };
     let mut opt = AdamW::new(
         vars,
         ParamsAdamW {
@@ -339,7 +373,10 @@ pub fn train_until(
             };
             opt.set_learning_rate(cosine_lr(opts.learning_rate, step_no, total_steps));
             let logits = net.tail(state, k, true)?;
-            let l = loss::loss(&logits, &targets, opts.dice_weight)?;
+            let mut l = loss::loss(&logits, &targets, opts.dice_weight)?;
+            if !anchor.is_empty() {
+                l = (l + proximal(&anchor)?.affine(opts.prox_mu / 2.0, 0.0)?)?;
+            }
             opt.backward_step(&l)?;
             let lv = l.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             if !lv.is_finite() {

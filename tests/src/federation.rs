@@ -75,9 +75,19 @@ pub struct Builder {
     process: bool,
     limits: LimitsConfig,
     data_dir: Option<PathBuf>,
+    /// Per site: its center, cases and test cases (default: target-a and target-b in turn,
+    /// `cases` cases, one of them for test).
+    centers: Option<Vec<(Center, usize, usize)>>,
 }
 
 impl Builder {
+    /// One site per entry, with that center's phantoms: (center, cases, of which test).
+    pub fn centers(mut self, centers: Vec<(Center, usize, usize)>) -> Self {
+        self.sites = centers.len();
+        self.centers = Some(centers);
+        self
+    }
+
     pub fn sites(mut self, n: usize) -> Self {
         self.sites = n;
         self
@@ -119,8 +129,12 @@ impl Builder {
             let name = format!("site-{}", (b'a' + i as u8) as char);
             pki.issue(Role::Site, &name, 30)?;
             let data = root.join(format!("{name}-data"));
-            let center = if i % 2 == 0 { Center::TargetA } else { Center::TargetB };
-            phantom::write_center(center, self.cases, 1, 10 + i as u64, &data)?;
+            let (center, cases, test) = match &self.centers {
+                Some(c) => c[i],
+                None if i % 2 == 0 => (Center::TargetA, self.cases, 1),
+                None => (Center::TargetB, self.cases, 1),
+            };
+            phantom::write_center(center, cases, test, 10 + i as u64, &data)?;
             sites.push(name);
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -188,6 +202,7 @@ impl Federation {
                 ..Default::default()
             },
             data_dir: None,
+            centers: None,
         }
     }
 

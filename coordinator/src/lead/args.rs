@@ -21,6 +21,8 @@ pub struct Cli {
     pub log: shared::cli::LogArgs,
 }
 
+// Parsed once per run: boxing the big variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordinator server.
@@ -218,7 +220,7 @@ pub enum StudyCommand {
     },
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum TaskArg {
     /// Score the study's base model at every site.
     Evaluate,
@@ -232,6 +234,12 @@ pub enum TaskArg {
     Sweep,
     /// Model_S, then Model_T and Model_ST for each of --train-cases N1,N2,...
     CasesSweep,
+    /// Federated fine-tuning of the last --trainable-layers K of the base model over --rounds
+    /// steps of --local-epochs; only the tails travel; the result is Model_FT.
+    Fedavg,
+    /// Every model of the study (Model_S, each site's shared Model_ST, Model_FT) scored on
+    /// every site's test split.
+    CrossEval,
 }
 
 // Parsed once per run: boxing the big variant would buy nothing.
@@ -241,7 +249,9 @@ pub enum RoundCommand {
     /// Start a round: one task per site of the study.
     #[command(
         after_help = "Examples:\n  coordinator round start npc --task finetune --trainable-layers 2 --epochs 5 --watch\n  \
-        coordinator round start npc-oar --task transfer --source source-hospital --watch\n\
+        coordinator round start npc-oar --task transfer --source source-hospital --replicates 3 --watch\n  \
+        coordinator round start npc-oar --task fedavg --trainable-layers 3 --rounds 5 --local-epochs 2 --sites target-a,target-b --watch\n  \
+        coordinator round start npc-oar --task cross-eval --watch\n\
         Exit codes with --watch: 0 completed, 2 failed, 3 cancelled."
     )]
     Start {
@@ -295,6 +305,25 @@ pub enum RoundCommand {
         /// Leases of one task before it fails; default: the coordinator's limits.max_attempts (3).
         #[arg(long)]
         max_attempts: Option<u32>,
+        /// The study sites that take part (default: all; a transfer source is added).
+        #[arg(long, value_delimiter = ',')]
+        sites: Vec<String>,
+        /// fedavg: federated steps (local training at every site, then an average).
+        #[arg(long)]
+        rounds: Option<u32>,
+        /// fedavg: epochs of local training per step (default: --epochs, else the agent's).
+        #[arg(long)]
+        local_epochs: Option<u32>,
+        /// fedavg: FedBN, each site keeps its own batch-norm statistics.
+        #[arg(long)]
+        fedbn: bool,
+        /// fedavg: FedProx's mu (the proximal term mu/2 ||w - w_global||^2; default 0, off).
+        #[arg(long)]
+        prox_mu: Option<f64>,
+        /// Transfer templates: run the study N times, replicate i with seed + i (each its own
+        /// Model_S where --source trains it); the report gives intervals over replicates.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100))]
+        replicates: u32,
         /// Follow the round until it ends (exit 0 completed, 2 failed, 3 cancelled).
         #[arg(long)]
         watch: bool,

@@ -7,7 +7,7 @@ use proto::pb;
 use super::client::AdminClient;
 use super::show::{device_summary, last_seen, print_results, print_round, results_json};
 use super::show::{round_line, round_state};
-use super::templates::{self, Template, TemplateOptions};
+use super::templates::{self, FedOptions, Template, TemplateOptions};
 use super::watch::eprintln_note;
 use super::{Command, ModelCommand, RoundCommand, SiteCommand, StudyCommand, TaskArg, out};
 use crate::report::{self, Format};
@@ -175,6 +175,12 @@ pub async fn run_admin(command: Command) -> Result<()> {
             quorum,
             deadline_seconds,
             max_attempts,
+            sites,
+            rounds,
+            local_epochs,
+            fedbn,
+            prox_mu,
+            replicates,
             watch: follow,
             conn,
         }) => {
@@ -184,19 +190,27 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 TaskArg::CasesSweep => Some(Template::CasesSweep),
                 _ => None,
             };
+            if task != TaskArg::Fedavg
+                && (rounds.is_some() || local_epochs.is_some() || fedbn || prox_mu.is_some())
+            {
+                bail!("--rounds, --local-epochs, --fedbn and --prox-mu are for --task fedavg");
+            }
+            if template.is_none() && replicates > 1 {
+                bail!("--replicates is for --task transfer, sweep or cases-sweep");
+            }
+            let o = TemplateOptions {
+                trainable_layers: trainable_layers.clone(),
+                train_cases,
+                epochs: epochs.unwrap_or(0),
+                finetune_epochs: finetune_epochs.or(epochs).unwrap_or(0),
+                learning_rate: lr.unwrap_or(0.0),
+                finetune_learning_rate: finetune_lr.or(lr).unwrap_or(0.0),
+                batch_size: batch_size.unwrap_or(0),
+                seed: seed.unwrap_or(0),
+                config: config.clone().unwrap_or_default(),
+            };
             let (spec, source_spec) = match template {
                 Some(t) => {
-                    let o = TemplateOptions {
-                        trainable_layers,
-                        train_cases,
-                        epochs: epochs.unwrap_or(0),
-                        finetune_epochs: finetune_epochs.or(epochs).unwrap_or(0),
-                        learning_rate: lr.unwrap_or(0.0),
-                        finetune_learning_rate: finetune_lr.or(lr).unwrap_or(0.0),
-                        batch_size: batch_size.unwrap_or(0),
-                        seed: seed.unwrap_or(0),
-                        config: config.unwrap_or_default(),
-                    };
                     let spec = templates::target_spec(t, &o).map_err(anyhow::Error::msg)?;
                     let ss = source
                         .is_some()
@@ -207,51 +221,91 @@ pub async fn run_admin(command: Command) -> Result<()> {
                     if source.is_some() {
                         bail!("--source is for --task transfer, sweep or cases-sweep");
                     }
-                    let kind = match task {
-                        TaskArg::Evaluate => pb::TaskKind::Evaluate,
-                        TaskArg::Finetune => pb::TaskKind::Finetune,
-                        _ => pb::TaskKind::Train,
-                    };
-                    let k = match (task, trainable_layers.as_slice()) {
-                        (TaskArg::Finetune, [k]) => *k,
-                        (TaskArg::Finetune, _) => {
-                            bail!("--task finetune needs one --trainable-layers K")
+                    let spec = match task {
+                        TaskArg::Fedavg => templates::fedavg_spec(
+                            &TemplateOptions { epochs: local_epochs.or(epochs).unwrap_or(0), ..o },
+                            FedOptions {
+                                rounds: rounds.unwrap_or(0),
+                                keep_local_bn: fedbn,
+                                prox_mu: prox_mu.unwrap_or(0.0),
+                            },
+                        )
+                        .map_err(anyhow::Error::msg)?,
+                        TaskArg::CrossEval => templates::cross_eval_spec(),
+                        _ => {
+                            let kind = match task {
+                                TaskArg::Evaluate => pb::TaskKind::Evaluate,
+                                TaskArg::Finetune => pb::TaskKind::Finetune,
+                                _ => pb::TaskKind::Train,
+                            };
+                            let k = match (task, trainable_layers.as_slice()) {
+                                (TaskArg::Finetune, [k]) => *k,
+                                (TaskArg::Finetune, _) => {
+                                    bail!("--task finetune needs one --trainable-layers K")
+                                }
+                                _ => 0,
+                            };
+                            pb::TaskSpec {
+                                kind: kind as i32,
+                                trainable_layers: k,
+                                epochs: epochs.unwrap_or(0),
+                                batch_size: batch_size.unwrap_or(0),
+                                learning_rate: lr.unwrap_or(0.0),
+                                seed: seed.unwrap_or(0),
+                                config: config.unwrap_or_default(),
+                                ..Default::default()
+                            }
                         }
-                        _ => 0,
-                    };
-                    let spec = pb::TaskSpec {
-                        kind: kind as i32,
-                        trainable_layers: k,
-                        epochs: epochs.unwrap_or(0),
-                        batch_size: batch_size.unwrap_or(0),
-                        learning_rate: lr.unwrap_or(0.0),
-                        seed: seed.unwrap_or(0),
-                        config: config.unwrap_or_default(),
-                        ..Default::default()
                     };
                     (spec, None)
                 }
             };
             let mut c = AdminClient::connect(&conn).await?;
-            let r = c
-                .start_round(pb::StartRoundRequest {
-                    study,
-                    spec: Some(spec),
-                    quorum: quorum.unwrap_or(0),
-                    deadline_seconds: deadline_seconds.unwrap_or(0),
-                    max_attempts: max_attempts.unwrap_or(0),
-                    source_site: source.unwrap_or_default(),
-                    source_spec,
-                })
-                .await?;
-            out(&format!("round {} started", r.round_id));
-            for w in &r.warnings {
-                eprintln_note(&format!("warning: {w}"));
+            // One round per replicate, each with its own seed, all of one series.
+            let series = format!("{:08x}", rand::random::<u32>());
+            let mut started = Vec::new();
+            for i in 0..replicates {
+                let (spec, source_spec) = if replicates > 1 {
+                    templates::replicate(&spec, source_spec.as_ref(), i, replicates, &series)
+                } else {
+                    (spec.clone(), source_spec.clone())
+                };
+                let r = c
+                    .start_round(pb::StartRoundRequest {
+                        study: study.clone(),
+                        spec: Some(spec),
+                        quorum: quorum.unwrap_or(0),
+                        deadline_seconds: deadline_seconds.unwrap_or(0),
+                        max_attempts: max_attempts.unwrap_or(0),
+                        source_site: source.clone().unwrap_or_default(),
+                        source_spec,
+                        sites: sites.clone(),
+                    })
+                    .await?;
+                if replicates > 1 {
+                    out(&format!(
+                        "round {} started (replicate {} of {replicates})",
+                        r.round_id,
+                        i + 1
+                    ));
+                } else {
+                    out(&format!("round {} started", r.round_id));
+                }
+                for w in &r.warnings {
+                    eprintln_note(&format!("warning: {w}"));
+                }
+                started.push(r.round_id);
             }
             if follow {
-                let r = c.watch(&r.round_id).await?;
-                print_round(&r);
-                return ended_well(&r);
+                let mut worst = Ok(());
+                for id in &started {
+                    let r = c.watch(id).await?;
+                    print_round(&r);
+                    if worst.is_ok() {
+                        worst = ended_well(&r);
+                    }
+                }
+                return worst;
             }
             Ok(())
         }

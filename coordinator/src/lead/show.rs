@@ -106,12 +106,39 @@ pub(super) fn print_round(r: &pb::RoundInfo) {
             })
             .unwrap_or_default();
         let reason = if t.reason.is_empty() { String::new() } else { format!(" ({})", t.reason) };
+        let step = if t.fed_step > 0 { format!("step {} ", t.fed_step) } else { String::new() };
+        let moved = if t.bytes_down + t.bytes_up > 0 {
+            format!(
+                " [{} down, {} up]",
+                crate::report::federated::bytes(t.bytes_down),
+                crate::report::federated::bytes(t.bytes_up)
+            )
+        } else {
+            String::new()
+        };
         out(&format!(
-            "  {:<16} {:<10} attempt {}{progress}{reason}",
+            "  {step}{:<16} {:<10} attempt {}{progress}{reason}{moved}",
             t.site,
             task_state(t.state),
             t.attempt
         ));
+    }
+    if let Some(f) = &r.fed {
+        out(&format!("  federated: step {} of {}", f.step.min(f.rounds), f.rounds));
+        for a in &f.aggregates {
+            let cases: Vec<String> =
+                a.sites.iter().zip(&a.cases).map(|(s, n)| format!("{s} ({n} cases)")).collect();
+            out(&format!(
+                "    step {}: averaged {} -> tail {} ({})",
+                a.step,
+                cases.join(", "),
+                &a.tail_sha256[..a.tail_sha256.len().min(12)],
+                crate::report::federated::bytes(a.tail_bytes)
+            ));
+        }
+        if let Some(m) = &f.model {
+            out(&format!("  Model_FT: {} ({}, a tail over the base model)", m.name, m.sha256));
+        }
     }
 }
 
@@ -182,6 +209,7 @@ fn arm_labels(r: &pb::RoundResults, site: &str, res: &pb::TaskResult) -> Vec<Str
             let kind = pb::ArmKind::try_from(a.spec.as_ref().map_or(0, |s| s.kind))
                 .unwrap_or(pb::ArmKind::Unspecified);
             let mut label = match kind {
+                _ if !a.model.is_empty() => a.model.clone(),
                 _ if source => "Model_S (trained)".to_owned(),
                 _ if transfer => crate::report::arm_name(a.spec.as_ref()).to_owned(),
                 pb::ArmKind::Base => "base model".to_owned(),

@@ -67,6 +67,7 @@ pub fn target_spec(t: Template, o: &TemplateOptions) -> Result<pb::TaskSpec, Str
         train_cases: n,
         epochs: o.finetune_epochs,
         learning_rate: o.finetune_learning_rate,
+        share: false,
     };
     let one_k = || match o.trainable_layers.as_slice() {
         [] => Ok(0),
@@ -78,7 +79,11 @@ pub fn target_spec(t: Template, o: &TemplateOptions) -> Result<pb::TaskSpec, Str
         )),
     };
     let arms = match t {
-        Template::Transfer => vec![base(), scratch(0), finetune(one_k()?, 0)],
+        // Model_ST's tail is offered to the study (uploaded where the site's policy shares
+        // weights) so that cross-eval can score it at the other sites.
+        Template::Transfer => {
+            vec![base(), scratch(0), pb::ArmSpec { share: true, ..finetune(one_k()?, 0) }]
+        }
         Template::Sweep => {
             if o.trainable_layers.is_empty() {
                 return Err("sweep needs --trainable-layers K1,K2,...".into());
@@ -108,6 +113,72 @@ pub fn target_spec(t: Template, o: &TemplateOptions) -> Result<pb::TaskSpec, Str
         template: t.as_str().into(),
         ..Default::default()
     })
+}
+
+/// A federated round's options.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FedOptions {
+    pub rounds: u32,
+    pub keep_local_bn: bool,
+    pub prox_mu: f64,
+}
+
+/// A federated round: FedAvg of the last k layers (one `trainable_layers` value, or the
+/// paper's share) over `fed.rounds` steps of `epochs` local epochs each.
+pub fn fedavg_spec(o: &TemplateOptions, fed: FedOptions) -> Result<pb::TaskSpec, String> {
+    let k = match o.trainable_layers.as_slice() {
+        [] => 0,
+        [k] => *k,
+        _ => return Err("fedavg takes one --trainable-layers value".into()),
+    };
+    if fed.rounds == 0 {
+        return Err("fedavg needs --rounds R (at least 1)".into());
+    }
+    Ok(pb::TaskSpec {
+        kind: pb::TaskKind::Fedavg as i32,
+        trainable_layers: k,
+        epochs: o.epochs,
+        batch_size: o.batch_size,
+        learning_rate: o.learning_rate,
+        seed: o.seed,
+        fed: Some(pb::FedSpec {
+            rounds: fed.rounds,
+            keep_local_bn: fed.keep_local_bn,
+            prox_mu: fed.prox_mu,
+            step: 0,
+        }),
+        template: "fedavg".into(),
+        ..Default::default()
+    })
+}
+
+/// Every model of the study scored at every site (the coordinator fills in the models).
+pub fn cross_eval_spec() -> pb::TaskSpec {
+    pb::TaskSpec {
+        kind: pb::TaskKind::CrossEval as i32,
+        template: "cross-eval".into(),
+        ..Default::default()
+    }
+}
+
+/// The specs of replicate `i` (0-based) of `n` of a series: the seed moves by `i` (the
+/// default seed, 17, when none was given), for the targets and the source alike.
+pub fn replicate(
+    spec: &pb::TaskSpec,
+    source: Option<&pb::TaskSpec>,
+    i: u32,
+    n: u32,
+    series: &str,
+) -> (pb::TaskSpec, Option<pb::TaskSpec>) {
+    let seed = if spec.seed == 0 { 17 } else { spec.seed } + u64::from(i);
+    let mark = |s: &pb::TaskSpec| pb::TaskSpec {
+        seed,
+        replicate: i + 1,
+        replicates: n,
+        series: series.to_owned(),
+        ..s.clone()
+    };
+    (mark(spec), source.map(mark))
 }
 
 /// The source site's task spec: train Model_S with `epochs`, evaluate, upload.
@@ -147,5 +218,32 @@ mod tests {
         assert_eq!(arms, [(1, 0), (2, 1), (3, 1), (2, 3), (3, 3)]);
         assert!(target_spec(Template::CasesSweep, &TemplateOptions::default()).is_err());
         assert!(target_spec(Template::Sweep, &TemplateOptions::default()).is_err());
+    }
+
+    #[test]
+    fn replicates_move_the_seed_and_share_a_series() {
+        let o = TemplateOptions { seed: 5, ..Default::default() };
+        let t = target_spec(Template::Transfer, &o).unwrap();
+        assert!(t.arms[2].share, "Model_ST's tail is offered to the study");
+        let s = source_spec(&o, 3);
+        let (t2, s2) = replicate(&t, Some(&s), 2, 3, "x");
+        assert_eq!((t2.seed, t2.replicate, t2.replicates, t2.series.as_str()), (7, 3, 3, "x"));
+        assert_eq!(s2.unwrap().seed, 7);
+        let (d, _) = replicate(
+            &target_spec(Template::Transfer, &TemplateOptions::default()).unwrap(),
+            None,
+            0,
+            2,
+            "y",
+        );
+        assert_eq!(d.seed, 17, "the agent's default seed, made explicit");
+        let f = fedavg_spec(
+            &TemplateOptions { trainable_layers: vec![2], epochs: 3, ..Default::default() },
+            FedOptions { rounds: 4, keep_local_bn: true, prox_mu: 0.1 },
+        )
+        .unwrap();
+        assert_eq!((f.kind, f.trainable_layers, f.epochs), (pb::TaskKind::Fedavg as i32, 2, 3));
+        assert_eq!(f.fed.unwrap().rounds, 4);
+        assert!(fedavg_spec(&o, FedOptions::default()).is_err(), "no rounds");
     }
 }

@@ -4,7 +4,41 @@
 use std::fmt::Write as _;
 
 use super::render::{HD95_HEADER, SCOPE_HEADER, hd95_rows, scope_rows, sweep_rows, training_rows};
-use super::{MODEL_S, MODEL_ST, MODEL_T, Report, finetune};
+use super::{MODEL_S, MODEL_ST, MODEL_T, Report, federated as fed, finetune};
+
+/// A cross-site matrix as a table whose cells are coloured by Dice (red 0 to green 1).
+fn heat_map(title: &str, m: &fed::CrossEval, organ: Option<&str>) -> String {
+    let mut s = format!("<table class=\"heat\"><caption>{}</caption><thead><tr>", esc(title));
+    for h in fed::matrix_header(m) {
+        let _ = write!(s, "<th>{}</th>", esc(&h));
+    }
+    s.push_str("</tr></thead><tbody>");
+    for model in &m.models {
+        let _ = write!(s, "<tr><td>{}</td>", esc(model));
+        for site in &m.sites {
+            let cell = m.cell(model, site);
+            let v = match organ {
+                None => cell.map(|c| c.mean_dice),
+                Some(o) => cell.and_then(|c| c.organs.get(o).copied()),
+            };
+            match v {
+                Some(v) => {
+                    let hue = (120.0 * v.clamp(0.0, 1.0)).round();
+                    let _ = write!(
+                        s,
+                        "<td style=\"background:hsl({hue},65%,72%)\" title=\"{} at {}\">{v:.3}</td>",
+                        esc(model),
+                        esc(site)
+                    );
+                }
+                None => s.push_str("<td class=\"absent\">-</td>"),
+            }
+        }
+        s.push_str("</tr>");
+    }
+    s.push_str("</tbody></table>\n");
+    s
+}
 
 fn esc(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
@@ -103,12 +137,55 @@ pub(super) fn html(r: &Report) -> String {
             &sweep_rows(points, by_cases),
         ));
     }
+    if let Some(rep) = &r.replicates {
+        let _ = writeln!(body, "<h2>{}</h2>", esc(&fed::replicate_title(rep)));
+        body.push_str(&html_table(&fed::REPLICATE_HEADER, &fed::replicate_rows(rep)));
+    }
+    if let Some(f) = &r.federated {
+        let _ = writeln!(body, "<h2>{}</h2>", esc(&fed::fed_title(f)));
+        body.push_str(&html_table(&fed::FED_HEADER, &fed::fed_rows(f)));
+        for (site, why) in &f.refused {
+            let _ = writeln!(body, "<p>{} took no part: {}.</p>", esc(site), esc(why));
+        }
+    }
+    if let Some(m) = &r.cross_eval {
+        let _ = writeln!(
+            body,
+            "<h2>Cross-site matrix</h2><p>Mean Dice of every model (rows) on every site's test \
+             split (columns), round {}; colour from red (0) to green (1).</p>",
+            esc(&m.round)
+        );
+        body.push_str(&heat_map("mean over organs", m, None));
+        for a in &m.absent {
+            let _ = writeln!(
+                body,
+                "<p>{} at {}: not scored; {}.</p>",
+                esc(&a.model),
+                esc(&a.site),
+                esc(&a.reason)
+            );
+        }
+        body.push_str("<div class=\"plots\">");
+        for organ in &m.organs {
+            body.push_str(&heat_map(organ, m, Some(organ)));
+        }
+        body.push_str("</div>");
+    }
+    if r.traffic.iter().any(|t| t.down + t.up > 0) {
+        let _ = writeln!(
+            body,
+            "<h2>Weights moved per round and site</h2><p>{}</p>",
+            r.model_bytes
+                .map_or(String::new(), |b| format!("The whole base model is {}.", fed::bytes(b)))
+        );
+        body.push_str(&html_table(&fed::TRAFFIC_HEADER, &fed::traffic_rows(&r.traffic)));
+    }
     let _ = writeln!(body, "<h2>Methods</h2><p>{}</p>", esc(&r.methods));
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fedtune report: {}</title>\n<style>\
 body{{font-family:sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse;margin:1em 0}}\
 td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}td:first-child,th:first-child{{text-align:left}}\
-.plots{{display:flex;flex-wrap:wrap;gap:8px}}</style></head>\n<body>\n{body}</body></html>\n",
+.plots{{display:flex;flex-wrap:wrap;gap:8px}}caption{{font-weight:bold}}td.absent{{color:#999}}</style></head>\n<body>\n{body}</body></html>\n",
         esc(&r.study)
     )
 }

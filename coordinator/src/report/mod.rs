@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+pub mod federated;
 pub mod finetune;
 mod html;
 mod plots;
@@ -22,6 +23,7 @@ use shared::metrics::stats::{self, Summary, TTest, Wilcoxon};
 pub const MODEL_S: &str = "Model_S";
 pub const MODEL_T: &str = "Model_T";
 pub const MODEL_ST: &str = "Model_ST";
+pub const MODEL_FT: &str = "Model_FT";
 
 /// Paired tests of one arm against another on the same cases.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -123,6 +125,21 @@ pub struct Report {
     #[serde(default)]
     pub finetune: Option<finetune::Finetune>,
     pub cases: Vec<CaseScore>,
+    /// The latest completed cross-eval round: every model on every site.
+    #[serde(default)]
+    pub cross_eval: Option<federated::CrossEval>,
+    /// The latest completed federated round.
+    #[serde(default)]
+    pub federated: Option<federated::Federated>,
+    /// Weights bytes every task of the study moved.
+    #[serde(default)]
+    pub traffic: Vec<federated::Traffic>,
+    /// The size of the study's base model (Model_S), the unit a full-model transfer moves.
+    #[serde(default)]
+    pub model_bytes: Option<u64>,
+    /// The latest replicated transfer study (two or more replicates).
+    #[serde(default)]
+    pub replicates: Option<federated::Replicates>,
     /// The methods, in words.
     pub methods: String,
 }
@@ -195,7 +212,7 @@ fn case_scores(r: &pb::RoundResults) -> Vec<CaseScore> {
     rows(r, template_of(r), |a| arm_name(a.spec.as_ref()).to_owned())
 }
 
-type Key = (String, u32); // (site, case index)
+pub(crate) type Key = (String, u32); // (site, case index)
 
 fn by_case<'a>(
     cases: impl Iterator<Item = &'a CaseScore>,
@@ -411,14 +428,29 @@ pub fn build(results: &pb::StudyResults) -> Report {
     if let Some(r) = tuned {
         cases.extend(finetune::case_scores(r));
     }
+    let cross = results.rounds.iter().rev().find(|r| completed(r) && federated::is_cross_eval(r));
+    if let Some(r) = cross {
+        cases.extend(federated::cross_eval_cases(r));
+    }
+    let fed = results.rounds.iter().rev().find(|r| completed(r) && federated::is_fedavg(r));
+    let replicates = federated::replicates(results);
+    let mut methods = METHODS.to_owned();
+    if replicates.is_some() {
+        methods = format!("{methods} {}", federated::REPLICATE_METHODS);
+    }
     Report {
         study,
         transfer: latest("transfer").map(|r| transfer(r, &cases)),
         sweep: latest("sweep").map(|r| sweep_points(r, &cases)).unwrap_or_default(),
         cases_sweep: latest("cases-sweep").map(|r| sweep_points(r, &cases)).unwrap_or_default(),
         finetune: tuned.map(|r| finetune::finetune(r, &cases)),
+        cross_eval: cross.map(|r| federated::cross_eval(r, &cases)),
+        federated: fed.map(federated::federated),
+        traffic: federated::traffic(results),
+        model_bytes: results.study.as_ref().and_then(|s| s.base.as_ref()).map(|b| b.size),
+        replicates,
         cases,
-        methods: METHODS.to_owned(),
+        methods,
     }
 }
 

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use shared::metrics::stats::Summary;
 
 use super::{
-    Comparison, MODEL_S, MODEL_ST, MODEL_T, Report, Scope, SweepPoint, Transfer, finetune,
+    Comparison, MODEL_S, MODEL_ST, MODEL_T, Report, Scope, SweepPoint, Transfer, federated as fed,
+    finetune,
 };
 
 fn mean_sd(s: Option<&Summary>) -> String {
@@ -261,6 +262,47 @@ pub(super) fn text(r: &Report, md: bool) -> String {
             &sweep_rows(&r.cases_sweep, true),
         );
     }
+    if let Some(rep) = &r.replicates {
+        h(&mut s, 2, &fed::replicate_title(rep));
+        table(&mut s, md, &fed::REPLICATE_HEADER, &fed::replicate_rows(rep));
+    }
+    if let Some(f) = &r.federated {
+        h(&mut s, 2, &fed::fed_title(f));
+        table(&mut s, md, &fed::FED_HEADER, &fed::fed_rows(f));
+        if let Some(sha) = &f.model_sha256 {
+            let _ = writeln!(s, "Model_FT: the step {} average, tail {sha}.", f.rounds);
+        }
+        for (site, why) in &f.refused {
+            let _ = writeln!(s, "{site} took no part: {why}.");
+        }
+    }
+    if let Some(m) = &r.cross_eval {
+        h(&mut s, 2, &format!("Cross-site matrix: mean Dice over organs (round {})", m.round));
+        let header = fed::matrix_header(m);
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        table(&mut s, md, &header, &fed::matrix_rows(m, None));
+        for a in &m.absent {
+            let _ = writeln!(s, "{} at {}: not scored; {}.", a.model, a.site, a.reason);
+        }
+        for organ in &m.organs {
+            h(&mut s, 3, &format!("Cross-site matrix: {organ}"));
+            table(&mut s, md, &header, &fed::matrix_rows(m, Some(organ)));
+        }
+    }
+    if r.traffic.iter().any(|t| t.down + t.up > 0) {
+        h(
+            &mut s,
+            3,
+            &format!(
+                "Weights moved per round and site{}",
+                r.model_bytes.map_or(String::new(), |b| format!(
+                    " (the whole base model is {})",
+                    fed::bytes(b)
+                ))
+            ),
+        );
+        table(&mut s, md, &fed::TRAFFIC_HEADER, &fed::traffic_rows(&r.traffic));
+    }
     h(&mut s, 3, "Methods");
     let _ = writeln!(s, "{}", r.methods);
     s
@@ -383,6 +425,46 @@ pub(super) fn csv(r: &Report) -> String {
                 String::new(),
                 String::new(),
             ]);
+        }
+    }
+    let blank = || std::iter::repeat_n(String::new(), 9);
+    if let Some(m) = &r.cross_eval {
+        for c in &m.cells {
+            for (organ, v) in
+                c.organs.iter().map(|(o, v)| (o.as_str(), *v)).chain([("mean", c.mean_dice)])
+            {
+                let head = ["cross-eval", &c.site, organ, &c.model, "", ""];
+                row(head
+                    .map(String::from)
+                    .into_iter()
+                    .chain([c.cases.to_string(), v.to_string()])
+                    .chain(blank().take(8))
+                    .collect());
+            }
+        }
+    }
+    if let Some(rep) = &r.replicates {
+        for o in &rep.organs {
+            for (arm, i) in &o.arms {
+                let cmp = match arm.as_str() {
+                    MODEL_S => Some(&o.st_vs_s),
+                    MODEL_T => Some(&o.st_vs_t),
+                    _ => None,
+                };
+                let w = cmp.and_then(|c| c.wilcoxon.as_ref());
+                let head = ["replicates", "pooled", &o.organ, arm, "", ""];
+                row(head
+                    .map(String::from)
+                    .into_iter()
+                    .chain([i.n.to_string(), i.mean.to_string(), String::new(), String::new()])
+                    .chain([
+                        opt(w.map(|w| w.p_value)),
+                        w.map_or(String::new(), |w| w.method.to_string()),
+                        opt(cmp.and_then(|c| c.ttest.as_ref()).map(|t| t.p_value)),
+                    ])
+                    .chain(blank().take(3))
+                    .collect());
+            }
         }
     }
     String::from_utf8(w.into_inner().unwrap_or_default()).unwrap_or_default()

@@ -1,11 +1,105 @@
 //! The round and task state machine as pure functions over records, tested without I/O, and
 //! round planning ([`plan`]).
 
+use prost::Message;
+use proto::pb;
+
 use crate::store::{RoundRecord, RoundState, TaskRecord, TaskState};
 
+pub mod fedavg;
 pub mod plan;
 
 pub use plan::{MAX_ARMS, Plan, PlanError, PlanInputs, SiteStanding};
+
+/// What one task runs: its spec as that site gets it, and the models it uses.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskView {
+    pub spec: pb::TaskSpec,
+    /// The full model it starts from (none for a model trained from scratch).
+    pub base: Option<String>,
+    /// A federated step's global tail, applied over `base`.
+    pub tail: Option<String>,
+}
+
+impl TaskView {
+    /// Every model the task's site may fetch for it.
+    pub fn models(&self) -> Vec<String> {
+        let mut out: Vec<String> = self.base.iter().chain(&self.tail).cloned().collect();
+        for m in &self.spec.models {
+            out.extend(m.base.iter().chain(&m.tail).map(|r| r.sha256.clone()));
+        }
+        out
+    }
+}
+
+/// The task as its site gets it: a source runs the round's source spec from scratch; a
+/// federated step names its step and the previous step's average; a cross-eval lists the
+/// shared models and the site's own.
+pub fn task_view(round: &RoundRecord, task: &TaskRecord) -> TaskView {
+    if task.source {
+        let spec = round.source_spec.as_deref().unwrap_or_default();
+        return TaskView {
+            spec: pb::TaskSpec::decode(spec).unwrap_or_default(),
+            base: None,
+            tail: None,
+        };
+    }
+    let mut spec = pb::TaskSpec::decode(round.spec.as_slice()).unwrap_or_default();
+    if let Some(fed) = spec.fed.as_mut() {
+        fed.step = task.fed_step;
+    }
+    spec.models.retain(|m| m.shared || m.owner == task.site);
+    TaskView { spec, base: round.base_sha256.clone(), tail: fedavg::tail_for(round, task) }
+}
+
+/// What a task may upload for one arm.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upload {
+    /// A source's Model_S: a full model.
+    Full,
+    /// A trained tail of `layers` layers over the round's base model `base`.
+    Tail { base: String, layers: u32 },
+}
+
+impl Upload {
+    /// Whether a stored model is what this upload must be (a retried upload).
+    pub fn fits(&self, m: &crate::store::ModelRecord) -> bool {
+        match self {
+            Upload::Full => m.tail_of.is_none(),
+            Upload::Tail { base, layers } => {
+                m.tail_of.as_deref() == Some(base.as_str()) && m.tail_layers == *layers
+            }
+        }
+    }
+
+    /// The stored model's name.
+    pub fn name(&self, task_id: &str, arm: u32) -> String {
+        match self {
+            Upload::Full => format!("model-s-{}", task_id.split('.').next().unwrap_or_default()),
+            Upload::Tail { .. } => format!("tail-{task_id}.arm{arm}"),
+        }
+    }
+}
+
+/// What `task` may upload as arm `arm`, if anything: a source's Model_S (its one arm), a
+/// federated step's trained tail (arm 1), a transfer target's Model_ST tail where the arm
+/// says `share`.
+pub fn upload_expected(round: &RoundRecord, task: &TaskRecord, arm: u32) -> Option<Upload> {
+    if task.source {
+        return (arm == 0).then_some(Upload::Full);
+    }
+    let base = round.base_sha256.clone()?;
+    let spec = pb::TaskSpec::decode(round.spec.as_slice()).ok()?;
+    if round.fed.is_some() {
+        return (arm == 1).then_some(Upload::Tail { base, layers: spec.trainable_layers });
+    }
+    if spec.kind != pb::TaskKind::TransferTarget as i32 {
+        return None;
+    }
+    let a = spec.arms.get(arm as usize)?;
+    (a.kind == pb::ArmKind::Finetune as i32 && a.share)
+        .then_some(Upload::Tail { base, layers: a.trainable_layers })
+}
 
 /// Returns an expired lease to Pending, or fails the task once `max_attempts` leases expired.
 /// Returns whether the task changed.
@@ -74,7 +168,11 @@ pub fn fail_revoked(tasks: &mut [TaskRecord], revoked: impl Fn(&str) -> bool) ->
 
 /// Settles a running round once every task is final: Completed when at least `quorum` tasks
 /// succeeded, Failed otherwise. Returns whether the round changed.
+/// Federated rounds settle step by step instead (see [`fedavg::step`]).
 pub fn settle(round: &mut RoundRecord, tasks: &[TaskRecord]) -> bool {
+    if round.fed.is_some() {
+        return false;
+    }
     if round.state != RoundState::Running || !tasks.iter().all(|t| t.state.is_final()) {
         return false;
     }
@@ -106,6 +204,7 @@ mod tests {
             attempt,
             progress: Vec::new(),
             source: false,
+            ..Default::default()
         }
     }
 
@@ -123,6 +222,7 @@ mod tests {
             state: RoundState::Running,
             tasks: vec!["t".into()],
             source_spec: None,
+            fed: None,
         }
     }
 

@@ -8,10 +8,12 @@ use prost::Message;
 use proto::pb;
 use shared::architecture::ModelConfig;
 
-use crate::store::{RoundRecord, RoundState, StudyRecord, TaskRecord, TaskState};
+use crate::store::{FedState, RoundRecord, RoundState, StudyRecord, TaskRecord, TaskState};
 
 /// The most arms one transfer task may run (and report).
 pub const MAX_ARMS: usize = 64;
+/// The most steps one federated round may run.
+pub const MAX_FED_ROUNDS: u32 = 1000;
 /// The longest round deadline a study lead may set: 90 days.
 const MAX_DEADLINE_SECONDS: u32 = 90 * 86_400;
 
@@ -45,6 +47,9 @@ pub struct PlanInputs<'a> {
     pub now_ms: i64,
     /// The new round's id.
     pub id: String,
+    /// Cross-eval rounds: every model of the study that can be scored (see
+    /// `Coordinator::study_models`).
+    pub models: Vec<pb::EvalModel>,
 }
 
 /// How a site stands for a new round.
@@ -100,7 +105,23 @@ pub fn plan(body: pb::StartRoundRequest, inputs: &PlanInputs<'_>) -> Result<Plan
             return Err(bad("a transfer round needs a target site besides the source".into()));
         }
     }
-    let trains_source = source.is_some() && study.base_sha256.is_empty();
+    // Each replicate of a replicated study trains its own Model_S.
+    let trains_source = source.is_some() && (study.base_sha256.is_empty() || spec.replicate > 0);
+    if spec.replicate > spec.replicates || (spec.replicates > 0 && spec.replicate == 0) {
+        return Err(bad(format!(
+            "replicate {} of {}: replicates are numbered 1 to their count",
+            spec.replicate, spec.replicates
+        )));
+    }
+    for s in &body.sites {
+        if !study.sites.contains(s) {
+            return Err(bad(format!(
+                "site \"{s}\" is not one of study {}'s sites ({})",
+                study.name,
+                study.sites.join(", ")
+            )));
+        }
+    }
     let source_spec = if trains_source {
         let mut ss = body.source_spec.clone().unwrap_or_default();
         ss.kind = pb::TaskKind::TransferSource as i32;
@@ -146,12 +167,30 @@ pub fn plan(body: pb::StartRoundRequest, inputs: &PlanInputs<'_>) -> Result<Plan
         {
             arm.trainable_layers = config.default_trainable_layers() as u32;
         }
+        if kind == pb::TaskKind::Fedavg && spec.trainable_layers == 0 {
+            spec.trainable_layers = config.default_trainable_layers() as u32;
+        }
+    }
+    if kind == pb::TaskKind::CrossEval {
+        if inputs.models.is_empty() {
+            return Err(PlanError::Precondition(format!(
+                "study {} has no model to score yet: run a transfer round first",
+                study.name
+            )));
+        }
+        spec.models = inputs.models.clone();
     }
     check_kind(kind, &spec, base_layers)?;
     check_spec_numbers(&spec).map_err(bad)?;
-    // One task per study site; a source site that does not train Model_S has none.
-    let sites: Vec<&String> =
-        study.sites.iter().filter(|s| trains_source || source != Some(s.as_str())).collect();
+    // One task per study site (or per site named); a source site that does not train
+    // Model_S has none.
+    let named = |s: &str| body.sites.is_empty() || body.sites.iter().any(|n| n == s);
+    let sites: Vec<&String> = study
+        .sites
+        .iter()
+        .filter(|s| trains_source || source != Some(s.as_str()))
+        .filter(|s| named(s) || (trains_source && source == Some(s.as_str())))
+        .collect();
     let n = sites.len() as u32;
     let quorum = if body.quorum == 0 { n } else { body.quorum };
     if quorum > n {
@@ -198,12 +237,24 @@ pub fn plan(body: pb::StartRoundRequest, inputs: &PlanInputs<'_>) -> Result<Plan
         body.max_attempts.min(100)
     };
     let id = inputs.id.clone();
+    let fed = (kind == pb::TaskKind::Fedavg).then(|| {
+        let f = spec.fed.unwrap_or_default();
+        FedState {
+            rounds: f.rounds,
+            step: 1,
+            keep_local_bn: f.keep_local_bn,
+            prox_mu: f.prox_mu,
+            participants: sites.iter().map(|s| (*s).clone()).collect(),
+            aggregates: Vec::new(),
+        }
+    });
     let tasks: Vec<TaskRecord> = sites
         .iter()
         .map(|s| {
             let is_source = trains_source && source == Some(s.as_str());
             TaskRecord {
-                id: format!("{id}.{s}"),
+                id: if fed.is_some() { format!("{id}.s1.{s}") } else { format!("{id}.{s}") },
+                fed_step: u32::from(fed.is_some()),
                 round_id: id.clone(),
                 site: (*s).clone(),
                 // Targets wait for Model_S when the source trains it.
@@ -215,6 +266,7 @@ pub fn plan(body: pb::StartRoundRequest, inputs: &PlanInputs<'_>) -> Result<Plan
                 attempt: 0,
                 progress: Vec::new(),
                 source: is_source,
+                ..Default::default()
             }
         })
         .collect();
@@ -233,6 +285,7 @@ pub fn plan(body: pb::StartRoundRequest, inputs: &PlanInputs<'_>) -> Result<Plan
         state: RoundState::Running,
         tasks: tasks.iter().map(|t| t.id.clone()).collect(),
         source_spec: source_spec.map(|s| s.encode_to_vec()),
+        fed,
     };
     Ok(Plan { round, tasks, warnings, kind })
 }
@@ -242,7 +295,9 @@ fn check_kind(kind: pb::TaskKind, spec: &pb::TaskSpec, base_layers: u32) -> Resu
     let bad = PlanError::Invalid;
     match kind {
         pb::TaskKind::Unspecified | pb::TaskKind::TransferSource => {
-            return Err(bad("task kind: use evaluate, finetune, train or transfer".into()));
+            return Err(bad(
+                "task kind: use evaluate, finetune, train, transfer, fedavg or cross-eval".into(),
+            ));
         }
         pb::TaskKind::Finetune => {
             if spec.trainable_layers == 0 || spec.trainable_layers > base_layers {
@@ -288,7 +343,25 @@ fn check_kind(kind: pb::TaskKind, spec: &pb::TaskSpec, base_layers: u32) -> Resu
                 .map_err(|m| bad(format!("arm {i}: {m}")))?;
             }
         }
-        pb::TaskKind::Evaluate => {}
+        pb::TaskKind::Fedavg => {
+            let fed = spec.fed.unwrap_or_default();
+            if fed.rounds == 0 || fed.rounds > MAX_FED_ROUNDS {
+                return Err(bad(format!(
+                    "a federated round runs 1 to {MAX_FED_ROUNDS} steps (--rounds), not {}",
+                    fed.rounds
+                )));
+            }
+            if !(fed.prox_mu.is_finite() && (0.0..1000.0).contains(&fed.prox_mu)) {
+                return Err(bad(format!("prox_mu = {} is not in 0..1000", fed.prox_mu)));
+            }
+            if spec.trainable_layers == 0 || spec.trainable_layers > base_layers {
+                return Err(bad(format!(
+                    "trainable_layers = {}; the base model has {base_layers} layers",
+                    spec.trainable_layers
+                )));
+            }
+        }
+        pb::TaskKind::Evaluate | pb::TaskKind::CrossEval => {}
     }
     Ok(())
 }
@@ -348,6 +421,7 @@ mod tests {
                 now_s: 1000,
                 now_ms: 1_000_000,
                 id: "r1".into(),
+                models: Vec::new(),
             },
         )
     }

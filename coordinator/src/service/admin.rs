@@ -42,11 +42,24 @@ impl AdminApi {
                 header.name
             )));
         }
+        // A study's base is a whole model; a tail is only ever made by a round.
+        let whole = |_: &[u8], m: &shared::weights::WeightsManifest| match &m.tail {
+            Some(_) => Err("it is a tail (the last layers of another model), not a model; \
+                            push the whole model"
+                .to_owned()),
+            None => Ok(()),
+        };
         self.0
-            .receive_blob(header.name.clone(), &header, stream, |m| match m.part {
-                Some(pb::push_model_request::Part::Chunk(c)) => Some(c),
-                _ => None,
-            })
+            .receive_blob(
+                header.name.clone(),
+                &header,
+                stream,
+                |m| match m.part {
+                    Some(pb::push_model_request::Part::Chunk(c)) => Some(c),
+                    _ => None,
+                },
+                &whole,
+            )
             .await
     }
 
@@ -237,6 +250,9 @@ impl AdminService for AdminApi {
             sha => c.store.model(sha)?.map(|m| m.config),
         };
         let sites = site_standing(c, &study.sites)?;
+        let cross_eval =
+            body.spec.as_ref().is_some_and(|s| s.kind == pb::TaskKind::CrossEval as i32);
+        let models = if cross_eval { c.study_models(&study)? } else { Vec::new() };
         let now_ms = time::OffsetDateTime::now_utc().unix_timestamp_nanos() as i64 / 1_000_000;
         let planned = rounds::plan::plan(
             body,
@@ -249,6 +265,7 @@ impl AdminService for AdminApi {
                 now_s: now_ms / 1000,
                 now_ms,
                 id: format!("r{}-{:06x}", now_s(), rand::random::<u32>() & 0xff_ffff),
+                models,
             },
         );
         let Plan { round, tasks, warnings, kind } = planned.map_err(|e| match e {

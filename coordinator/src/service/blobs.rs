@@ -12,6 +12,10 @@ use tokio_stream::StreamExt;
 use super::{Coordinator, SResult, ServiceError, now_s};
 use crate::store::ModelRecord;
 
+/// What else an upload must be, given its bytes and manifest; the error says what is wrong.
+pub(crate) type WeightsCheck<'a> =
+    dyn Fn(&[u8], &shared::weights::WeightsManifest) -> Result<(), String> + Sync + 'a;
+
 impl Coordinator {
     /// Receives a weights file from the messages after an upload's header (`chunk_of` takes a
     /// message's chunk; anything else is a second header), at most 1 MiB each: checks the header, writes
@@ -23,6 +27,7 @@ impl Coordinator {
         header: &pb::ModelRef,
         mut stream: tonic::Streaming<M>,
         chunk_of: fn(M) -> Option<Vec<u8>>,
+        check: &WeightsCheck<'_>,
     ) -> SResult<ModelRecord> {
         let c = self;
         if header.size == 0 || header.size > limits::MAX_MODEL_BYTES {
@@ -98,6 +103,9 @@ impl Coordinator {
             let manifest = shared::weights::read_manifest(&bytes).map_err(|e| {
                 ServiceError::InvalidArgument(format!("not a fedtune weights file: {e}"))
             })?;
+            check(&bytes, &manifest).map_err(|e| {
+                ServiceError::InvalidArgument(format!("the weights are refused: {e}"))
+            })?;
             file.sync_all().await.map_err(io(&tmp))?;
             Ok(manifest)
         }
@@ -121,10 +129,33 @@ impl Coordinator {
             created: now_s(),
             config: manifest.config.name.clone(),
             layers: manifest.layers.len() as u32,
+            tail_of: manifest.tail.as_ref().map(|t| t.base_sha256.clone()),
+            tail_layers: manifest.tail.as_ref().map_or(0, |t| t.layers as u32),
         })
     }
 
     pub(super) fn blob_path(&self, sha256: &str) -> PathBuf {
         self.blobs.join(sha256)
+    }
+
+    /// Writes bytes the coordinator made (an average) under `blobs/<sha256>`, atomically;
+    /// returns their sha256. Writing the same bytes again changes nothing.
+    pub(super) async fn put_blob(&self, bytes: Vec<u8>) -> SResult<String> {
+        let sha = hex::encode(Sha256::digest(&bytes));
+        let dest = self.blob_path(&sha);
+        let tmp = self.blobs.join("tmp").join(format!("made-{:016x}", rand::random::<u64>()));
+        let (d, t) = (dest.clone(), tmp.clone());
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            use std::io::Write;
+            std::fs::create_dir_all(t.parent().expect("tmp has a parent"))?;
+            let mut f = std::fs::File::create(&t)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            std::fs::rename(&t, &d)
+        })
+        .await
+        .map_err(|e| ServiceError::Io { path: tmp.clone(), source: std::io::Error::other(e) })?
+        .map_err(|source| ServiceError::Io { path: dest, source })?;
+        Ok(sha)
     }
 }

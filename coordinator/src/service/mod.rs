@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use prost::Message;
 use proto::pb;
 use tokio::sync::{Mutex, watch};
 use tonic::Request;
@@ -206,8 +205,14 @@ impl Coordinator {
 
     // === rounds ===
 
-    /// Expires leases and applies round deadlines; run by the server's ticker.
+    /// Expires leases, applies round deadlines and averages finished federated steps; run by
+    /// the server's ticker.
     pub async fn tick(&self) -> SResult<()> {
+        self.tick_leases().await?;
+        self.advance_federated().await
+    }
+
+    async fn tick_leases(&self) -> SResult<()> {
         let _w = self.write.lock().await;
         let (now_ms, now_s) = (now_ms(), now_s());
         let mut changed = false;
@@ -276,20 +281,18 @@ impl Coordinator {
             self.store.commit(None, &[&task], None)?;
             self.durable().await?;
             // A transfer round's source task trains Model_S from scratch: no base.
-            let (spec, base) = if task.source {
-                (round.source_spec.as_deref().unwrap_or_default(), None)
-            } else {
-                (round.spec.as_slice(), round.base_sha256.as_deref())
-            };
-            let base = base.map(|s| self.model_ref(s)).transpose()?;
+            let view = rounds::task_view(&round, &task);
+            let base = view.base.as_deref().map(|s| self.model_ref(s)).transpose()?;
+            let tail = view.tail.as_deref().map(|s| self.model_ref(s)).transpose()?;
             tracing::info!(task = %task.id, site, attempt = task.attempt, "task leased");
             return Ok(Some(pb::Task {
                 task_id: task.id,
                 attempt: task.attempt,
                 round_id: round.id,
-                spec: pb::TaskSpec::decode(spec).ok(),
+                spec: Some(view.spec),
                 base,
                 lease_seconds: lease,
+                tail,
             }));
         }
         Ok(None)
@@ -327,6 +330,7 @@ mod admin;
 mod blobs;
 mod checks;
 mod error;
+mod federated;
 mod feed;
 mod records;
 mod site;

@@ -78,6 +78,8 @@ pub(super) fn model_info(m: &ModelRecord) -> pb::ModelInfo {
         created_unix: m.created,
         config: m.config.clone(),
         layers: m.layers,
+        tail_of: m.tail_of.clone().unwrap_or_default(),
+        tail_layers: m.tail_layers,
     }
 }
 
@@ -126,6 +128,9 @@ impl Coordinator {
                             .filter(|_| !t.progress.is_empty()),
                         reason,
                         source: t.source,
+                        bytes_down: t.bytes_down,
+                        bytes_up: t.bytes_up,
+                        fed_step: t.fed_step,
                     }
                 })
                 .collect(),
@@ -135,6 +140,25 @@ impl Coordinator {
             reason,
             source_spec: round.source_spec.as_deref().and_then(|b| pb::TaskSpec::decode(b).ok()),
             warnings: Vec::new(),
+            fed: round.fed.as_ref().map(|f| pb::FedProgress {
+                step: f.step,
+                rounds: f.rounds,
+                aggregates: f
+                    .aggregates
+                    .iter()
+                    .map(|a| pb::FedAggregate {
+                        step: a.step,
+                        tail_sha256: a.tail_sha256.clone(),
+                        sites: a.sites.clone(),
+                        cases: a.cases.clone(),
+                        tail_bytes: a.tail_bytes,
+                    })
+                    .collect(),
+                model: (round.state == RoundState::Completed)
+                    .then(|| f.aggregates.last())
+                    .flatten()
+                    .and_then(|a| self.model_ref(&a.tail_sha256).ok()),
+            }),
         })
     }
 

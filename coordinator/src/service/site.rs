@@ -88,20 +88,24 @@ impl SiteService for SiteApi {
         let id = identity_of(&req)?;
         let c = self.0.clone();
         let pb::FetchModelRequest { sha256, offset } = req.into_inner();
-        // A site may fetch a model only while it holds a task that uses it.
-        let allowed = c.store.tasks()?.into_iter().any(|t| {
+        // A site may fetch a model only while it holds a task that uses it; the bytes sent
+        // are counted on that task.
+        let holder = c.store.tasks()?.into_iter().find(|t| {
             t.site == id.name
                 && matches!(t.state, TaskState::Leased { .. })
-                && c.store.round(&t.round_id).ok().flatten().and_then(|r| r.base_sha256).as_deref()
-                    == Some(sha256.as_str())
+                && c.store
+                    .round(&t.round_id)
+                    .ok()
+                    .flatten()
+                    .is_some_and(|r| rounds::task_view(&r, t).models().contains(&sha256))
         });
-        if !allowed {
+        let Some(holder) = holder.map(|t| t.id) else {
             return Err(ServiceError::PermissionDenied(format!(
                 "site \"{}\" holds no task that uses model {sha256}",
                 id.name
             ))
             .into());
-        }
+        };
         let path = c.blob_path(&sha256);
         // The stored copy must still be what was pushed: a damaged blob is never sent.
         let stored = {
@@ -163,10 +167,11 @@ impl SiteService for SiteApi {
                 let chunk =
                     pb::ModelChunk { offset: pos, data: buf[..n].to_vec(), total_size: total };
                 if !feed.send(Ok(chunk)).await {
-                    return; // the site went away or stopped reading
+                    break; // the site went away or stopped reading
                 }
                 pos += n as u64;
             }
+            c.note_bytes(&holder, pos - offset, 0).await;
         });
         Ok(Response::new(stream))
     }
@@ -250,6 +255,26 @@ impl SiteService for SiteApi {
                     }
                     round.base_sha256 = Some(sha);
                 }
+                // Tails the result says were shared must have arrived first; a federated
+                // step's result is its tail.
+                for (i, arm) in r.arms.iter().enumerate() {
+                    let uploaded = task.uploads.get(&(i as u32));
+                    if !arm.tail_sha256.is_empty() && uploaded != Some(&arm.tail_sha256) {
+                        return Err(ServiceError::FailedPrecondition(format!(
+                            "task {}: upload arm {i}'s tail ({}) before the result",
+                            task.id, arm.tail_sha256
+                        ))
+                        .into());
+                    }
+                }
+                if round.fed.is_some() && r.arms.get(1).is_none_or(|a| a.tail_sha256.is_empty()) {
+                    return Err(ServiceError::InvalidArgument(format!(
+                        "task {} is a federated step: its result is the scored model (arm 0) \
+                         and the trained tail (arm 1)",
+                        task.id
+                    ))
+                    .into());
+                }
                 result_bytes = Some(r.encode_to_vec());
                 task.state = TaskState::Succeeded;
             }
@@ -302,6 +327,11 @@ impl SiteService for SiteApi {
         }
         c.durable().await?;
         tracing::info!(task = %task.id, site = %id.name, state = ?task.state, "result recorded");
+        drop(_w);
+        if round.fed.is_some() {
+            // The step may be done: average now rather than at the next tick.
+            c.advance_federated().await?;
+        }
         Ok(Response::new(pb::SubmitResultResponse { recorded: true }))
     }
 
@@ -327,20 +357,23 @@ impl SiteService for SiteApi {
             }
         };
         let model = header.model.clone().unwrap_or_default();
-        // Only the lessee of a source task, whose own policy (as its Hello said) shares
+        // Only the lessee of a task that uploads (a source's Model_S, a federated step's
+        // tail, a shared Model_ST's tail), whose own policy (as its Hello said) shares
         // weights, may upload, and only before the task's result.
-        {
+        let (expect, round) = {
             let (task, round) = c.owned_task(&id.name, &header.task_id)?;
             let leased = matches!(task.state, TaskState::Leased { .. })
                 && task.attempt == header.attempt
                 && round.state == RoundState::Running;
-            if !task.source || !leased {
+            let expect = rounds::upload_expected(&round, &task, header.arm);
+            let Some(expect) = expect.filter(|_| leased) else {
                 return Err(ServiceError::PermissionDenied(format!(
-                    "task {} (attempt {}) is not a source task leased to \"{}\"; nothing to upload",
-                    header.task_id, header.attempt, id.name
+                    "task {} (attempt {}, arm {}) is not a task leased to \"{}\" that uploads \
+                     that arm's weights; nothing to upload",
+                    header.task_id, header.attempt, header.arm, id.name
                 ))
                 .into());
-            }
+            };
             let site = c.store.site(&id.name)?.unwrap_or_default();
             let shares = pb::Capabilities::decode(site.capabilities.as_slice())
                 .map(|cap| cap.share_weights)
@@ -352,22 +385,72 @@ impl SiteService for SiteApi {
                 ))
                 .into());
             }
-        }
-        if let Some(m) = c.store.model(&model.sha256.to_ascii_lowercase())? {
-            // A retried upload of the same bytes.
-            return Ok(Response::new(super::model_info(&m)));
-        }
-        let name = format!("model-s-{}", header.task_id.split('.').next().unwrap_or_default());
-        let record = c
-            .receive_blob(name, &model, stream, |m| match m.part {
-                Some(pb::upload_model_request::Part::Chunk(c)) => Some(c),
-                _ => None,
-            })
-            .await?;
+            (expect, round)
+        };
+        let sha = model.sha256.to_ascii_lowercase();
+        let (record, received) = match c.store.model(&sha)? {
+            // A retried upload of the same bytes (or a tail another site sent identically).
+            Some(m) if expect.fits(&m) => (m, 0),
+            Some(_) => {
+                return Err(ServiceError::InvalidArgument(format!(
+                    "model {sha} is stored already, and it is not what task {} uploads",
+                    header.task_id
+                ))
+                .into());
+            }
+            None => {
+                let base = match &expect {
+                    rounds::Upload::Tail { .. } => {
+                        let base = round.base_sha256.clone().unwrap_or_default();
+                        let path = c.blob_path(&base);
+                        Some((
+                            base,
+                            tokio::fs::read(&path)
+                                .await
+                                .map_err(|source| ServiceError::Io { path, source })?,
+                        ))
+                    }
+                    rounds::Upload::Full => None,
+                };
+                let check =
+                    |bytes: &[u8], m: &shared::weights::WeightsManifest| -> Result<(), String> {
+                        match (&expect, &base) {
+                            (rounds::Upload::Tail { layers, .. }, Some((sha, b))) => {
+                                rounds::fedavg::check_tail(bytes, b, sha, *layers as usize)
+                                    .map(|_| ())
+                                    .map_err(|e| e.to_string())
+                            }
+                            _ if m.tail.is_some() => {
+                                Err("a tail where the full Model_S was expected".into())
+                            }
+                            _ => Ok(()),
+                        }
+                    };
+                let name = expect.name(&header.task_id, header.arm);
+                let record = c
+                    .receive_blob(
+                        name,
+                        &model,
+                        stream,
+                        |m| match m.part {
+                            Some(pb::upload_model_request::Part::Chunk(c)) => Some(c),
+                            _ => None,
+                        },
+                        &check,
+                    )
+                    .await?;
+                let size = record.size;
+                (record, size)
+            }
+        };
         let _w = c.write.lock().await;
         c.store.put_model(&record)?;
+        let (mut task, _) = c.owned_task(&id.name, &header.task_id)?;
+        task.uploads.insert(header.arm, record.sha256.clone());
+        task.bytes_up += received;
+        c.store.commit(None, &[&task], None)?;
         c.store.flush().await?;
-        tracing::info!(site = %id.name, task = %header.task_id, sha256 = %record.sha256, "Model_S uploaded");
+        tracing::info!(site = %id.name, task = %header.task_id, arm = header.arm, sha256 = %record.sha256, bytes = record.size, "weights uploaded");
         Ok(Response::new(super::model_info(&record)))
     }
 }

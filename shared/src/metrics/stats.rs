@@ -182,3 +182,72 @@ pub fn ttest_rel(x: &[f64], y: &[f64]) -> Result<TTest, StatsError> {
     let p_value = (2.0 * dist.cdf(-t.abs())).min(1.0);
     Ok(TTest { t, df, p_value })
 }
+
+/// A mean with its two-sided 95% confidence interval.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    pub n: usize,
+    pub mean: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+/// The mean of `values` with the 95% Student t interval (n - 1 degrees of freedom, sample
+/// SD), as `scipy.stats.t.interval(0.95, n - 1, mean, sem)`; `None` below two finite values.
+pub fn mean_ci95(values: &[f64]) -> Option<Interval> {
+    if values.len() < 2 || values.iter().any(|v| !v.is_finite()) {
+        return None;
+    }
+    let s = summary(values)?;
+    let n = values.len() as f64;
+    let sem = s.sd? / n.sqrt();
+    let q = StudentsT::new(0.0, 1.0, n - 1.0).ok()?.inverse_cdf(0.975);
+    Some(Interval { n: values.len(), mean: s.mean, lo: s.mean - q * sem, hi: s.mean + q * sem })
+}
+
+/// Holm's step-down adjustment of p-values for multiple comparisons (as statsmodels'
+/// `multipletests(p, method="holm")`): the i-th smallest of m is multiplied by m - i + 1,
+/// made monotone, capped at 1. Values that are not finite stay as they are and are not
+/// counted in m.
+pub fn holm(p: &[f64]) -> Vec<f64> {
+    let mut idx: Vec<usize> = (0..p.len()).filter(|&i| p[i].is_finite()).collect();
+    idx.sort_by(|&a, &b| p[a].total_cmp(&p[b]));
+    let m = idx.len();
+    let mut out = p.to_vec();
+    let mut running = 0.0f64;
+    for (rank, &i) in idx.iter().enumerate() {
+        running = running.max(((m - rank) as f64 * p[i]).min(1.0));
+        out[i] = running;
+    }
+    out
+}
+
+#[cfg(test)]
+mod interval_tests {
+    use super::*;
+
+    #[test]
+    fn holm_multiplies_the_ordered_p_values_and_keeps_them_monotone() {
+        // Sorted 0.005, 0.01, 0.03, 0.04 -> 4 * 0.005, 3 * 0.01, 2 * 0.03, max(0.06, 0.04).
+        let adj = holm(&[0.01, 0.04, 0.03, 0.005]);
+        let want = [0.03, 0.06, 0.06, 0.02];
+        for (a, w) in adj.iter().zip(want) {
+            assert!((a - w).abs() < 1e-12, "{adj:?}");
+        }
+        assert_eq!(holm(&[0.5, 0.9]), [1.0, 1.0]);
+        let with_nan = holm(&[f64::NAN, 0.02, 0.04]);
+        assert!(with_nan[0].is_nan());
+        assert!((with_nan[1] - 0.04).abs() < 1e-12 && (with_nan[2] - 0.04).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_interval_uses_students_t() {
+        // scipy.stats.t.ppf(0.975, 2) = 4.302652729911275; values 1, 2, 3: sem = 1 / sqrt(3).
+        let i = mean_ci95(&[1.0, 2.0, 3.0]).unwrap();
+        let half = 4.302652729911275 / 3f64.sqrt();
+        assert!((i.mean - 2.0).abs() < 1e-12);
+        assert!((i.hi - (2.0 + half)).abs() < 1e-9, "{i:?}");
+        assert!((i.lo - (2.0 - half)).abs() < 1e-9);
+        assert_eq!(mean_ci95(&[1.0]), None);
+    }
+}

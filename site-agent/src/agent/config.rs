@@ -66,8 +66,8 @@ impl Default for StorageConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Policy {
-    /// Task kinds this site runs. Default: evaluate, finetune, train, transfer (a transfer
-    /// source also needs `share_weights`).
+    /// Task kinds this site runs. Default: evaluate, finetune, train, transfer, fedavg,
+    /// cross-eval (a transfer source and fedavg also need `share_weights`).
     pub allowed_tasks: Vec<String>,
     /// Most epochs a task may ask for. Default 200.
     pub max_epochs: u32,
@@ -89,6 +89,8 @@ impl Default for Policy {
                 "finetune".into(),
                 "train".into(),
                 "transfer".into(),
+                "fedavg".into(),
+                "cross-eval".into(),
             ],
             max_epochs: 200,
             max_hours: 24.0,
@@ -161,9 +163,10 @@ impl SiteConfig {
             ));
         }
         for kind in &cfg.policy.allowed_tasks {
-            if !["evaluate", "finetune", "train", "transfer"].contains(&kind.as_str()) {
+            if !super::policy::KINDS.contains(&kind.as_str()) {
                 problems.push(format!(
-                    "policy.allowed_tasks: unknown kind \"{kind}\" (evaluate, finetune, train, transfer)"
+                    "policy.allowed_tasks: unknown kind \"{kind}\" ({})",
+                    super::policy::KINDS.join(", ")
                 ));
             }
         }

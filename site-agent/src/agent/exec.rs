@@ -1,7 +1,8 @@
 //! Running one task with the engine, off the async runtime: data, weights,
 //! training, evaluation, and the result message (scores by case index only).
 
-use std::path::{Path, PathBuf};
+use std::collections::HashMap;
+use std::path::PathBuf;
 
 use crate::data::{Dataset, Split};
 use crate::model::{ModelConfig, Net};
@@ -43,7 +44,7 @@ impl Outcome {
 
 /// How running a task ended early: a failure, or a refusal found once the model was known.
 #[derive(Clone, Debug, PartialEq, Eq)]
-enum Ended {
+pub(super) enum Ended {
     Failure(pb::FailureCode),
     Refusal(pb::RefusalCode, String),
 }
@@ -54,7 +55,7 @@ impl From<pb::FailureCode> for Ended {
     }
 }
 
-fn train_options(spec: &pb::TaskSpec) -> TrainOptions {
+pub(super) fn train_options(spec: &pb::TaskSpec) -> TrainOptions {
     let d = TrainOptions::default();
     TrainOptions {
         epochs: effective_epochs(spec) as usize,
@@ -75,7 +76,32 @@ pub fn weights_path(site: &Site, task_id: &str, arm: Option<usize>) -> PathBuf {
     site.storage.join("weights").join(name)
 }
 
-fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
+/// Where arm `arm`'s trained tail is written for upload.
+pub fn tail_path(site: &Site, task_id: &str, arm: usize) -> PathBuf {
+    site.storage.join("weights").join(format!("{task_id}.arm{arm}.tail.safetensors"))
+}
+
+/// Whether an id the coordinator sent (a task or round id) is safe as part of a file name.
+pub fn safe_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+/// The model files a task's weights were downloaded to, by sha256.
+pub type ModelFiles = HashMap<String, PathBuf>;
+
+/// The bytes of the downloaded model `sha256`.
+pub(super) fn model_bytes(models: &ModelFiles, sha256: &str) -> Result<Vec<u8>, pb::FailureCode> {
+    let path = models.get(sha256).ok_or_else(|| {
+        tracing::error!(sha256, "a model the task names was not downloaded");
+        pb::FailureCode::Internal
+    })?;
+    std::fs::read(path).map_err(fail(pb::FailureCode::Internal, "reading downloaded weights"))
+}
+
+pub(super) fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
     site.manifest.load_split(split).map_err(|e| {
         tracing::error!(error = %e, ?split, "the split failed validation");
         pb::FailureCode::DataInvalid
@@ -83,7 +109,10 @@ fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
 }
 
 /// Base weights that fit this site's organ map: the net, its manifest and sha256.
-fn load_base(bytes: &[u8], site: &Site) -> Result<(Net, WeightsManifest, String), pb::FailureCode> {
+pub(super) fn load_base(
+    bytes: &[u8],
+    site: &Site,
+) -> Result<(Net, WeightsManifest, String), pb::FailureCode> {
     let (net, manifest, sha) = weights::from_bytes(bytes, &site.device)
         .map_err(fail(pb::FailureCode::ModelMismatch, "loading the base weights"))?;
     if manifest.organs != site.manifest.organs {
@@ -97,22 +126,36 @@ fn load_base(bytes: &[u8], site: &Site) -> Result<(Net, WeightsManifest, String)
     Ok((net, manifest, sha))
 }
 
-/// Runs a task whose base weights (if any) are at `base`. `progress` gets phase and training
-/// events; `stop` is polled after every optimizer step.
+/// Runs a task whose models (the base, a tail, a cross-eval's models) were downloaded to
+/// `models`. `progress` gets phase and training events; `stop` is polled after every
+/// optimizer step.
 pub fn run_task(
     site: &Site,
     task: &pb::Task,
-    base: Option<&Path>,
+    models: &ModelFiles,
     progress: &mut dyn FnMut(pb::Progress),
     stop: &dyn Fn() -> bool,
 ) -> Outcome {
     let spec = task.spec.clone().unwrap_or_default();
     let kind = pb::TaskKind::try_from(spec.kind).unwrap_or(pb::TaskKind::Unspecified);
     let mut runner = Runner { progress, stop, span: (0.05, 1.0) };
-    let result = match kind {
-        pb::TaskKind::TransferTarget => run_arms(site, task, &spec, base, &mut runner),
-        pb::TaskKind::Unspecified => Err(pb::FailureCode::Internal.into()),
-        _ => run_single(site, task, kind, &spec, base, &mut runner),
+    let base = task.base.as_ref().and_then(|m| models.get(&m.sha256.to_ascii_lowercase()));
+    let base = base.map(PathBuf::as_path);
+    let result = if !safe_id(&task.task_id) || !safe_id(&task.round_id) {
+        tracing::error!("the task's id or round id is not a safe file name; refused to run it");
+        Err(pb::FailureCode::Internal.into())
+    } else {
+        match kind {
+            pb::TaskKind::TransferTarget => run_arms(site, task, &spec, base, &mut runner),
+            pb::TaskKind::Fedavg => {
+                super::federated::run_fedavg(site, task, &spec, models, &mut runner)
+            }
+            pb::TaskKind::CrossEval => {
+                super::federated::run_cross_eval(site, &spec, models, &mut runner)
+            }
+            pb::TaskKind::Unspecified => Err(pb::FailureCode::Internal.into()),
+            _ => run_single(site, task, kind, &spec, base, &mut runner),
+        }
     };
     runner.span = (0.0, 1.0);
     runner.phase("done", 1.0);
@@ -130,7 +173,7 @@ fn run_single(
     task: &pb::Task,
     kind: pb::TaskKind,
     spec: &pb::TaskSpec,
-    base: Option<&Path>,
+    base: Option<&std::path::Path>,
     runner: &mut Runner<'_>,
 ) -> Result<pb::TaskResult, Ended> {
     let organs = &site.manifest.organs;
@@ -193,6 +236,7 @@ fn run_single(
             opts,
             parent,
             out: weights_path(site, &task.task_id, None),
+            tail_out: None,
         })?;
         arm.train_cases = train.cases.len() as u32;
     }
@@ -211,7 +255,7 @@ fn run_arms(
     site: &Site,
     task: &pb::Task,
     spec: &pb::TaskSpec,
-    base: Option<&Path>,
+    base: Option<&std::path::Path>,
     runner: &mut Runner<'_>,
 ) -> Result<pb::TaskResult, Ended> {
     let organs = &site.manifest.organs;
@@ -291,6 +335,17 @@ fn run_arms(
                     slice_sets.push((n, set));
                 }
                 let slices = &slice_sets.iter().find(|(m, _)| *m == n).expect("just built").1;
+                // A shared Model_ST: its tail is written for upload, where the policy allows.
+                let share = arm_kind == pb::ArmKind::Finetune && arm_spec.share;
+                if share && !site.policy.share_weights {
+                    tracing::info!(
+                        arm = i,
+                        "the task asks to share this arm's tail; policy.share_weights is false, \
+                         so it stays at this site"
+                    );
+                }
+                let tail_out =
+                    (share && site.policy.share_weights).then(|| tail_path(site, &task.task_id, i));
                 let mut r = runner.train(Training {
                     net,
                     k,
@@ -298,6 +353,7 @@ fn run_arms(
                     opts,
                     parent,
                     out: weights_path(site, &task.task_id, Some(i)),
+                    tail_out,
                 })?;
                 r.train_cases = n as u32;
                 r

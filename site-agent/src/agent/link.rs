@@ -163,6 +163,7 @@ impl Link {
         &mut self,
         task_id: &str,
         attempt: u32,
+        arm: u32,
         path: &Path,
     ) -> Result<pb::ModelInfo, CallError> {
         let bytes = tokio::fs::read(path)
@@ -178,6 +179,7 @@ impl Link {
                     size: bytes.len() as u64,
                     name: String::new(),
                 }),
+                arm,
             })),
         }];
         msgs.extend(bytes.chunks(limits::CHUNK_BYTES).map(|c| pb::UploadModelRequest {
@@ -187,7 +189,7 @@ impl Link {
         for m in &msgs {
             last = Some(self.audit("UploadModel", m)?);
         }
-        tracing::info!(task = task_id, sha256 = %sha256, bytes = bytes.len(), "uploading Model_S (policy share_weights = true)");
+        tracing::info!(task = task_id, arm, sha256 = %sha256, bytes = bytes.len(), "uploading trained weights (policy share_weights = true)");
         let stream = tokio_stream::iter(msgs);
         // The upload's messages were all logged above; the last one's entry is the newest.
         let req = match &last {

@@ -20,6 +20,7 @@ pub mod config;
 mod diagnose;
 pub mod exec;
 pub mod faults;
+pub mod federated;
 pub(crate) mod link;
 pub mod policy;
 mod runner;
@@ -70,12 +71,7 @@ fn hello_request(cfg: &SiteConfig, site: &Site) -> pb::HelloRequest {
         .policy
         .allowed_tasks
         .iter()
-        .map(|k| match k.as_str() {
-            "evaluate" => pb::TaskKind::Evaluate as i32,
-            "finetune" => pb::TaskKind::Finetune as i32,
-            "transfer" => pb::TaskKind::TransferTarget as i32,
-            _ => pb::TaskKind::Train as i32,
-        })
+        .filter_map(|k| policy::kind_of(k).map(|k| k as i32))
         .collect();
     let (lo, hi) = site.spacing_range;
     let ranges = lo.iter().all(|v| v.is_finite());
@@ -118,8 +114,47 @@ struct Pending {
     task_id: String,
     attempt: u32,
     outcome: Outcome,
-    /// Weights to upload before the result (a transfer source's Model_S).
-    upload: Option<PathBuf>,
+    /// Weights to upload before the result, with the arm each is (a transfer source's
+    /// Model_S; trained tails).
+    uploads: Vec<(u32, PathBuf)>,
+}
+
+/// Copies an uploaded weights file into the model cache under its sha256 (best effort: a
+/// failure only means a later download).
+fn keep_in_cache(cfg: &SiteConfig, path: &std::path::Path, info: &pb::ModelInfo) {
+    let Some(sha) = info.model.as_ref().map(|m| m.sha256.to_ascii_lowercase()) else { return };
+    if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return;
+    }
+    let dir = cfg.storage.dir.join("models");
+    let dest = dir.join(&sha);
+    if dest.exists() {
+        return;
+    }
+    let copied = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::read(path))
+        .and_then(|b| runner::write_atomic(&dest, &b));
+    if let Err(e) = copied {
+        tracing::warn!(path = %dest.display(), error = %e, "could not keep the uploaded weights in the model cache");
+    }
+}
+
+/// What a finished task uploads: a source's Model_S, and every arm's tail that the task
+/// wrote for upload (it did so only where the policy shares weights).
+fn uploads_of(site: &Site, task: &pb::Task, outcome: &Outcome) -> Vec<(u32, PathBuf)> {
+    let Outcome::Result(result) = outcome else { return Vec::new() };
+    let source = task.spec.as_ref().is_some_and(|s| s.kind == pb::TaskKind::TransferSource as i32);
+    if source {
+        let last = result.arms.len().saturating_sub(1) as u32;
+        return vec![(last, exec::weights_path(site, &task.task_id, None))];
+    }
+    result
+        .arms
+        .iter()
+        .enumerate()
+        .filter(|(_, a)| !a.tail_sha256.is_empty())
+        .map(|(i, _)| (i as u32, exec::tail_path(site, &task.task_id, i)))
+        .collect()
 }
 
 /// Runs the agent until `shutdown` resolves, or until the coordinator refuses this site.
@@ -210,11 +245,16 @@ async fn session(
     }
     loop {
         if let Some(p) = pending.take() {
-            if let Some(path) = &p.upload
-                && let Err(e) = link.upload_model(&p.task_id, p.attempt, path).await
-            {
-                *pending = Some(p);
-                return Err(e);
+            for (arm, path) in &p.uploads {
+                match link.upload_model(&p.task_id, p.attempt, *arm, path).await {
+                    // What this site uploaded it has: a later task that names it by sha256
+                    // reads it from the model cache instead of downloading it back.
+                    Ok(info) => keep_in_cache(cfg, path, &info),
+                    Err(e) => {
+                        *pending = Some(p);
+                        return Err(e);
+                    }
+                }
             }
             let req = pb::SubmitResultRequest {
                 task_id: p.task_id.clone(),
@@ -252,18 +292,24 @@ async fn session(
         let Some(task) = task else { continue };
         let outcome = run_leased(cfg, site, &mut link, &task, stopping).await?;
         if let Some(outcome) = outcome {
-            let source =
-                task.spec.as_ref().is_some_and(|s| s.kind == pb::TaskKind::TransferSource as i32);
-            let upload = (source && matches!(outcome, Outcome::Result(_)))
-                .then(|| exec::weights_path(site, &task.task_id, None));
             *pending = Some(Pending {
                 task_id: task.task_id.clone(),
                 attempt: task.attempt,
+                uploads: uploads_of(site, &task, &outcome),
                 outcome,
-                upload,
             });
         }
     }
+}
+
+/// The models a task needs downloaded: its base and tail, and a cross-eval's shared models
+/// (a model this site did not share is read from its own copy).
+fn models_of(task: &pb::Task) -> Vec<pb::ModelRef> {
+    let mut out: Vec<pb::ModelRef> = task.base.iter().chain(&task.tail).cloned().collect();
+    for m in task.spec.iter().flat_map(|s| &s.models).filter(|m| m.shared) {
+        out.extend(m.base.iter().chain(&m.tail).cloned());
+    }
+    out
 }
 
 /// Runs one leased task with heartbeats. `None`: the coordinator told us to stop (cancelled
@@ -328,30 +374,36 @@ async fn run_leased(
     };
 
     let result = async {
-        let base = match &task.base {
-            Some(model) => {
-                let p = progress.clone();
-                let mut on_bytes = move |done: u64, total: u64| {
-                    let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
-                    g.phase = "download".into();
-                    g.fraction = 0.05 * done as f64 / total.max(1) as f64;
-                };
-                let dir = cfg.storage.dir.join("models");
-                match link.fetch_model(model, &dir, None, &mut on_bytes).await {
-                    Ok((path, _)) => Some(path),
-                    Err(CallError::Download { sha256, message }) => {
-                        tracing::error!(sha256 = %sha256, message = %message, "download failed verification");
-                        return Ok(Some(Outcome::Failure(pb::FailureCode::Download)));
-                    }
-                    Err(CallError::Status(s)) if s.code() == tonic::Code::DataLoss => {
-                        tracing::error!(sha256 = %model.sha256, message = %s.message(), "the coordinator's copy of the model is damaged");
-                        return Ok(Some(Outcome::Failure(pb::FailureCode::Download)));
-                    }
-                    Err(e) => return Err(e),
-                }
+        // Every model the task names, each once; a model already here is not fetched again.
+        let mut models = exec::ModelFiles::new();
+        for model in models_of(task) {
+            let sha = model.sha256.to_ascii_lowercase();
+            if models.contains_key(&sha) {
+                continue;
             }
-            None => None,
-        };
+            let p = progress.clone();
+            let mut on_bytes = move |done: u64, total: u64| {
+                let mut g = p.lock().unwrap_or_else(|e| e.into_inner());
+                g.phase = "download".into();
+                g.fraction = 0.05 * done as f64 / total.max(1) as f64;
+            };
+            let dir = cfg.storage.dir.join("models");
+            match link.fetch_model(&model, &dir, None, &mut on_bytes).await {
+                Ok((path, fetched)) => {
+                    tracing::info!(sha256 = %sha, bytes = fetched, "model ready");
+                    models.insert(sha, path);
+                }
+                Err(CallError::Download { sha256, message }) => {
+                    tracing::error!(sha256 = %sha256, message = %message, "download failed verification");
+                    return Ok(Some(Outcome::Failure(pb::FailureCode::Download)));
+                }
+                Err(CallError::Status(s)) if s.code() == tonic::Code::DataLoss => {
+                    tracing::error!(sha256 = %model.sha256, message = %s.message(), "the coordinator's copy of the model is damaged");
+                    return Ok(Some(Outcome::Failure(pb::FailureCode::Download)));
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let site = site.clone();
         let task = task.clone();
         let progress = progress.clone();
@@ -362,7 +414,7 @@ async fn run_leased(
         // Training is CPU-bound: off the runtime.
         let outcome = tokio::task::spawn_blocking(move || {
             let mut on_progress = |p: pb::Progress| *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
-            exec::run_task(&site, &task, base.as_deref(), &mut on_progress, &stop)
+            exec::run_task(&site, &task, &models, &mut on_progress, &stop)
         })
         .await
         .unwrap_or(Outcome::Failure(pb::FailureCode::Internal));

@@ -47,6 +47,9 @@ pub fn check_gpu_memory(
     Ok(Some(cap - need))
 }
 
+/// The names `policy.allowed_tasks` takes.
+pub const KINDS: [&str; 6] = ["evaluate", "finetune", "train", "transfer", "fedavg", "cross-eval"];
+
 /// The policy's name for a task kind (`policy.allowed_tasks`).
 pub fn kind_name(kind: pb::TaskKind) -> &'static str {
     match kind {
@@ -54,8 +57,23 @@ pub fn kind_name(kind: pb::TaskKind) -> &'static str {
         pb::TaskKind::Finetune => "finetune",
         pb::TaskKind::Train => "train",
         pb::TaskKind::TransferSource | pb::TaskKind::TransferTarget => "transfer",
+        pb::TaskKind::Fedavg => "fedavg",
+        pb::TaskKind::CrossEval => "cross-eval",
         pb::TaskKind::Unspecified => "unspecified",
     }
+}
+
+/// The task kind a policy name stands for (a transfer target for "transfer").
+pub fn kind_of(name: &str) -> Option<pb::TaskKind> {
+    Some(match name {
+        "evaluate" => pb::TaskKind::Evaluate,
+        "finetune" => pb::TaskKind::Finetune,
+        "train" => pb::TaskKind::Train,
+        "transfer" => pb::TaskKind::TransferTarget,
+        "fedavg" => pb::TaskKind::Fedavg,
+        "cross-eval" => pb::TaskKind::CrossEval,
+        _ => return None,
+    })
 }
 
 /// Rough seconds per training slice per epoch on this machine's CPU, for the `max_hours`
@@ -85,9 +103,17 @@ pub fn check_policy(policy: &Policy, spec: &pb::TaskSpec, train_slices: usize) -
             "the task uploads the trained Model_S; policy.share_weights is false".into(),
         ));
     }
+    if kind == pb::TaskKind::Fedavg && !policy.share_weights {
+        return Some((
+            pb::RefusalCode::SharingNotAllowed,
+            "the task uploads its trained tail for federated averaging; policy.share_weights \
+             is false"
+                .into(),
+        ));
+    }
     // Epochs of every model the task trains.
     let trainings: Vec<u32> = match kind {
-        pb::TaskKind::Evaluate => Vec::new(),
+        pb::TaskKind::Evaluate | pb::TaskKind::CrossEval => Vec::new(),
         pb::TaskKind::TransferTarget => spec
             .arms
             .iter()

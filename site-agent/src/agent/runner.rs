@@ -31,6 +31,8 @@ pub(super) struct Training<'a> {
     pub(super) opts: TrainOptions,
     pub(super) parent: Option<String>,
     pub(super) out: PathBuf,
+    /// Also write the trained tail (the last `k` layers over the parent) here, for upload.
+    pub(super) tail_out: Option<PathBuf>,
 }
 
 /// What running a task needs besides the work itself.
@@ -87,7 +89,7 @@ impl Runner<'_> {
             }
             Err(e) => return Err(fail(pb::FailureCode::Internal, "training")(e)),
         };
-        let prov = report.provenance(t.parent, t.net.num_layers(), &t.opts);
+        let prov = report.provenance(t.parent.clone(), t.net.num_layers(), &t.opts);
         if let Some(dir) = t.out.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(fail(pb::FailureCode::Internal, "creating the weights folder"))?;
@@ -95,7 +97,18 @@ impl Runner<'_> {
         let sha = weights::save(t.net, &prov, &t.out)
             .map_err(fail(pb::FailureCode::Internal, "saving the trained weights"))?;
         tracing::info!(path = %t.out.display(), "trained weights kept at this site");
+        let tail_sha256 = match (&t.tail_out, &t.parent) {
+            (Some(path), Some(parent)) => {
+                let bytes = weights::tail_to_bytes(t.net, t.k, parent, &prov)
+                    .map_err(fail(pb::FailureCode::Internal, "writing the trained tail"))?;
+                write_atomic(path, &bytes)
+                    .map_err(fail(pb::FailureCode::Internal, "saving the trained tail"))?;
+                weights::sha256_hex(&bytes)
+            }
+            _ => String::new(),
+        };
         Ok(pb::ArmResult {
+            tail_sha256,
             train_seconds: report.seconds,
             cache_seconds: report.cache_seconds,
             epoch_losses: report.epoch_losses,
@@ -120,6 +133,19 @@ impl Runner<'_> {
         arm.scores = case_rows(&cases, &test.organs);
         Ok(())
     }
+}
+
+/// Writes `bytes` to `path` through a temp file, fsynced, then renamed.
+pub(super) fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Per-case scores as the long rows the protocol carries: one per organ and case, organs in

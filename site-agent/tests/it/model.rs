@@ -54,6 +54,7 @@ fn weights_round_trip_with_identical_outputs_and_manifest() {
         seed: 9,
         site: Some("target".into()),
         train_slices: 12,
+        federated: None,
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("w.safetensors");

@@ -7,6 +7,7 @@ mod demo;
 mod diagnosis;
 mod disk;
 mod faults;
+mod federated;
 mod federation;
 mod hospital;
 mod hostile_rpc;

@@ -153,7 +153,7 @@ async fn weights_leave_a_site_only_where_its_policy_shares_them() -> R {
     let weights = fed.base_model("tiny")?;
     let mut link = site_link(&fed, &fed.sites[1]).await?;
     let task = format!("{}.{}", round.round_id, fed.sites[0]);
-    match link.upload_model(&task, 1, &weights).await {
+    match link.upload_model(&task, 1, 0, &weights).await {
         Err(site_agent::agent::CallError::Status(s)) => {
             assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}")
         }
