@@ -4,7 +4,9 @@
 //! starts `coordinator serve` and one `site-agent run` per hospital as separate processes on
 //! 127.0.0.1 with mutual TLS, approves the sites, runs the transfer round (the source trains
 //! and uploads Model_S; every target evaluates it, trains Model_T, fine-tunes Model_ST),
-//! optionally the sweeps, then writes the report and prints its table.
+//! optionally replicated over seeds, optionally the sweeps, and with `--federated` FedAvg of
+//! the targets' tails (Model_FT) and the cross-site matrix; then writes the report and prints
+//! its table.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +16,7 @@ use anyhow::{Context, Result, bail};
 use proto::pb;
 
 use super::client::AdminClient;
-use super::templates::{self, Template, TemplateOptions};
+use super::templates::{self, FedOptions, Template, TemplateOptions};
 use super::{Conn, round_state};
 use crate::identity::Role;
 use crate::pki::Pki;
@@ -43,6 +45,9 @@ struct Sizes {
     trainable_layers: u32,
     sweep_layers: Vec<u32>,
     sweep_cases: Vec<u32>,
+    /// `--federated`: FedAvg steps and local epochs a step.
+    fed_rounds: u32,
+    fed_epochs: u32,
 }
 
 impl Preset {
@@ -61,6 +66,8 @@ impl Preset {
                 trainable_layers: 2,
                 sweep_layers: vec![1, 2, 4],
                 sweep_cases: vec![1, 2],
+                fed_rounds: 6,
+                fed_epochs: 1,
             },
             Preset::Small => Sizes {
                 config: "small",
@@ -75,6 +82,8 @@ impl Preset {
                 trainable_layers: 3,
                 sweep_layers: vec![1, 3, 6, 10],
                 sweep_cases: vec![1, 2, 4],
+                fed_rounds: 8,
+                fed_epochs: 2,
             },
         }
     }
@@ -82,9 +91,19 @@ impl Preset {
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Target sites (hospitals that adapt Model_S), besides the source.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=6))]
-    pub sites: u32,
+    /// Target sites (hospitals that adapt Model_S), besides the source; default 2, and 3
+    /// with --federated.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=6))]
+    pub sites: Option<u32>,
+    /// Run the transfer study this many times, replicate i with seed + i (each its own
+    /// Model_S); the report gives intervals over replicates. Default 1, and 2 with
+    /// --federated.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=20))]
+    pub replicates: Option<u32>,
+    /// After the transfer study: FedAvg of the targets' tails (Model_FT), then every model
+    /// scored at every site (the cross-site matrix).
+    #[arg(long)]
+    pub federated: bool,
     /// Model and phantom sizes: tiny (seconds, for tests) or small (the README's figures).
     #[arg(long, value_enum, default_value_t = Preset::Small)]
     pub preset: Preset,
@@ -244,6 +263,27 @@ fn make_phantoms(
     Ok(())
 }
 
+/// Follows a round to its end; an error unless it completed.
+async fn finish(
+    admin: &mut AdminClient,
+    id: &str,
+    what: &str,
+    root: &Path,
+    say: &impl Fn(&str),
+) -> Result<()> {
+    let end = admin.watch(id).await?;
+    if end.state != pb::RoundState::Completed as i32 {
+        bail!(
+            "round {id} ({what}) ended {}: {} (logs in {})",
+            round_state(end.state),
+            end.reason,
+            root.join("logs").display()
+        );
+    }
+    say(&format!("round {id} ({what}) completed"));
+    Ok(())
+}
+
 /// Runs the demo; returns the report.
 pub async fn run(a: &DemoArgs) -> Result<report::Report> {
     let sizes = a.preset.sizes();
@@ -264,8 +304,10 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
 
     // 1. Hospitals and their (phantom) data.
     let source = "source-hospital".to_owned();
+    let n_targets = a.sites.unwrap_or(if a.federated { 3 } else { 2 });
+    let replicates = a.replicates.unwrap_or(if a.federated { 2 } else { 1 });
     let targets: Vec<String> =
-        (0..a.sites).map(|i| format!("target-{}", (b'a' + i as u8) as char)).collect();
+        (0..n_targets).map(|i| format!("target-{}", (b'a' + i as u8) as char)).collect();
     say(&format!(
         "generating phantom CT for {source} and {} ({} preset) in {}",
         targets.join(", "),
@@ -302,7 +344,8 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let target_threads = (cores / targets.len()).max(1);
     for s in std::iter::once(&source).chain(&targets) {
-        let cfg = site_toml(&root, &pki, &addr, s, s == &source)?;
+        // The source shares Model_S; with --federated the targets share their tails too.
+        let cfg = site_toml(&root, &pki, &addr, s, s == &source || a.federated)?;
         let threads = if s == &source { cores } else { target_threads };
         let child = Command::new(&agent_bin)
             .args(["run", "--config"])
@@ -372,31 +415,62 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
             TemplateOptions { train_cases: sizes.sweep_cases.clone(), ..opts.clone() },
         ));
     }
+    let series = format!("demo-{}", a.seed);
     for (t, o) in &rounds {
         let spec = templates::target_spec(*t, o).map_err(anyhow::Error::msg)?;
+        let source_spec = templates::source_spec(o, sizes.source_epochs);
         // The first round's source trains and uploads Model_S, which becomes the study's
-        // base model; later rounds reuse it (the source site runs no arms).
-        let r = admin
-            .start_round(pb::StartRoundRequest {
-                study: study.clone(),
-                spec: Some(spec),
-                source_site: source.clone(),
-                source_spec: Some(templates::source_spec(o, sizes.source_epochs)),
-                ..Default::default()
-            })
-            .await?;
-        say(&format!("round {} ({}) started", r.round_id, t.as_str()));
-        let end = admin.watch(&r.round_id).await?;
-        if end.state != pb::RoundState::Completed as i32 {
-            bail!(
-                "round {} ended {}: {} (logs in {})",
-                r.round_id,
-                round_state(end.state),
-                end.reason,
-                root.join("logs").display()
-            );
+        // base model; later rounds reuse it (the source site runs no arms), except the
+        // replicates of the transfer study, each of which trains its own.
+        let n = if *t == Template::Transfer { replicates } else { 1 };
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let (spec, source_spec) = if n > 1 {
+                templates::replicate(&spec, Some(&source_spec), i, n, &series)
+            } else {
+                (spec.clone(), Some(source_spec.clone()))
+            };
+            let r = admin
+                .start_round(pb::StartRoundRequest {
+                    study: study.clone(),
+                    spec: Some(spec),
+                    source_site: source.clone(),
+                    source_spec,
+                    ..Default::default()
+                })
+                .await?;
+            let what = if n > 1 {
+                format!("{} replicate {} of {n}", t.as_str(), i + 1)
+            } else {
+                t.as_str().to_owned()
+            };
+            say(&format!("round {} ({what}) started", r.round_id));
+            ids.push((r.round_id, what));
         }
-        say(&format!("round {} ({}) completed", r.round_id, t.as_str()));
+        for (id, what) in ids {
+            finish(&mut admin, &id, &what, &root, &say).await?;
+        }
+    }
+    if a.federated {
+        // FedAvg of the targets' tails over Model_S (the study's base), then the matrix.
+        let fo = TemplateOptions { epochs: sizes.fed_epochs, ..opts.clone() };
+        let fed = FedOptions { rounds: sizes.fed_rounds, ..Default::default() };
+        let spec = templates::fedavg_spec(&fo, fed).map_err(anyhow::Error::msg)?;
+        for (spec, sites, what) in [
+            (spec, targets.clone(), "fedavg"),
+            (templates::cross_eval_spec(), all.clone(), "cross-eval"),
+        ] {
+            let r = admin
+                .start_round(pb::StartRoundRequest {
+                    study: study.clone(),
+                    spec: Some(spec),
+                    sites,
+                    ..Default::default()
+                })
+                .await?;
+            say(&format!("round {} ({what}) started", r.round_id));
+            finish(&mut admin, &r.round_id, what, &root, &say).await?;
+        }
     }
 
     // 5. The report.

@@ -344,3 +344,85 @@ fn the_training_time_table_has_a_model_s_row() {
         "{table}"
     );
 }
+
+/// Replicate `i` (1-based) of 3: the base study with every Dice of arm `ai` moved by
+/// `shift(i, ai)`, as its own transfer round of one series.
+fn replicate(i: u32, shift: impl Fn(u32, usize) -> f64) -> pb::RoundResults {
+    let mut r = study().rounds.remove(0);
+    for sr in &mut r.results {
+        for (ai, arm) in sr.result.as_mut().unwrap().arms.iter_mut().enumerate() {
+            for c in &mut arm.scores {
+                c.dice = (c.dice + shift(i, ai)).clamp(0.0, 1.0);
+            }
+        }
+    }
+    let info = r.round.as_mut().unwrap();
+    info.round_id = format!("rep{i}");
+    let spec = info.spec.as_mut().unwrap();
+    (spec.replicate, spec.replicates, spec.series, spec.seed) =
+        (i, 3, "s1".into(), 16 + u64::from(i));
+    r
+}
+
+#[test]
+fn replicates_give_intervals_order_counts_and_holm_adjusted_tests() {
+    // Replicate 2 has Model_T ahead of Model_ST (by lowering ST): the order holds in 2 of 3.
+    let shift = |i: u32, ai: usize| match (i, ai) {
+        (2, 2) => -0.2,
+        (3, _) => 0.01 * ai as f64,
+        _ => 0.0,
+    };
+    let rounds: Vec<pb::RoundResults> = (1..=3).map(|i| replicate(i, shift)).collect();
+    let results = pb::StudyResults {
+        study: Some(pb::StudyInfo { name: "npc".into(), ..Default::default() }),
+        rounds: rounds.clone(),
+    };
+    let r = report::build(&results);
+    let rep = r.replicates.as_ref().expect("a replicates section");
+    assert_eq!(rep.rounds, ["rep1", "rep2", "rep3"]);
+    assert_eq!(rep.seeds, [17, 18, 19]);
+    // Each replicate's pooled mean per arm, by hand.
+    let pooled = |round: &pb::RoundResults, ai: usize, organ: &str| -> f64 {
+        let v: Vec<f64> = round
+            .results
+            .iter()
+            .flat_map(|sr| sr.result.as_ref().unwrap().arms[ai].scores.iter())
+            .filter(|c| c.organ == organ)
+            .map(|c| c.dice)
+            .collect();
+        v.iter().sum::<f64>() / v.len() as f64
+    };
+    let mut p_s = Vec::new();
+    for row in &rep.organs {
+        for (ai, arm) in [MODEL_S, MODEL_T, MODEL_ST].into_iter().enumerate() {
+            let means: Vec<f64> = rounds.iter().map(|x| pooled(x, ai, &row.organ)).collect();
+            assert_eq!(row.per_replicate[arm].len(), 3);
+            for (a, b) in row.per_replicate[arm].iter().zip(&means) {
+                close(*a, *b, &format!("{} {arm} replicate mean", row.organ));
+            }
+            let ci = shared::metrics::stats::mean_ci95(&means).unwrap();
+            close(row.arms[arm].lo, ci.lo, "interval");
+            close(row.arms[arm].hi, ci.hi, "interval");
+        }
+        let order = |x: &pb::RoundResults| {
+            let m = |ai| pooled(x, ai, &row.organ);
+            m(2) > m(1) && m(1) > m(0)
+        };
+        assert_eq!(row.ordered, rounds.iter().filter(|x| order(x)).count(), "{}", row.organ);
+        // Each case once, its Dice averaged over the replicates.
+        assert_eq!(row.st_vs_s.n, 16);
+        p_s.push(row.st_vs_s.wilcoxon.as_ref().unwrap().p_value);
+    }
+    assert!(rep.organs.iter().any(|o| o.ordered == 2), "replicate 2 breaks the order");
+    let adj = shared::metrics::stats::holm(&p_s);
+    for (row, a) in rep.organs.iter().zip(adj) {
+        close(row.holm_st_vs_s.unwrap(), a, "Holm");
+        assert!(row.holm_st_vs_s.unwrap() >= row.st_vs_s.wilcoxon.as_ref().unwrap().p_value);
+    }
+    let text = report::render(&r, Format::Table);
+    assert!(text.contains("Replicates: 3 runs of the transfer study (seeds 17, 18, 19)"), "{text}");
+    assert!(report::render(&r, Format::Md).contains("| ST > T > S |"));
+    // One replicate is no series.
+    let one = pb::StudyResults { rounds: vec![rounds[0].clone()], ..results };
+    assert!(report::build(&one).replicates.is_none());
+}

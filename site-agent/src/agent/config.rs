@@ -62,6 +62,9 @@ impl Default for StorageConfig {
     }
 }
 
+/// The names `policy.allowed_tasks` takes.
+pub const KINDS: [&str; 6] = ["evaluate", "finetune", "train", "transfer", "fedavg", "cross-eval"];
+
 /// What the site allows; a task beyond it is refused with the reason, not half-run.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -163,10 +166,10 @@ impl SiteConfig {
             ));
         }
         for kind in &cfg.policy.allowed_tasks {
-            if !super::policy::KINDS.contains(&kind.as_str()) {
+            if !KINDS.contains(&kind.as_str()) {
                 problems.push(format!(
                     "policy.allowed_tasks: unknown kind \"{kind}\" ({})",
-                    super::policy::KINDS.join(", ")
+                    KINDS.join(", ")
                 ));
             }
         }

@@ -1,18 +1,17 @@
 //! Running one task with the engine, off the async runtime: data, weights,
 //! training, evaluation, and the result message (scores by case index only).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use crate::data::{Dataset, Split};
 use crate::model::{ModelConfig, Net};
-use crate::weights::{self, WeightsManifest};
 use proto::pb;
 
-use super::policy::{check_gpu_memory, effective_epochs};
-use super::runner::{Runner, Training, fail};
+use super::policy::check_gpu_memory;
+use super::runner::{Ended, Runner, Training, fail, load_base, load_split, train_options};
+pub use super::runner::{ModelFiles, safe_id, tail_path, weights_path};
 pub use super::site::{Site, SiteDataError};
-use crate::train::{SliceSet, TrainOptions};
+use crate::train::SliceSet;
 
 /// What a task ended with.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,90 +39,6 @@ impl Outcome {
             _ => "",
         }
     }
-}
-
-/// How running a task ended early: a failure, or a refusal found once the model was known.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) enum Ended {
-    Failure(pb::FailureCode),
-    Refusal(pb::RefusalCode, String),
-}
-
-impl From<pb::FailureCode> for Ended {
-    fn from(c: pb::FailureCode) -> Self {
-        Self::Failure(c)
-    }
-}
-
-pub(super) fn train_options(spec: &pb::TaskSpec) -> TrainOptions {
-    let d = TrainOptions::default();
-    TrainOptions {
-        epochs: effective_epochs(spec) as usize,
-        batch_size: if spec.batch_size == 0 { d.batch_size } else { spec.batch_size as usize },
-        learning_rate: if spec.learning_rate > 0.0 { spec.learning_rate } else { d.learning_rate },
-        seed: if spec.seed == 0 { d.seed } else { spec.seed },
-        ..d
-    }
-}
-
-/// Where a task's trained weights stay at the site (and, for a transfer source, what is
-/// uploaded).
-pub fn weights_path(site: &Site, task_id: &str, arm: Option<usize>) -> PathBuf {
-    let name = match arm {
-        None => format!("{task_id}.safetensors"),
-        Some(i) => format!("{task_id}.arm{i}.safetensors"),
-    };
-    site.storage.join("weights").join(name)
-}
-
-/// Where arm `arm`'s trained tail is written for upload.
-pub fn tail_path(site: &Site, task_id: &str, arm: usize) -> PathBuf {
-    site.storage.join("weights").join(format!("{task_id}.arm{arm}.tail.safetensors"))
-}
-
-/// Whether an id the coordinator sent (a task or round id) is safe as part of a file name.
-pub fn safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with('.')
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
-
-/// The model files a task's weights were downloaded to, by sha256.
-pub type ModelFiles = HashMap<String, PathBuf>;
-
-/// The bytes of the downloaded model `sha256`.
-pub(super) fn model_bytes(models: &ModelFiles, sha256: &str) -> Result<Vec<u8>, pb::FailureCode> {
-    let path = models.get(sha256).ok_or_else(|| {
-        tracing::error!(sha256, "a model the task names was not downloaded");
-        pb::FailureCode::Internal
-    })?;
-    std::fs::read(path).map_err(fail(pb::FailureCode::Internal, "reading downloaded weights"))
-}
-
-pub(super) fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::FailureCode> {
-    site.manifest.load_split(split).map_err(|e| {
-        tracing::error!(error = %e, ?split, "the split failed validation");
-        pb::FailureCode::DataInvalid
-    })
-}
-
-/// Base weights that fit this site's organ map: the net, its manifest and sha256.
-pub(super) fn load_base(
-    bytes: &[u8],
-    site: &Site,
-) -> Result<(Net, WeightsManifest, String), pb::FailureCode> {
-    let (net, manifest, sha) = weights::from_bytes(bytes, &site.device)
-        .map_err(fail(pb::FailureCode::ModelMismatch, "loading the base weights"))?;
-    if manifest.organs != site.manifest.organs {
-        tracing::error!(
-            model = ?manifest.organs.names(),
-            site = ?site.manifest.organs.names(),
-            "the base model's organ map differs from this site's manifest"
-        );
-        return Err(pb::FailureCode::ModelMismatch);
-    }
-    Ok((net, manifest, sha))
 }
 
 /// Runs a task whose models (the base, a tail, a cross-eval's models) were downloaded to

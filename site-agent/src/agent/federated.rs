@@ -11,12 +11,11 @@ use std::path::PathBuf;
 
 use proto::pb;
 
-use super::exec::{
-    Ended, ModelFiles, load_base, load_split, model_bytes, safe_id, tail_path, train_options,
-    weights_path,
-};
 use super::policy::check_gpu_memory;
-use super::runner::{Runner, Training, fail, write_atomic};
+use super::runner::{
+    Ended, ModelFiles, Runner, Training, fail, load_base, load_split, model_bytes, safe_id,
+    tail_path, train_options, weights_path, write_atomic,
+};
 use super::site::Site;
 use crate::data::Split;
 use crate::model::Net;

@@ -47,8 +47,7 @@ pub fn check_gpu_memory(
     Ok(Some(cap - need))
 }
 
-/// The names `policy.allowed_tasks` takes.
-pub const KINDS: [&str; 6] = ["evaluate", "finetune", "train", "transfer", "fedavg", "cross-eval"];
+pub use super::config::KINDS;
 
 /// The policy's name for a task kind (`policy.allowed_tasks`).
 pub fn kind_name(kind: pb::TaskKind) -> &'static str {

@@ -258,3 +258,74 @@ fn the_training_memory_estimate_counts_weights_optimizer_and_activations() {
         at(16, 10) as f64 / (1u64 << 30) as f64
     );
 }
+
+/// Every tensor of a net by name, as f32 values.
+fn values(net: &Net) -> BTreeMap<String, Vec<f32>> {
+    net.named_vars()
+        .into_iter()
+        .map(|(n, v)| (n, v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_tail_holds_the_last_layers_and_applies_over_its_base_only() {
+    let (base, trained) = (tiny_net(1), tiny_net(2));
+    let base_sha = weights::sha256_hex(&weights::to_bytes(&base, &Provenance::default()).unwrap());
+    let tail = weights::tail_to_bytes(&trained, 2, &base_sha, &Provenance::default()).unwrap();
+    let full = weights::to_bytes(&trained, &Provenance::default()).unwrap();
+    assert!(tail.len() * 5 < full.len(), "a k = 2 tail of tiny is under a fifth of the model");
+    let m = weights::read_manifest(&tail).unwrap();
+    let last2: Vec<String> = base.layer_names()[base.num_layers() - 2..].to_vec();
+    assert_eq!(m.tail_layer_names().unwrap(), last2.as_slice());
+
+    let net = tiny_net(1);
+    weights::apply_tail(&net, &tail, &base_sha, weights::TailPart::All).unwrap();
+    let (got, want_tail, want_base) = (values(&net), values(&trained), values(&base));
+    for (name, v) in &got {
+        let expect =
+            if weights::in_layers(name, &last2) { &want_tail[name] } else { &want_base[name] };
+        assert_eq!(v, expect, "{name}");
+    }
+    // A tail of another base, or a full model where a tail is expected, changes nothing.
+    let before = values(&net);
+    let other = "cd".repeat(32);
+    assert!(matches!(
+        weights::apply_tail(&net, &tail, &other, weights::TailPart::All),
+        Err(WeightsError::Manifest(ManifestError::Incompatible { .. }))
+    ));
+    assert!(weights::apply_tail(&net, &full, &base_sha, weights::TailPart::All).is_err());
+    assert_eq!(values(&net), before);
+}
+
+/// FedBN: over a global (averaged) tail, a site's own tail gives back only its batch-norm
+/// running statistics; the trained parameters stay the global ones.
+#[test]
+fn fedbn_keeps_a_sites_own_batch_norm_statistics() {
+    let base = tiny_net(1);
+    let base_sha = weights::sha256_hex(&weights::to_bytes(&base, &Provenance::default()).unwrap());
+    let (global, local) = (tiny_net(2), tiny_net(3));
+    // Make the local statistics differ from the global ones (fresh nets share them).
+    for (name, var) in local.named_vars() {
+        if weights::is_statistic(&name) {
+            let t = (var.as_tensor() + 0.5).unwrap();
+            var.set(&t).unwrap();
+        }
+    }
+    let g = weights::tail_to_bytes(&global, 2, &base_sha, &Provenance::default()).unwrap();
+    let l = weights::tail_to_bytes(&local, 2, &base_sha, &Provenance::default()).unwrap();
+    let net = tiny_net(1);
+    weights::apply_tail(&net, &g, &base_sha, weights::TailPart::All).unwrap();
+    weights::apply_tail(&net, &l, &base_sha, weights::TailPart::Statistics).unwrap();
+    let last2: Vec<String> = base.layer_names()[base.num_layers() - 2..].to_vec();
+    let (got, gv, lv) = (values(&net), values(&global), values(&local));
+    let mut stats = 0;
+    for (name, v) in got.iter().filter(|(n, _)| weights::in_layers(n, &last2)) {
+        if weights::is_statistic(name) {
+            stats += 1;
+            assert_eq!(v, &lv[name], "{name}: the site's own statistic");
+        } else {
+            assert_eq!(v, &gv[name], "{name}: the global parameter");
+        }
+    }
+    assert!(stats > 0, "the tail has batch-norm statistics");
+}

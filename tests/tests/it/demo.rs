@@ -72,3 +72,55 @@ fn the_demo_runs_the_study_and_writes_a_report_that_parses() -> Result<()> {
     assert!(!html.contains("could not be drawn"));
     Ok(())
 }
+
+/// `coordinator demo --federated`: three targets, two replicates of the transfer study,
+/// FedAvg of the targets' tails and the cross-site matrix, in the report's every form.
+#[test]
+fn the_federated_demo_reports_the_matrix_the_bytes_and_the_replicates() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("demo");
+    let run = tests::coordinator(&[
+        "demo",
+        "--preset",
+        "tiny",
+        "--federated",
+        "--out",
+        out.to_str().unwrap(),
+        "--site-agent",
+        tests::bin("site-agent")?.to_str().unwrap(),
+    ])?
+    .ok()?;
+    for section in
+        ["Replicates: 2 runs", "Federated fine-tuning", "Cross-site matrix", "Weights moved"]
+    {
+        assert!(run.stdout.contains(section), "{section}: {}", run.stdout);
+    }
+    let report = out.join("report");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("report.json"))?)?;
+    let m = &json["cross_eval"];
+    let models: Vec<&str> =
+        m["models"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+    assert_eq!(
+        models,
+        ["Model_S", "Model_ST/target-a", "Model_ST/target-b", "Model_ST/target-c", "Model_FT"]
+    );
+    assert_eq!(m["sites"].as_array().unwrap().len(), 4, "the source and three targets");
+    assert_eq!(m["cells"].as_array().unwrap().len(), 5 * 4, "one cell per model and site");
+    assert_eq!(json["federated"]["steps"].as_array().unwrap().len(), 6);
+    assert_eq!(json["replicates"]["rounds"].as_array().unwrap().len(), 2);
+    // The bytes: a full Model_S down to each target per replicate; tails otherwise.
+    let full = json["model_bytes"].as_u64().unwrap();
+    for t in json["traffic"].as_array().unwrap() {
+        if t["template"] == "fedavg" {
+            assert!(t["down"].as_u64().unwrap() * 5 < full, "{t}");
+        }
+    }
+    let html = std::fs::read_to_string(report.join("report.html"))?;
+    let organs =
+        site_agent::data::Manifest::load(&out.join("target-a/data/manifest.toml"))?.organs.len();
+    assert_eq!(html.matches("<table class=\"heat\"").count(), organs + 1, "mean and per organ");
+    let csv = std::fs::read_to_string(report.join("report.csv"))?;
+    assert!(csv.lines().filter(|l| l.starts_with("cross-eval,")).count() == 20 * (organs + 1));
+    Ok(())
+}
