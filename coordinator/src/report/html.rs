@@ -4,12 +4,14 @@
 use std::fmt::Write as _;
 
 use super::render::{HD95_HEADER, SCOPE_HEADER, hd95_rows, scope_rows, sweep_rows, training_rows};
-use super::{MODEL_S, MODEL_ST, MODEL_T, Report, federated as fed, finetune};
+use super::{
+    MODEL_S, MODEL_ST, MODEL_T, Report, crosseval, federated as fed, finetune, replicates as reps,
+};
 
 /// A cross-site matrix as a table whose cells are coloured by Dice (red 0 to green 1).
-fn heat_map(title: &str, m: &fed::CrossEval, organ: Option<&str>) -> String {
+fn heat_map(title: &str, m: &crosseval::CrossEval, organ: Option<&str>) -> String {
     let mut s = format!("<table class=\"heat\"><caption>{}</caption><thead><tr>", esc(title));
-    for h in fed::matrix_header(m) {
+    for h in crosseval::matrix_header(m) {
         let _ = write!(s, "<th>{}</th>", esc(&h));
     }
     s.push_str("</tr></thead><tbody>");
@@ -138,8 +140,8 @@ pub(super) fn html(r: &Report) -> String {
         ));
     }
     if let Some(rep) = &r.replicates {
-        let _ = writeln!(body, "<h2>{}</h2>", esc(&fed::replicate_title(rep)));
-        body.push_str(&html_table(&fed::REPLICATE_HEADER, &fed::replicate_rows(rep)));
+        let _ = writeln!(body, "<h2>{}</h2>", esc(&reps::replicate_title(rep)));
+        body.push_str(&html_table(&reps::REPLICATE_HEADER, &reps::replicate_rows(rep)));
     }
     if let Some(f) = &r.federated {
         let _ = writeln!(body, "<h2>{}</h2>", esc(&fed::fed_title(f)));

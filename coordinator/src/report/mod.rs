@@ -10,11 +10,13 @@
 
 use std::collections::BTreeMap;
 
+pub mod crosseval;
 pub mod federated;
 pub mod finetune;
 mod html;
 mod plots;
 pub(crate) mod render;
+pub mod replicates;
 
 use proto::pb;
 use serde::{Deserialize, Serialize};
@@ -127,7 +129,7 @@ pub struct Report {
     pub cases: Vec<CaseScore>,
     /// The latest completed cross-eval round: every model on every site.
     #[serde(default)]
-    pub cross_eval: Option<federated::CrossEval>,
+    pub cross_eval: Option<crosseval::CrossEval>,
     /// The latest completed federated round.
     #[serde(default)]
     pub federated: Option<federated::Federated>,
@@ -139,7 +141,7 @@ pub struct Report {
     pub model_bytes: Option<u64>,
     /// The latest replicated transfer study (two or more replicates).
     #[serde(default)]
-    pub replicates: Option<federated::Replicates>,
+    pub replicates: Option<replicates::Replicates>,
     /// The methods, in words.
     pub methods: String,
 }
@@ -428,15 +430,15 @@ pub fn build(results: &pb::StudyResults) -> Report {
     if let Some(r) = tuned {
         cases.extend(finetune::case_scores(r));
     }
-    let cross = results.rounds.iter().rev().find(|r| completed(r) && federated::is_cross_eval(r));
+    let cross = results.rounds.iter().rev().find(|r| completed(r) && crosseval::is_cross_eval(r));
     if let Some(r) = cross {
-        cases.extend(federated::cross_eval_cases(r));
+        cases.extend(crosseval::cross_eval_cases(r));
     }
     let fed = results.rounds.iter().rev().find(|r| completed(r) && federated::is_fedavg(r));
-    let replicates = federated::replicates(results);
+    let replicates = replicates::replicates(results);
     let mut methods = METHODS.to_owned();
     if replicates.is_some() {
-        methods = format!("{methods} {}", federated::REPLICATE_METHODS);
+        methods = format!("{methods} {}", replicates::REPLICATE_METHODS);
     }
     Report {
         study,
@@ -444,7 +446,7 @@ pub fn build(results: &pb::StudyResults) -> Report {
         sweep: latest("sweep").map(|r| sweep_points(r, &cases)).unwrap_or_default(),
         cases_sweep: latest("cases-sweep").map(|r| sweep_points(r, &cases)).unwrap_or_default(),
         finetune: tuned.map(|r| finetune::finetune(r, &cases)),
-        cross_eval: cross.map(|r| federated::cross_eval(r, &cases)),
+        cross_eval: cross.map(|r| crosseval::cross_eval(r, &cases)),
         federated: fed.map(federated::federated),
         traffic: federated::traffic(results),
         model_bytes: results.study.as_ref().and_then(|s| s.base.as_ref()).map(|b| b.size),

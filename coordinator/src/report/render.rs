@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 use shared::metrics::stats::Summary;
 
 use super::{
-    Comparison, MODEL_S, MODEL_ST, MODEL_T, Report, Scope, SweepPoint, Transfer, federated as fed,
-    finetune,
+    Comparison, MODEL_S, MODEL_ST, MODEL_T, Report, Scope, SweepPoint, Transfer, crosseval,
+    federated as fed, finetune, replicates as reps,
 };
 
 fn mean_sd(s: Option<&Summary>) -> String {
@@ -263,8 +263,8 @@ pub(super) fn text(r: &Report, md: bool) -> String {
         );
     }
     if let Some(rep) = &r.replicates {
-        h(&mut s, 2, &fed::replicate_title(rep));
-        table(&mut s, md, &fed::REPLICATE_HEADER, &fed::replicate_rows(rep));
+        h(&mut s, 2, &reps::replicate_title(rep));
+        table(&mut s, md, &reps::REPLICATE_HEADER, &reps::replicate_rows(rep));
     }
     if let Some(f) = &r.federated {
         h(&mut s, 2, &fed::fed_title(f));
@@ -278,15 +278,15 @@ pub(super) fn text(r: &Report, md: bool) -> String {
     }
     if let Some(m) = &r.cross_eval {
         h(&mut s, 2, &format!("Cross-site matrix: mean Dice over organs (round {})", m.round));
-        let header = fed::matrix_header(m);
+        let header = crosseval::matrix_header(m);
         let header: Vec<&str> = header.iter().map(String::as_str).collect();
-        table(&mut s, md, &header, &fed::matrix_rows(m, None));
+        table(&mut s, md, &header, &crosseval::matrix_rows(m, None));
         for a in &m.absent {
             let _ = writeln!(s, "{} at {}: not scored; {}.", a.model, a.site, a.reason);
         }
         for organ in &m.organs {
             h(&mut s, 3, &format!("Cross-site matrix: {organ}"));
-            table(&mut s, md, &header, &fed::matrix_rows(m, Some(organ)));
+            table(&mut s, md, &header, &crosseval::matrix_rows(m, Some(organ)));
         }
     }
     if r.traffic.iter().any(|t| t.down + t.up > 0) {

@@ -197,7 +197,7 @@ async fn tails_travel_average_and_every_model_meets_every_site() -> R {
     assert_eq!(m.sites, ["site-a", "site-b", "site-c", "site-d"]);
     let cells = m.cells.len();
     assert_eq!(cells, 5 * 4 - 3, "one cell per model and site but d's Model_ST elsewhere");
-    let absent: Vec<&report::federated::AbsentCell> = m.absent.iter().collect();
+    let absent: Vec<&report::crosseval::AbsentCell> = m.absent.iter().collect();
     assert_eq!(absent.len(), 3);
     assert!(
         absent.iter().all(|a| a.model == "Model_ST/site-d" && a.reason.contains("does not share"))
