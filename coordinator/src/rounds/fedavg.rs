@@ -75,6 +75,17 @@ pub fn check_tail(
     if have.values().any(|(d, _)| *d != Dtype::F32) {
         return Err(FedError::Mismatch("tails are f32".into()));
     }
+    // One NaN or infinity would spread through every average after it.
+    let st = SafeTensors::deserialize(tail).map_err(|e| FedError::Format(e.to_string()))?;
+    for (name, view) in st.tensors() {
+        let finite = view
+            .data()
+            .chunks_exact(4)
+            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
+        if !finite {
+            return Err(FedError::Mismatch(format!("tensor \"{name}\" holds a NaN or infinity")));
+        }
+    }
     Ok(m)
 }
 
@@ -408,6 +419,16 @@ mod tests {
             ],
         );
         assert!(check_tail(&shape, &base, BASE, 1).is_err());
+        let nan = file(
+            &tail_m,
+            &[
+                (&format!("{head}.conv.weight"), vec![1.0, f32::NAN]),
+                (&format!("{head}.conv.bias"), vec![1.0]),
+            ],
+        );
+        assert!(
+            matches!(check_tail(&nan, &base, BASE, 1), Err(FedError::Mismatch(m)) if m.contains("NaN"))
+        );
         assert!(
             matches!(check_tail(&base, &base, BASE, 1), Err(FedError::Format(_))),
             "a full model is no tail"

@@ -34,7 +34,16 @@ impl Coordinator {
         let bytes = self.store.result(&t.id).ok()??;
         let result = pb::TaskResult::decode(bytes.as_slice()).ok()?;
         let arm = result.arms.get(1)?;
-        (arm.tail_sha256 == sha).then_some((sha, arm.train_cases))
+        // A site's weight is its training cases, as reported with the tail, but never more
+        // than its hello said it holds: one site cannot outweigh the others by claiming more.
+        let held = self
+            .store
+            .site(&t.site)
+            .ok()
+            .flatten()
+            .and_then(|s| pb::DatasetSummary::decode(s.dataset.as_slice()).ok())
+            .map_or(0, |d| d.train_cases);
+        (arm.tail_sha256 == sha).then_some((sha, arm.train_cases.min(held)))
     }
 
     /// Averages every federated round whose current step has ended: the average becomes the
