@@ -54,6 +54,28 @@ pub struct ModelRecord {
     pub tail_layers: u32,
 }
 
+impl ModelRecord {
+    /// The record of a stored weights file: its sha256, size, name and what its manifest says.
+    pub fn of(
+        sha256: String,
+        size: u64,
+        name: String,
+        created: i64,
+        m: &shared::weights::WeightsManifest,
+    ) -> Self {
+        Self {
+            sha256,
+            size,
+            name,
+            created,
+            config: m.config.name.clone(),
+            layers: m.layers.len() as u32,
+            tail_of: m.tail.as_ref().map(|t| t.base_sha256.clone()),
+            tail_layers: m.tail.as_ref().map_or(0, |t| t.layers as u32),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct StudyRecord {
     pub name: String,

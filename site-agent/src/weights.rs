@@ -50,15 +50,19 @@ pub type WeightsResult<T> = Result<T, WeightsError>;
 
 /// Serialises a network and its provenance to safetensors bytes.
 pub fn to_bytes(net: &Net, provenance: &Provenance) -> WeightsResult<Vec<u8>> {
-    let manifest = WeightsManifest {
+    serialize(net, &manifest_of(net, provenance, None))
+}
+
+/// The manifest of `net`'s weights (a tail's where `tail` is given).
+fn manifest_of(net: &Net, provenance: &Provenance, tail: Option<TailOf>) -> WeightsManifest {
+    WeightsManifest {
         format: FORMAT.to_owned(),
         config: net.config().clone(),
         organs: net.organs().clone(),
         layers: net.layer_names(),
         provenance: provenance.clone(),
-        tail: None,
-    };
-    serialize(net, &manifest)
+        tail,
+    }
 }
 
 /// The manifest and the tensors it covers (all of them, or a tail's) as safetensors bytes.
@@ -92,15 +96,8 @@ pub fn tail_to_bytes(
         ))
         .into());
     }
-    let manifest = WeightsManifest {
-        format: FORMAT.to_owned(),
-        config: net.config().clone(),
-        organs: net.organs().clone(),
-        layers: net.layer_names(),
-        provenance: provenance.clone(),
-        tail: Some(TailOf { base_sha256: base_sha256.to_owned(), layers: k }),
-    };
-    serialize(net, &manifest)
+    let tail = TailOf { base_sha256: base_sha256.to_owned(), layers: k };
+    serialize(net, &manifest_of(net, provenance, Some(tail)))
 }
 
 /// Which of a tail's tensors [`apply_tail`] sets.

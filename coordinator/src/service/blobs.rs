@@ -122,16 +122,7 @@ impl Coordinator {
         if let Ok(dir) = tokio::fs::File::open(&c.blobs).await {
             let _ = dir.sync_all().await;
         }
-        Ok(ModelRecord {
-            sha256: sha,
-            size: header.size,
-            name,
-            created: now_s(),
-            config: manifest.config.name.clone(),
-            layers: manifest.layers.len() as u32,
-            tail_of: manifest.tail.as_ref().map(|t| t.base_sha256.clone()),
-            tail_layers: manifest.tail.as_ref().map_or(0, |t| t.layers as u32),
-        })
+        Ok(ModelRecord::of(sha, header.size, name, now_s(), &manifest))
     }
 
     pub(super) fn blob_path(&self, sha256: &str) -> PathBuf {

@@ -126,16 +126,7 @@ impl Coordinator {
         } else {
             format!("fed-{}-step{}", round.id, fed.step)
         };
-        let record = ModelRecord {
-            sha256: sha.clone(),
-            size,
-            name,
-            created: now_s(),
-            config: manifest.config.name.clone(),
-            layers: manifest.layers.len() as u32,
-            tail_of: manifest.tail.as_ref().map(|t| t.base_sha256.clone()),
-            tail_layers: manifest.tail.as_ref().map_or(0, |t| t.layers as u32),
-        };
+        let record = ModelRecord::of(sha.clone(), size, name, now_s(), &manifest);
         self.store.put_model(&record).map_err(|e| e.to_string())?;
         Ok(FedAggregate {
             step: fed.step,

@@ -3,21 +3,21 @@
 
 use anyhow::Result;
 
+/// `coordinator demo --preset tiny ARGS --out OUT` with this build's site agent; it must
+/// succeed.
+fn demo(args: &[&str], out: &std::path::Path) -> Result<tests::Run> {
+    let agent = tests::bin("site-agent")?;
+    let mut all = vec!["demo", "--preset", "tiny"];
+    all.extend_from_slice(args);
+    all.extend(["--out", out.to_str().unwrap(), "--site-agent", agent.to_str().unwrap()]);
+    tests::coordinator(&all)?.ok()
+}
+
 #[test]
 fn the_demo_runs_the_study_and_writes_a_report_that_parses() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("demo");
-    let run = tests::coordinator(&[
-        "demo",
-        "--preset",
-        "tiny",
-        "--sweeps",
-        "--out",
-        out.to_str().unwrap(),
-        "--site-agent",
-        tests::bin("site-agent")?.to_str().unwrap(),
-    ])?
-    .ok()?;
+    let run = demo(&["--sweeps"], &out)?;
     // The table on stdout: every organ, pooled and per site.
     assert!(run.stdout.contains("Dice, all target sites pooled"), "{}", run.stdout);
     assert!(run.stdout.contains("Site target-a") && run.stdout.contains("Site target-b"));
@@ -79,17 +79,7 @@ fn the_demo_runs_the_study_and_writes_a_report_that_parses() -> Result<()> {
 fn the_federated_demo_reports_the_matrix_the_bytes_and_the_replicates() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let out = dir.path().join("demo");
-    let run = tests::coordinator(&[
-        "demo",
-        "--preset",
-        "tiny",
-        "--federated",
-        "--out",
-        out.to_str().unwrap(),
-        "--site-agent",
-        tests::bin("site-agent")?.to_str().unwrap(),
-    ])?
-    .ok()?;
+    let run = demo(&["--federated"], &out)?;
     for section in
         ["Replicates: 2 runs", "Federated fine-tuning", "Cross-site matrix", "Weights moved"]
     {
