@@ -76,13 +76,22 @@ pub fn round_line(r: &pb::RoundInfo) -> String {
     };
     let started = shared::cert::utc(r.created_unix);
     let done = r.tasks.iter().filter(|t| t.state == pb::TaskState::Succeeded as i32).count();
+    // A federated round has a task per site and step.
+    let progress = match &r.fed {
+        Some(f) => format!(
+            "step {}/{}, {done}/{} tasks succeeded",
+            f.step.min(f.rounds),
+            f.rounds,
+            r.tasks.len()
+        ),
+        None => format!("{done}/{} sites succeeded", r.tasks.len()),
+    };
     format!(
-        "{}  {:<16} {:<12} {:<10} {started}  {done}/{} sites succeeded",
+        "{}  {:<16} {:<12} {:<10} {started}  {progress}",
         r.round_id,
         r.study,
         task,
-        round_state(r.state),
-        r.tasks.len()
+        round_state(r.state)
     )
 }
 

@@ -270,6 +270,26 @@ fn coordinator_pki_commands() -> Result<()> {
         coordinator(&["pki", "issue-admin", "lead", "--dir", s(&dir.path().join("nothing"))])?;
     assert!(no_ca.stderr.contains("pki init"), "{}", no_ca.stderr);
     assert_eq!(coordinator(&["round", "start"])?.code, Some(64));
+    // Federated and replicate flags are refused where they mean nothing, before any call.
+    for (args, says) in [
+        (&["--task", "evaluate", "--rounds", "3"][..], "are for --task fedavg"),
+        (
+            &["--task", "finetune", "--trainable-layers", "2", "--replicates", "2"][..],
+            "--replicates is for",
+        ),
+        (&["--task", "fedavg"][..], "fedavg needs --rounds"),
+        (
+            &["--task", "fedavg", "--rounds", "2", "--trainable-layers", "1,2"][..],
+            "one --trainable-layers",
+        ),
+    ] {
+        let mut all = vec!["round", "start", "npc", "--coordinator", "https://127.0.0.1:9"];
+        all.extend(["--bundle", "no-such-bundle"]);
+        all.extend_from_slice(args);
+        let out = coordinator(&all)?;
+        assert_ne!(out.code, Some(0));
+        assert!(out.stderr.contains(says), "{args:?}: {}", out.stderr);
+    }
     Ok(())
 }
 
