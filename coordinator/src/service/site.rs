@@ -360,7 +360,7 @@ impl SiteService for SiteApi {
         // Only the lessee of a task that uploads (a source's Model_S, a federated step's
         // tail, a shared Model_ST's tail), whose own policy (as its Hello said) shares
         // weights, may upload, and only before the task's result.
-        let (expect, round) = {
+        let (expect, round, sent_before) = {
             let (task, round) = c.owned_task(&id.name, &header.task_id)?;
             let leased = matches!(task.state, TaskState::Leased { .. })
                 && task.attempt == header.attempt
@@ -385,20 +385,21 @@ impl SiteService for SiteApi {
                 ))
                 .into());
             }
-            (expect, round)
+            (expect, round, task.uploads)
         };
         let sha = model.sha256.to_ascii_lowercase();
         let (record, received) = match c.store.model(&sha)? {
-            // A retried upload of the same bytes (or a tail another site sent identically).
-            Some(m) if expect.fits(&m) => (m, 0),
-            Some(_) => {
+            // A retried upload of what this task sent before. (Bytes another party sent are
+            // received again: naming a stored sha256 is not proof of having the weights.)
+            Some(m) if expect.fits(&m) && sent_before.values().any(|s| s == &sha) => (m, 0),
+            Some(m) if !expect.fits(&m) => {
                 return Err(ServiceError::InvalidArgument(format!(
                     "model {sha} is stored already, and it is not what task {} uploads",
                     header.task_id
                 ))
                 .into());
             }
-            None => {
+            _ => {
                 let base = match &expect {
                     rounds::Upload::Tail { .. } => {
                         let base = round.base_sha256.clone().unwrap_or_default();
