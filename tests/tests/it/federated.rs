@@ -291,3 +291,71 @@ fn tensors(bytes: &[u8]) -> std::collections::BTreeMap<String, (Vec<usize>, Vec<
     let st = safetensors::SafeTensors::deserialize(bytes).expect("a weights file");
     st.tensors().into_iter().map(|(n, v)| (n, (v.shape().to_vec(), v.data().to_vec()))).collect()
 }
+
+/// A site that names another site's tail by its sha256 (which cross-eval lets it learn) does
+/// not get it counted as its own: the coordinator wants the bytes, and an upload without them
+/// is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naming_another_sites_tail_is_not_uploading_it() -> R {
+    use coordinator::identity::Role;
+    use proto::pb::site_service_client::SiteServiceClient;
+    let mut fed = Federation::builder().sites(2).without_agents().start().await?;
+    // site-b is played by hand: it says it shares weights.
+    let mut b = SiteServiceClient::new(fed.channel(Some(&fed.bundle(Role::Site, "site-b"))));
+    b.hello(pb::HelloRequest {
+        capabilities: Some(pb::Capabilities { share_weights: true, ..Default::default() }),
+        dataset: Some(pb::DatasetSummary { train_cases: 2, ..Default::default() }),
+        agent_version: "test".into(),
+    })
+    .await?;
+    let mut cfg = fed.site_config("site-a")?;
+    cfg.policy.share_weights = true;
+    fed.start_agent_with("site-a", cfg)?;
+    fed.study("fr", "tiny").await?;
+    let spec = templates::fedavg_spec(
+        &TemplateOptions { epochs: 1, batch_size: 8, ..tiny(2, 3) },
+        FedOptions { rounds: 1, ..Default::default() },
+    )
+    .map_err(anyhow::Error::msg)?;
+    let round = fed.start_round("fr", spec).await?;
+    let task = loop {
+        let t = b.next_task(pb::NextTaskRequest { wait_seconds: 2 }).await?.into_inner().task;
+        if let Some(t) = t {
+            break t;
+        }
+    };
+    // site-a trains and uploads its tail.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let a_tail = loop {
+        let results = fed.results(&round).await?;
+        if let Some(r) = results.results.iter().find(|r| r.site == "site-a") {
+            break r.result.as_ref().expect("result").arms[1].tail_sha256.clone();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "site-a did not finish");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let models = fed.admin().await?.list_models(pb::ListModelsRequest {}).await?.into_inner();
+    let size = models
+        .models
+        .iter()
+        .filter_map(|m| m.model.as_ref())
+        .find(|m| m.sha256 == a_tail)
+        .expect("site-a's tail is stored")
+        .size;
+    let header = pb::UploadModelRequest {
+        part: Some(pb::upload_model_request::Part::Header(pb::UploadHeader {
+            task_id: task.task_id.clone(),
+            attempt: task.attempt,
+            model: Some(pb::ModelRef { sha256: a_tail.clone(), size, name: String::new() }),
+            arm: 1,
+        })),
+    };
+    let refused =
+        b.upload_model(tokio_stream::iter([header])).await.expect_err("no bytes, no tail");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("upload ended at 0"), "{}", refused.message());
+    let info = fed.round(&round).await?;
+    let mine = info.tasks.iter().find(|t| t.site == "site-b").expect("site-b's task");
+    assert_eq!(mine.bytes_up, 0, "nothing was counted as site-b's");
+    fed.shutdown().await
+}
