@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 
 use anyhow::{Context, Result, bail};
 
+pub mod agents;
 pub mod federation;
 pub mod privacy;
 

@@ -8,6 +8,7 @@ use crate::store::{RoundRecord, RoundState, TaskRecord, TaskState};
 
 pub mod fedavg;
 pub mod plan;
+pub mod tails;
 
 pub use plan::{MAX_ARMS, Plan, PlanError, PlanInputs, SiteStanding};
 
