@@ -29,7 +29,10 @@ async fn a_cut_or_rewritten_audit_log_is_found_against_the_coordinators_head() -
 
     // The last two entries removed: the chain that is left verifies on its own.
     let cut = |n: usize| -> anyhow::Result<()> {
-        let db = sled::open(cfg.storage.dir.join("audit"))?;
+        // Without sled's background flusher, whose thread keeps the database (and its file
+        // lock) alive for a moment after the handle is dropped; the next open would race it.
+        let db =
+            sled::Config::new().path(cfg.storage.dir.join("audit")).flush_every_ms(None).open()?;
         let tree = db.open_tree("outbound")?;
         for _ in 0..n {
             tree.pop_max()?;
