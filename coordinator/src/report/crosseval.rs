@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use proto::pb;
 use serde::{Deserialize, Serialize};
 
-use super::{CaseScore, rows};
+use super::{CaseScore, organ_order, rows};
 
 /// One model on one site's test split: mean Dice per organ over its cases, and their mean.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -64,12 +64,7 @@ pub(super) fn cross_eval(r: &pb::RoundResults, cases: &[CaseScore]) -> CrossEval
     let mut sites: Vec<String> = info.tasks.iter().map(|t| t.site.clone()).collect();
     sites.sort();
     sites.dedup();
-    let mut organs: Vec<String> = Vec::new();
-    for c in &mine {
-        if !organs.contains(&c.organ) {
-            organs.push(c.organ.clone());
-        }
-    }
+    let organs = organ_order(r);
     let models: Vec<String> = spec.models.iter().map(|m| m.label.clone()).collect();
     let mut cells = Vec::new();
     let mut absent = Vec::new();
