@@ -23,6 +23,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     requests.sort();
     requests.dedup();
     std::fs::write(out.join("request_types.rs"), format!("&{requests:?}"))?;
+    // serde (proto3's JSON mapping) for every message: `--json` output.
+    pbjson_build::Builder::new()
+        .register_descriptors(&fds.encode_to_vec())?
+        .out_dir(&out)
+        .build(&[".fedtune.v1"])?;
     let mut config = tonic_prost_build::Config::new();
     config.enable_type_names();
     tonic_prost_build::configure()

@@ -46,20 +46,17 @@ pub fn invalid_name(what: &str, name: &str) -> String {
     )
 }
 
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
+pub use shared::cert::valid_name;
 
 /// The verified caller of an RPC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
     pub role: Role,
     pub name: String,
-    /// sha256 of the certificate (hex), as in the revocation list.
+    /// sha256 of the certificate (hex).
     pub fingerprint: String,
+    /// The certificate's serial number (hex, [`serial_hex`]), as the CRL lists it.
+    pub serial: String,
     /// Unix time the certificate expires.
     pub not_after: i64,
 }
@@ -105,11 +102,38 @@ pub fn from_der(der: &[u8]) -> Result<Identity, String> {
         role,
         name,
         fingerprint: fingerprint(der),
+        serial: serial_hex(cert.raw_serial()),
         not_after: cert.validity().not_after.timestamp(),
     })
 }
 
-/// sha256 of a DER certificate, hex: how revocations name a certificate.
+/// A serial number as lowercase hex without leading zero bytes, so that a certificate's and a
+/// CRL entry's encodings of one number compare equal.
+pub fn serial_hex(raw: &[u8]) -> String {
+    let first = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());
+    hex::encode(&raw[first..])
+}
+
+/// The serial numbers (as [`serial_hex`]) a PEM CRL lists. The CRL's signature is checked by
+/// rustls' verifier at every handshake; this is the per-call check of an identity.
+pub fn crl_serials(pem: &[u8]) -> Result<std::collections::HashSet<String>, String> {
+    use rustls::pki_types::{CertificateRevocationListDer, pem::PemObject};
+    let mut set = std::collections::HashSet::new();
+    for der in CertificateRevocationListDer::pem_slice_iter(pem) {
+        let der = der.map_err(|e| format!("not a PEM CRL ({e})"))?;
+        set.extend(crl_der_serials(&der)?);
+    }
+    Ok(set)
+}
+
+/// The serial numbers one DER CRL lists.
+pub fn crl_der_serials(der: &[u8]) -> Result<Vec<String>, String> {
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der)
+        .map_err(|e| format!("unreadable CRL ({e})"))?;
+    Ok(crl.iter_revoked_certificates().map(|r| serial_hex(r.raw_serial())).collect())
+}
+
+/// sha256 of a DER certificate, hex: how `site revoke` names a certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(der))

@@ -6,6 +6,8 @@
 //! # Layout
 //! - [`pki`]: the consortium CA and the bundles it issues (rcgen).
 //! - [`identity`]: the role and name a client certificate carries.
+//! - [`ops`]: the commands run on the server's machine beside `serve`: `doctor`, `restore`.
+//! - [`backup`]: archives of the state and blobs, and restoring a data dir from one.
 //! - [`store`]: records in sled; [`rounds`]: the round and task state machine, pure.
 //! - [`service`]: `SiteService` and `AdminService`; [`server`]: configuration, health,
 //!   reflection, call deadlines and the lease ticker; [`listener`]: the accept loop (mutual
@@ -18,8 +20,10 @@
 //! only metrics keyed by case index, progress, and weights where a site's policy allows.
 //! Identity and role come from the client certificate, never from a request field.
 
+pub mod backup;
 pub mod identity;
 pub mod lead;
+pub mod ops;
 pub mod pki;
 pub mod report;
 pub mod rounds;

@@ -23,6 +23,10 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve { config } => serve(&config).await,
+            Command::Doctor { config } => coordinator::ops::doctor(&config).await,
+            Command::Restore { archive, data_dir } => {
+                coordinator::ops::restore(&archive, &data_dir)
+            }
             other => coordinator::lead::run_admin(other).await,
         }
     });
@@ -44,10 +48,13 @@ async fn serve(config: &std::path::Path) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {} (listen in {})", cfg.listen, config.display()))?;
     tracing::info!(data_dir = %cfg.data_dir.display(), "coordinator starting");
-    coordinator::server::serve_then(cfg, listener, shutdown_signal(), |addr| {
+    coordinator::server::serve_then(cfg, listener, shutdown_signal(), |addr, metrics| {
         // Tests and scripts read the bound address (port 0 picks a free one) from this line,
         // printed once the data dir and certificates are open and checked.
-        println!("listening on {addr}");
+        match metrics {
+            Some(m) => println!("listening on {addr}, metrics on http://{m}/metrics"),
+            None => println!("listening on {addr}"),
+        }
     })
     .await?;
     tracing::info!("coordinator stopped");

@@ -15,7 +15,18 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("stored {tree} record {key} is unreadable ({error}); the data dir may be damaged")]
     Corrupt { tree: &'static str, key: String, error: String },
+    #[error(
+        "the database has schema version {found}, and this coordinator reads up to version \
+         {SCHEMA_VERSION}: it was written by a newer coordinator; run that version (or restore \
+         a backup this version made)"
+    )]
+    Schema { found: u32 },
 }
+
+/// The layout of the database this coordinator writes: its trees and their records. Kept in
+/// the `meta` tree (`schema_version`, 4 bytes big-endian) and checked at every open; a
+/// database without it (written before it was kept) is version 1.
+pub const SCHEMA_VERSION: u32 = 1;
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -34,6 +45,9 @@ pub struct SiteRecord {
     /// `pki revoke` put it on the revocation list.
     #[serde(default)]
     pub fingerprint: String,
+    /// Serial number (hex) of that certificate, as the CA's CRL lists it.
+    #[serde(default)]
+    pub serial: String,
     /// `pb::Capabilities` and `pb::DatasetSummary` bytes from the last Hello.
     pub capabilities: Vec<u8>,
     pub dataset: Vec<u8>,
@@ -170,6 +184,21 @@ pub enum TaskState {
 }
 
 impl TaskState {
+    /// The state's name as a metric label.
+    pub fn metric_name(&self) -> &'static str {
+        match self {
+            TaskState::Waiting => "waiting",
+            TaskState::Pending => "pending",
+            TaskState::Leased { .. } => "leased",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed { .. } => "failed",
+            TaskState::Refused { .. } => "refused",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl TaskState {
     pub fn is_final(&self) -> bool {
         !matches!(self, TaskState::Waiting | TaskState::Pending | TaskState::Leased { .. })
     }
@@ -247,6 +276,25 @@ impl RoundRecord {
 impl Store {
     pub fn open(path: &std::path::Path) -> StoreResult<Self> {
         let db = sled::Config::new().path(path).open()?;
+        let meta = db.open_tree("meta")?;
+        match meta.get("schema_version")? {
+            Some(v) => {
+                let found =
+                    <[u8; 4]>::try_from(v.as_ref()).map(u32::from_be_bytes).map_err(|_| {
+                        StoreError::Corrupt {
+                            tree: "meta",
+                            key: "schema_version".into(),
+                            error: "not 4 bytes".into(),
+                        }
+                    })?;
+                if found > SCHEMA_VERSION {
+                    return Err(StoreError::Schema { found });
+                }
+            }
+            None => {
+                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            }
+        }
         Ok(Self {
             sites: db.open_tree("sites")?,
             models: db.open_tree("models")?,
@@ -258,6 +306,11 @@ impl Store {
             audit_anchors: db.open_tree("audit_anchors")?,
             db,
         })
+    }
+
+    /// The database itself, for backups.
+    pub(crate) fn db(&self) -> &sled::Db {
+        &self.db
     }
 
     /// Makes every change so far durable.

@@ -28,6 +28,7 @@ mod generated {
     #[rustfmt::skip]
     pub mod fedtune_v1 {
         include!(concat!(env!("OUT_DIR"), "/fedtune.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/fedtune.v1.serde.rs"));
     }
 }
 

@@ -75,6 +75,112 @@ pub fn check_own(path: &Path, role: &str, fix: &str) -> Result<Option<i64>, Stri
     }
 }
 
+/// Whether `name` can name a site or an admin: 1 to 63 lowercase letters, digits and '-',
+/// not starting with '-'.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+/// A new private key and a certificate signing request for `role` ("site" or "admin") `name`:
+/// subject CN = name and the SAN URI `fedtune://ROLE/NAME` the coordinator reads identities
+/// from. Returns (key PEM, request PEM). The key never leaves the machine that calls this; the
+/// CA signs the request (`coordinator pki sign`).
+pub fn signing_request(role: &str, name: &str) -> Result<(String, String), String> {
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+    let e = |e: rcgen::Error| format!("making the signing request: {e}");
+    let key = KeyPair::generate().map_err(e)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(e)?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "fedtune consortium");
+    dn.push(DnType::OrganizationalUnitName, role);
+    dn.push(DnType::CommonName, name);
+    params.distinguished_name = dn;
+    let uri = format!("fedtune://{role}/{name}");
+    params.subject_alt_names.push(SanType::URI(uri.try_into().map_err(e)?));
+    let csr = params.serialize_request(&key).map_err(e)?;
+    Ok((key.serialize_pem(), csr.pem().map_err(e)?))
+}
+
+/// Makes a key and a signing request for `role` `name` ([`signing_request`]) and writes them
+/// to `dir/key.pem` (owner-only) and `dir/request.csr`. Refuses to replace a key already
+/// there. Returns the two paths.
+pub fn write_request(
+    dir: &Path,
+    role: &str,
+    name: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf), String> {
+    if !valid_name(name) {
+        return Err(format!(
+            "\"{name}\" is not a valid {role} name: use 1 to 63 lowercase letters, digits and \
+             '-', starting with a letter or digit"
+        ));
+    }
+    let (key_path, csr_path) = (dir.join("key.pem"), dir.join("request.csr"));
+    if key_path.exists() {
+        return Err(format!(
+            "{} exists already: this folder holds a key. Use another --out, or delete the old \
+             key if you mean to replace it (its certificate must then be signed again)",
+            key_path.display()
+        ));
+    }
+    let (key, csr) = signing_request(role, name)?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(&key_path).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    std::io::Write::write_all(&mut f, key.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(|e| format!("{}: {e}", key_path.display()))?;
+    std::fs::write(&csr_path, csr).map_err(|e| format!("{}: {e}", csr_path.display()))?;
+    Ok((key_path, csr_path))
+}
+
+/// The fedtune identity (role, name) in a PEM certificate's `fedtune://ROLE/NAME` URI.
+pub fn identity_of(cert_pem: &[u8]) -> Result<(String, String), String> {
+    let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem)
+        .map_err(|e| format!("not a PEM certificate ({e})"))?;
+    let cert = block.parse_x509().map_err(|e| format!("unreadable certificate ({e})"))?;
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName ({e})"))?
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    sans.iter()
+        .find_map(|san| match san {
+            x509_parser::extensions::GeneralName::URI(uri) => {
+                let (role, name) = uri.strip_prefix("fedtune://")?.split_once('/')?;
+                Some((role.to_owned(), name.to_owned()))
+            }
+            _ => None,
+        })
+        .ok_or_else(|| "the certificate names no fedtune://site/NAME".to_owned())
+}
+
+/// Whether the first certificate of `cert_pem` was issued and signed by the first of
+/// `ca_pem`: `Err` says what does not match.
+pub fn check_issued_by(cert_pem: &[u8], ca_pem: &[u8]) -> Result<(), String> {
+    let (_, cert) = x509_parser::pem::parse_x509_pem(cert_pem)
+        .map_err(|e| format!("the certificate is not PEM ({e})"))?;
+    let cert = cert.parse_x509().map_err(|e| format!("unreadable certificate ({e})"))?;
+    let (_, ca) =
+        x509_parser::pem::parse_x509_pem(ca_pem).map_err(|e| format!("the CA is not PEM ({e})"))?;
+    let ca = ca.parse_x509().map_err(|e| format!("unreadable CA certificate ({e})"))?;
+    if cert.issuer() != ca.subject() {
+        return Err(format!(
+            "the certificate was issued by \"{}\", and this CA is \"{}\"",
+            cert.issuer(),
+            ca.subject()
+        ));
+    }
+    cert.verify_signature(Some(ca.public_key()))
+        .map_err(|e| format!("its signature does not verify with this CA's key ({e})"))
+}
+
 /// Now, in Unix seconds.
 pub fn now_unix() -> i64 {
     std::time::SystemTime::now()

@@ -287,6 +287,7 @@ impl Federation {
             r#"version = 1
 [coordinator]
 address = "https://{addr}"
+proxy = "none"
 [tls]
 bundle = "{bundle}"
 [data]
@@ -328,6 +329,7 @@ max_backoff_seconds = 2
             coordinator: format!("https://{}", self.addr),
             bundle: self.bundle(role, name),
             server_name: "localhost".into(),
+            json: false,
         }
     }
 

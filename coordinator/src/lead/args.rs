@@ -27,10 +27,45 @@ pub struct Cli {
 pub enum Command {
     /// Run the coordinator server.
     Serve {
-        /// coordinator.toml (see README for every field and its default).
-        #[arg(long)]
+        /// coordinator.toml (deploy/coordinator.toml documents every field).
+        #[arg(long, env = "FEDTUNE_CONFIG")]
         config: PathBuf,
     },
+    /// Check a coordinator's setup before serving: the configuration, the certificates and
+    /// CRL, the data dir (free space, schema), the ports. One line per check; exit 1 if any
+    /// fails.
+    Doctor {
+        /// coordinator.toml.
+        #[arg(long, env = "FEDTUNE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Take a consistent backup of a running coordinator: its database and model blobs in
+    /// one archive, with a manifest of sha256 hashes.
+    #[command(after_help = "Example:\n  coordinator backup --out fedtune-2026-12-03.tar")]
+    Backup {
+        /// The archive to write (refused if it exists).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Rebuild a data dir from a backup: refuses a folder that holds anything, checks every
+    /// file's hash and the schema version before writing.
+    #[command(
+        after_help = "Example:\n  coordinator restore fedtune-2026-12-03.tar --data-dir /var/lib/fedtune-coordinator"
+    )]
+    Restore {
+        /// The archive `coordinator backup` wrote.
+        archive: PathBuf,
+        /// The data dir to create (data_dir of coordinator.toml).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(
+        after_help = "Example:\n  coordinator completions bash > /etc/bash_completion.d/coordinator"
+    )]
+    Completions { shell: clap_complete::Shell },
     /// The consortium's certificate authority.
     #[command(subcommand)]
     Pki(PkiCommand),
@@ -65,11 +100,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Per-site, per-organ scores of a round.
     Results {
-        /// The round id `round start` printed.
+        /// The round id `round start` printed (with --json: per-case scores by case index).
         round: String,
-        /// Per-case scores (by case index) as JSON.
-        #[arg(long)]
-        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -86,7 +118,8 @@ pub enum PkiCommand {
         #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
         server_names: Vec<String>,
     },
-    /// Issue a site bundle (DIR/sites/NAME) to hand over out of band.
+    /// Issue a whole site bundle, key included (DIR/sites/NAME), for demos and tests; in
+    /// production the site makes its key (`site-agent init`) and you `pki sign` its request.
     #[command(
         after_help = "Example:\n  coordinator pki issue-site hospital-a --dir pki   # -> pki/sites/hospital-a/"
     )]
@@ -104,7 +137,8 @@ pub enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Issue an admin bundle (DIR/admins/NAME).
+    /// Issue a whole admin bundle, key included (DIR/admins/NAME); in production use
+    /// `pki request` where the admin works and `pki sign --admin`.
     IssueAdmin {
         /// The study lead's name.
         name: String,
@@ -119,7 +153,52 @@ pub enum PkiCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Revoke a bundle: its certificate goes on DIR/revoked.txt, which the server re-reads.
+    /// Sign a key's certificate signing request (from `site-agent init` or `pki request`):
+    /// writes DIR/sites/NAME (or admins/NAME) with cert.pem and ca.pem, no key, to send back.
+    #[command(
+        after_help = "Examples:\n  coordinator pki sign hospital-a.csr --site hospital-a --dir pki\n  coordinator pki sign lead.csr --admin lead --dir pki"
+    )]
+    Sign {
+        /// The request file (PEM).
+        request: PathBuf,
+        /// Sign it as this site's certificate; the request must name the same site.
+        #[arg(long, conflicts_with = "admin", required_unless_present = "admin")]
+        site: Option<String>,
+        /// Sign it as this admin's certificate; the request must name the same admin.
+        #[arg(long)]
+        admin: Option<String>,
+        /// The PKI folder made by `pki init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = LEAF_DAYS)]
+        days: i64,
+        /// Replace a certificate already out under that name: it is revoked first.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Make an admin's private key and signing request here (the key never leaves this
+    /// folder); send the request to the CA operator for `pki sign --admin NAME`.
+    Request {
+        /// The admin's name.
+        #[arg(long)]
+        admin: String,
+        /// Folder for key.pem and request.csr (created; refused if it holds a key already).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a new server certificate and key into DIR/server: a running coordinator serves
+    /// them to new connections without a restart.
+    IssueServer {
+        /// The PKI folder made by `pki init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// DNS names or IP addresses agents dial the coordinator by (repeatable).
+        #[arg(long = "server-name", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        server_names: Vec<String>,
+    },
+    /// Revoke a certificate: its serial number goes on DIR/crl.pem (an X.509 CRL signed by
+    /// the CA), which the server re-reads.
     Revoke {
         /// The site's (or with --admin, the admin's) name.
         name: String,
@@ -144,8 +223,11 @@ pub struct Conn {
     #[arg(long, env = "FEDTUNE_ADMIN_BUNDLE")]
     pub bundle: PathBuf,
     /// The name in the coordinator's certificate to expect.
-    #[arg(long, default_value = "localhost")]
+    #[arg(long, env = "FEDTUNE_SERVER_NAME", default_value = "localhost")]
     pub server_name: String,
+    /// Print the coordinator's answer as JSON (the protocol's JSON mapping) instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

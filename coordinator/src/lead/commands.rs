@@ -44,13 +44,32 @@ fn ended_well(r: &pb::RoundInfo) -> Result<()> {
     }
 }
 
+/// With `--json`, prints `answer` in the protocol's JSON mapping and says so (true).
+fn json<T: serde::Serialize>(on: bool, answer: &T) -> Result<bool> {
+    if on {
+        out(&serde_json::to_string_pretty(answer)?);
+    }
+    Ok(on)
+}
+
 /// Runs a parsed command (`serve` is the binary's: it owns signals and the listener).
 pub async fn run_admin(command: Command) -> Result<()> {
     match command {
         Command::Serve { .. } => unreachable!("serve is handled by main"),
+        Command::Doctor { .. } | Command::Restore { .. } => {
+            unreachable!("the server's machine's commands are handled by main")
+        }
+        Command::Backup { out: path, conn } => super::ops::backup(&path, &conn).await,
+        Command::Completions { shell } => {
+            super::ops::completions(shell);
+            Ok(())
+        }
         Command::Pki(p) => super::pki::run(p),
         Command::Model(ModelCommand::Push { file, name, conn }) => {
             let info = AdminClient::connect(&conn).await?.push_model(&file, &name, true).await?;
+            if json(conn.json, &info)? {
+                return Ok(());
+            }
             let m = info.model.unwrap_or_default();
             out(&format!(
                 "stored model {} ({} bytes, sha256 {}, config {}, {} layers)",
@@ -61,6 +80,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
         Command::Model(ModelCommand::List { conn }) => {
             let models =
                 AdminClient::connect(&conn).await?.list_models(pb::ListModelsRequest {}).await?;
+            if json(conn.json, &models)? {
+                return Ok(());
+            }
             for info in models.models {
                 let m = info.model.unwrap_or_default();
                 out(&format!(
@@ -73,6 +95,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
         Command::Site(SiteCommand::List { conn }) => {
             let sites =
                 AdminClient::connect(&conn).await?.list_sites(pb::ListSitesRequest {}).await?;
+            if json(conn.json, &sites)? {
+                return Ok(());
+            }
             let now = shared::cert::now_unix();
             for s in sites.sites {
                 let state = if s.certificate_revoked {
@@ -121,6 +146,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .await?
                 .approve_site(pb::SiteRequest { name, reinstate })
                 .await?;
+            if json(conn.json, &s)? {
+                return Ok(());
+            }
             out(&format!("site {} approved", s.name));
             Ok(())
         }
@@ -129,6 +157,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .await?
                 .revoke_site(pb::SiteRequest { name, reinstate: false })
                 .await?;
+            if json(conn.json, &s)? {
+                return Ok(());
+            }
             out(&format!("site {} revoked", s.name));
             Ok(())
         }
@@ -137,6 +168,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .await?
                 .create_study(pb::CreateStudyRequest { name, base_model: base, sites })
                 .await?;
+            if json(conn.json, &s)? {
+                return Ok(());
+            }
             out(&format!(
                 "study {} on base model {} with sites {}",
                 s.name,
@@ -148,6 +182,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
         Command::Study(StudyCommand::List { conn }) => {
             let studies =
                 AdminClient::connect(&conn).await?.list_studies(pb::ListStudiesRequest {}).await?;
+            if json(conn.json, &studies)? {
+                return Ok(());
+            }
             for s in studies.studies {
                 out(&format!(
                     "{:<20} base {:<16} sites {}",
@@ -314,6 +351,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .await?
                 .list_rounds(pb::ListRoundsRequest { study: study.unwrap_or_default() })
                 .await?;
+            if json(conn.json, &list)? {
+                return Ok(());
+            }
             if list.rounds.is_empty() {
                 out("no rounds");
             }
@@ -327,12 +367,16 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .await?
                 .get_round(pb::RoundRequest { round_id: round })
                 .await?;
-            print_round(&r);
+            if !json(conn.json, &r)? {
+                print_round(&r);
+            }
             ended_well(&r)
         }
         Command::Round(RoundCommand::Watch { round, conn }) => {
             let r = AdminClient::connect(&conn).await?.watch(&round).await?;
-            print_round(&r);
+            if !json(conn.json, &r)? {
+                print_round(&r);
+            }
             ended_well(&r)
         }
         Command::Round(RoundCommand::Cancel { round, conn }) => {
@@ -340,7 +384,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                 .await?
                 .cancel_round(pb::RoundRequest { round_id: round })
                 .await?;
-            print_round(&r);
+            if !json(conn.json, &r)? {
+                print_round(&r);
+            }
             Ok(())
         }
         Command::Report { study, format, out: path, conn } => {
@@ -363,12 +409,12 @@ pub async fn run_admin(command: Command) -> Result<()> {
             out(report::render(&rep, Format::Table).trim_end());
             Ok(())
         }
-        Command::Results { round, json, conn } => {
+        Command::Results { round, conn } => {
             let r = AdminClient::connect(&conn)
                 .await?
                 .get_results(pb::RoundRequest { round_id: round })
                 .await?;
-            if json {
+            if conn.json {
                 out(&serde_json::to_string_pretty(&results_json(&r))?);
             } else {
                 print_results(&r);

@@ -185,7 +185,7 @@ fn start_coordinator(root: &Path, pki: &Pki) -> Result<(Proc, String)> {
     tls.insert("cert".into(), path_of(pki.dir().join("server/cert.pem")));
     tls.insert("key".into(), path_of(pki.dir().join("server/key.pem")));
     tls.insert("client_ca".into(), path_of(pki.dir().join("ca.pem")));
-    tls.insert("revocation_list".into(), path_of(pki.dir().join("revoked.txt")));
+    tls.insert("crl".into(), path_of(pki.crl_path()));
     let mut limits = toml::Table::new();
     limits.insert("lease_seconds".into(), 60.into());
     limits.insert("max_poll_seconds".into(), 5.into());
@@ -364,6 +364,7 @@ pub async fn run(a: &DemoArgs) -> Result<report::Report> {
         coordinator: format!("https://{addr}"),
         bundle: pki.bundle_dir(Role::Admin, "lead"),
         server_name: "localhost".into(),
+        json: false,
     };
     let mut admin = AdminClient::connect(&conn).await?;
     let all: Vec<String> = std::iter::once(source.clone()).chain(targets.iter().cloned()).collect();

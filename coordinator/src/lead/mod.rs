@@ -14,6 +14,7 @@ pub mod args;
 pub mod client;
 mod commands;
 pub mod demo;
+mod ops;
 mod pki;
 mod show;
 pub mod templates;

@@ -15,7 +15,7 @@ fn issue(dir: &std::path::Path, role: Role, name: &str, days: i64, force: bool) 
         let fp = pki.revoke(role, name)?;
         out(&format!(
             "revoked the previous {role} certificate of {name} (sha256 {fp}); listed in {}",
-            pki.revocation_list_path().display()
+            pki.crl_path().display()
         ));
     }
     Ok(pki.issue(role, name, days)?)
@@ -51,7 +51,49 @@ pub(super) fn run(p: PkiCommand) -> Result<()> {
             let fp = pki.revoke(role, &name)?;
             out(&format!(
                 "revoked {role} {name} (certificate sha256 {fp}); listed in {}",
-                pki.revocation_list_path().display()
+                pki.crl_path().display()
+            ));
+        }
+        PkiCommand::Sign { request, site, admin, dir, days, force } => {
+            let (role, name) = match (site, admin) {
+                (Some(n), _) => (Role::Site, n),
+                (None, Some(n)) => (Role::Admin, n),
+                (None, None) => anyhow::bail!("pass --site NAME or --admin NAME"),
+            };
+            let pki = Pki::open(&dir)?;
+            if force && pki.bundle_dir(role, &name).join("cert.pem").exists() {
+                let fp = pki.revoke(role, &name)?;
+                out(&format!("revoked the previous {role} certificate of {name} (sha256 {fp})"));
+            }
+            let path = pki.sign(&request, role, &name, days)?;
+            out(&format!(
+                "signed {role} {name}: {} and {} (no key: it stays where it was made). Send \
+                 both back; they go beside key.pem in the {role}'s bundle folder",
+                path.join("cert.pem").display(),
+                path.join("ca.pem").display()
+            ));
+        }
+        PkiCommand::Request { admin, out: folder } => {
+            let (key, csr) = shared::cert::write_request(&folder, "admin", &admin)
+                .map_err(anyhow::Error::msg)?;
+            out(&format!(
+                "key: {} (keep it here)\nrequest: {}: send it to the CA operator for \
+                 `coordinator pki sign {} --admin {admin} --dir PKI`, and put the cert.pem and \
+                 ca.pem you get back in {}",
+                key.display(),
+                csr.display(),
+                csr.display(),
+                folder.display()
+            ));
+        }
+        PkiCommand::IssueServer { dir, server_names } => {
+            let pki = Pki::open(&dir)?;
+            let path = pki.issue_server(&server_names)?;
+            out(&format!(
+                "server certificate ({}): {}; a running coordinator using these files serves \
+                 the new pair to new connections",
+                server_names.join(", "),
+                path.display()
             ));
         }
     }

@@ -21,6 +21,10 @@ pub struct ServerConfig {
     pub tls: TlsFiles,
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Address of the Prometheus endpoint (`/metrics`, and `/healthz`), plain HTTP. Default:
+    /// none (no endpoint). Keep it on loopback or a monitoring network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 /// The server's bundle (from `coordinator pki init`) and the consortium CA.
@@ -31,9 +35,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The CA that client certificates must chain to.
     pub client_ca: PathBuf,
-    /// `revoked.txt` written by `coordinator pki revoke`; re-read when it changes.
+    /// The CA's certificate revocation list (`crl.pem`, written by `coordinator pki init` and
+    /// `pki revoke`); re-read when it changes. Default: none (nothing is revoked).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub revocation_list: Option<PathBuf>,
+    pub crl: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -127,6 +132,7 @@ fn store_hint(e: &crate::store::StoreError) -> &'static str {
             ErrorKind::StorageFull => "its disk is full: free space, then start again",
             _ => "is another coordinator using this data_dir?",
         },
+        crate::store::StoreError::Schema { .. } => "nothing in it was changed",
         crate::store::StoreError::Sled(sled::Error::Corruption { .. }) => {
             "the database is damaged: restore the data_dir from a backup"
         }
@@ -180,7 +186,7 @@ impl ServerConfig {
         resolve(&mut cfg.tls.cert);
         resolve(&mut cfg.tls.key);
         resolve(&mut cfg.tls.client_ca);
-        if let Some(r) = &mut cfg.tls.revocation_list {
+        if let Some(r) = &mut cfg.tls.crl {
             resolve(r);
         }
         Ok(cfg)
@@ -196,15 +202,12 @@ impl ServerConfig {
                 cert: pki.join("server/cert.pem"),
                 key: pki.join("server/key.pem"),
                 client_ca: pki.join("ca.pem"),
-                revocation_list: Some(pki.join("revoked.txt")),
+                crl: Some(pki.join("crl.pem")),
             },
             limits: LimitsConfig::default(),
+            metrics_listen: None,
         }
     }
-}
-
-pub(super) fn read(path: &Path) -> Result<Vec<u8>, ServeError> {
-    std::fs::read(path).map_err(|source| ServeError::Io { path: path.to_owned(), source })
 }
 
 /// Refuses to serve with an expired server certificate (every agent would drop the
@@ -221,4 +224,48 @@ pub(super) fn check_server_certificate(path: &Path) -> Result<(), ServeError> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `deploy/coordinator.toml` parses as it is and with every commented option switched on,
+    /// and names every field of the configuration.
+    #[test]
+    fn the_deploy_example_parses_and_documents_every_field() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let example =
+            std::fs::read_to_string(root.join("deploy/coordinator.toml")).expect("example");
+        let path = Path::new("/etc/fedtune/coordinator.toml");
+        let cfg = ServerConfig::parse(&example, path).expect("as shipped");
+        assert_eq!(cfg.tls.crl.as_deref(), Some(Path::new("/etc/fedtune/pki/crl.pem")));
+        let on: String = example
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = ServerConfig::parse(&on, path).expect("every option on");
+        assert!(all.metrics_listen.is_some());
+        // Every field, as serde writes them.
+        let written = toml::to_string(&all).expect("serializes");
+        for line in written.lines() {
+            if let Some((key, _)) = line.split_once(" = ") {
+                assert!(
+                    example.contains(&format!("\n{key} = "))
+                        || example.contains(&format!("# {key} = ")),
+                    "deploy/coordinator.toml does not document {key}"
+                );
+            }
+        }
+    }
 }

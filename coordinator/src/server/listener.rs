@@ -1,5 +1,6 @@
 //! The coordinator's own accept loop, in front of tonic: mutual TLS with a handshake deadline,
-//! a cap on open connections, and refused client certificates logged in words.
+//! a cap on open connections, and refused client certificates logged in words (the TLS
+//! configuration itself, with its reloading certificate and CRL, is in [`super::tls`]).
 //!
 //! tonic can terminate TLS itself, but then a connection that never finishes its handshake
 //! is bounded only by an optional timeout, nothing caps how many connections are open, and a
@@ -23,13 +24,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use rustls::DistinguishedName;
-use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ServerConfig, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use rustls::server::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
@@ -37,7 +32,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::identity::{self, Role};
+use crate::identity;
 
 /// Bounds on connections, from `[limits]` in `coordinator.toml`.
 #[derive(Clone, Copy, Debug)]
@@ -48,43 +43,6 @@ pub struct ConnectionLimits {
     pub max_connections: usize,
     /// Most established connections one client certificate may have open at once.
     pub per_identity: usize,
-}
-
-/// The server's rustls configuration: its certificate chain and key, client certificates
-/// required and verified against `client_ca`, HTTP/2 by ALPN.
-pub fn server_config(
-    cert_pem: &[u8],
-    key_pem: &[u8],
-    client_ca_pem: &[u8],
-) -> Result<Arc<ServerConfig>, String> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(client_ca_pem) {
-        let cert = cert.map_err(|e| format!("client CA: not a PEM certificate ({e})"))?;
-        roots.add(cert).map_err(|e| format!("client CA: {e}"))?;
-    }
-    if roots.is_empty() {
-        return Err("client CA: the file holds no certificate".into());
-    }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| format!("client CA: {e}"))?;
-    let chain = CertificateDer::pem_slice_iter(cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("server certificate: not PEM ({e})"))?;
-    if chain.is_empty() {
-        return Err("server certificate: the file holds no certificate".into());
-    }
-    let key = PrivateKeyDer::from_pem_slice(key_pem)
-        .map_err(|e| format!("server key: not a PEM private key ({e})"))?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(Arc::new(Explaining { inner: verifier }))
-        .with_single_cert(chain, key)
-        .map_err(|e| format!("server certificate and key: {e}"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
 }
 
 /// A TCP connection holding its slot under the connection cap until it is dropped.
@@ -179,7 +137,7 @@ pub type Incoming = tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<
 
 tokio::task_local! {
     /// The peer whose handshake is running, for the verifier's log line.
-    static PEER: SocketAddr;
+    pub(super) static PEER: SocketAddr;
 }
 
 /// Accepts on `listener` until the returned stream is dropped: caps open connections, runs
@@ -187,6 +145,7 @@ tokio::task_local! {
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
+    metrics: Arc<super::metrics::ServerMetrics>,
     limits: ConnectionLimits,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(64);
@@ -214,6 +173,7 @@ pub fn incoming(
                 // let stalled peers hold legitimate ones out unseen.
                 drop(tcp);
                 over_cap += 1;
+                metrics.handshake_refused("max_connections");
                 if last_cap_warning.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
                     last_cap_warning = Some(Instant::now());
                     tracing::warn!(
@@ -230,6 +190,7 @@ pub fn incoming(
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let per_identity = per_identity.clone();
+            let metrics = metrics.clone();
             tokio::spawn(PEER.scope(peer, async move {
                 let held = Held { tcp, _slot: slot, _identity: None };
                 match tokio::time::timeout(limits.handshake, acceptor.accept(held)).await {
@@ -248,6 +209,7 @@ pub fn incoming(
                             {
                                 Some(slot) => tls.get_mut().0._identity = Some(slot),
                                 None => {
+                                    metrics.handshake_refused("per_identity");
                                     tracing::warn!(
                                         %peer,
                                         identity = %who,
@@ -266,11 +228,14 @@ pub fn incoming(
                         // A refused certificate was logged in words by the verifier.
                         tracing::info!(%peer, error = %e, "TLS handshake failed; connection closed");
                     }
-                    Err(_) => tracing::info!(
-                        %peer,
-                        seconds = limits.handshake.as_secs_f64(),
-                        "TLS handshake did not finish in time; connection closed"
-                    ),
+                    Err(_) => {
+                        metrics.handshake_refused("handshake_timeout");
+                        tracing::info!(
+                            %peer,
+                            seconds = limits.handshake.as_secs_f64(),
+                            "TLS handshake did not finish in time; connection closed"
+                        )
+                    }
                 }
             }));
         }
@@ -278,123 +243,9 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// The webpki client verifier, with a log line in words for each certificate it refuses.
-#[derive(Debug)]
-struct Explaining {
-    inner: Arc<dyn ClientCertVerifier>,
-}
-
-impl ClientCertVerifier for Explaining {
-    fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
-    }
-    fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
-    }
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner.verify_client_cert(end_entity, intermediates, now).inspect_err(|e| {
-            let peer = PEER.try_with(|p| p.to_string()).unwrap_or_else(|_| "?".into());
-            tracing::warn!(%peer, "{}", explain_refusal(end_entity, e));
-        })
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// Why a client certificate was refused, who it names and what to do, in one sentence.
-pub fn explain_refusal(der: &[u8], error: &rustls::Error) -> String {
-    let id = identity::from_der(der).ok();
-    let who = match &id {
-        Some(id) => format!("the {} certificate of \"{}\"", id.role, id.name),
-        None => "a client certificate without a fedtune identity".to_owned(),
-    };
-    let reissue = match &id {
-        Some(id) => {
-            let cmd = match id.role {
-                Role::Site => "issue-site",
-                Role::Admin => "issue-admin",
-            };
-            format!("issue a new one with `coordinator pki {cmd} {}` and install it", id.name)
-        }
-        None => "issue one with `coordinator pki issue-site` or `issue-admin`".to_owned(),
-    };
-    let not_after = id.as_ref().map(|i| shared::cert::utc(i.not_after));
-    match error {
-        rustls::Error::InvalidCertificate(
-            CertificateError::Expired | CertificateError::ExpiredContext { .. },
-        ) => format!(
-            "refused {who}: it expired on {}; {reissue}",
-            not_after.unwrap_or_else(|| "an earlier date".into())
-        ),
-        rustls::Error::InvalidCertificate(
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
-        ) => format!(
-            "refused {who}: it is not valid yet; check the clocks of this machine and of the \
-             machine that issued it"
-        ),
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => format!(
-            "refused {who}: it was not issued by this consortium's CA (tls.client_ca); {reissue}"
-        ),
-        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
-            format!("refused {who}: its signature does not verify (damaged or forged); {reissue}")
-        }
-        other => format!("refused {who}: {other}"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::Pki;
-
-    fn der_of(pem_path: &std::path::Path) -> Vec<u8> {
-        let pem = std::fs::read(pem_path).unwrap();
-        CertificateDer::pem_slice_iter(&pem).next().unwrap().unwrap().to_vec()
-    }
-
-    #[test]
-    fn an_expired_site_certificate_is_explained_with_its_name_date_and_fix() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), &["localhost".into()]).unwrap();
-        let bundle = pki.issue(Role::Site, "site-x", -1).unwrap();
-        let der = der_of(&bundle.join("cert.pem"));
-        let not_after = identity::from_der(&der).unwrap().not_after;
-        let e = rustls::Error::InvalidCertificate(CertificateError::Expired);
-        let msg = explain_refusal(&der, &e);
-        assert!(msg.contains("site certificate of \"site-x\""), "{msg}");
-        assert!(msg.contains(&format!("expired on {}", shared::cert::utc(not_after))), "{msg}");
-        assert!(msg.contains("coordinator pki issue-site site-x"), "{msg}");
-
-        let e = rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer);
-        let msg = explain_refusal(&der, &e);
-        assert!(msg.contains("not issued by this consortium's CA"), "{msg}");
-        assert!(explain_refusal(b"junk", &e).contains("without a fedtune identity"));
-    }
 
     #[test]
     fn identity_slots_are_capped_and_given_back() {
@@ -407,22 +258,5 @@ mod tests {
         let a3 = IdentitySlot::take(&counts, "site/a".into(), 2).expect("a slot given back");
         drop((a2, a3, b));
         assert!(counts.lock().unwrap().is_empty(), "nothing left counted");
-    }
-
-    #[test]
-    fn the_server_config_refuses_files_that_are_not_what_they_should_be() {
-        let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), &["localhost".into()]).unwrap();
-        let cert = std::fs::read(dir.path().join("server/cert.pem")).unwrap();
-        let key = std::fs::read(dir.path().join("server/key.pem")).unwrap();
-        let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
-        let _ = pki;
-        assert!(server_config(&cert, &key, &ca).is_ok());
-        let e = server_config(&cert, &key, b"").unwrap_err();
-        assert!(e.contains("client CA"), "{e}");
-        let e = server_config(&cert, &cert, &ca).unwrap_err();
-        assert!(e.contains("server key"), "{e}");
-        let e = server_config(b"", &key, &ca).unwrap_err();
-        assert!(e.contains("server certificate"), "{e}");
     }
 }

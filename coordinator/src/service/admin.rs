@@ -319,6 +319,14 @@ impl AdminService for AdminApi {
     }
 
     type WatchRoundStream = RoundStream;
+    type BackupStream = super::FedStream<pb::BackupChunk>;
+
+    async fn backup(
+        &self,
+        _req: Request<pb::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        Ok(Response::new(self.0.backup().await?))
+    }
 
     async fn watch_round(
         &self,

@@ -19,6 +19,8 @@ impl Coordinator {
         if down == 0 && up == 0 {
             return;
         }
+        self.metrics.served(down);
+        self.metrics.received(up);
         let _w = self.write.lock().await;
         let Ok(Some(mut task)) = self.store.task(task_id) else { return };
         task.bytes_down += down;

@@ -16,6 +16,7 @@ use tonic::Request;
 
 use crate::identity::{self, Identity, Role};
 use crate::rounds;
+use crate::server::metrics::ServerMetrics;
 use crate::store::{RoundRecord, RoundState, SiteRecord, Store, StoreError, TaskRecord, TaskState};
 
 type SResult<T> = Result<T, ServiceError>;
@@ -40,33 +41,35 @@ pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Certificates revoked with `coordinator pki revoke`: a file re-read when it changes.
+/// Certificates revoked with `coordinator pki revoke`: the serial numbers of the CA's CRL, a
+/// file re-read when it changes. (rustls refuses them at the handshake; this catches a
+/// connection opened before the revocation, on its next call.)
 #[derive(Debug, Default)]
 struct RevocationList {
     path: Option<PathBuf>,
-    /// (modification time, fingerprints) of the last read.
+    /// (modification time, serial numbers) of the last read that succeeded.
     cached: StdMutex<(Option<SystemTime>, HashSet<String>)>,
 }
 
 impl RevocationList {
-    fn contains(&self, fingerprint: &str) -> bool {
+    fn contains(&self, serial: &str) -> bool {
         let Some(path) = &self.path else { return false };
         let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if cached.0 != mtime || mtime.is_none() {
-            let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
-                tracing::warn!(path = %path.display(), error = %e, "cannot read the revocation list");
-                String::new()
-            });
-            let set = text
-                .lines()
-                .filter(|l| !l.trim_start().starts_with('#'))
-                .filter_map(|l| l.split_whitespace().next())
-                .map(str::to_owned)
-                .collect();
-            *cached = (mtime, set);
+        if cached.0 != mtime {
+            // An unreadable CRL keeps the last list read (a half-copied file must not
+            // reinstate anyone); it is tried again at the next call.
+            match std::fs::read(path)
+                .map_err(|e| e.to_string())
+                .and_then(|pem| crate::identity::crl_serials(&pem))
+            {
+                Ok(set) => *cached = (mtime, set),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read the CRL; keeping the last one read")
+                }
+            }
         }
-        cached.1.contains(fingerprint)
+        cached.1.contains(serial)
     }
 }
 
@@ -83,6 +86,7 @@ pub struct Coordinator {
     changed: watch::Sender<u64>,
     /// Unix seconds of each site's last call, kept in memory (the store keeps the last hello).
     contact: StdMutex<std::collections::HashMap<String, i64>>,
+    metrics: Arc<ServerMetrics>,
 }
 
 impl Coordinator {
@@ -90,16 +94,18 @@ impl Coordinator {
         store: Store,
         blobs: PathBuf,
         limits: Limits,
-        revocation_list: Option<PathBuf>,
+        crl: Option<PathBuf>,
+        metrics: Arc<ServerMetrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
             blobs,
             limits,
-            revocations: RevocationList { path: revocation_list, ..Default::default() },
+            revocations: RevocationList { path: crl, ..Default::default() },
             write: Mutex::new(()),
             changed: watch::channel(0).0,
             contact: Default::default(),
+            metrics,
         })
     }
 
@@ -110,7 +116,7 @@ impl Coordinator {
     }
 
     fn certificate_revoked(&self, site: &SiteRecord) -> bool {
-        !site.fingerprint.is_empty() && self.revocations.contains(&site.fingerprint)
+        !site.serial.is_empty() && self.revocations.contains(&site.serial)
     }
 
     /// When a site last called, Unix seconds (0: never).
@@ -122,8 +128,60 @@ impl Coordinator {
     /// Makes every change so far durable, then wakes long polls and round watchers: what each
     /// change does before it answers.
     async fn durable(&self) -> SResult<()> {
-        self.store.flush().await?;
+        if let Err(e) = self.store.flush().await {
+            // sled keeps a failed write's error until it is reopened: health says so.
+            if matches!(e, crate::store::StoreError::Sled(sled::Error::Io(_))) {
+                self.metrics.store_stopped();
+            }
+            return Err(e.into());
+        }
         self.notify();
+        Ok(())
+    }
+
+    /// The Prometheus text of the server's metrics, with the state gauges read now.
+    pub fn metrics_text(&self) -> String {
+        if let Err(e) = self.refresh_gauges() {
+            tracing::warn!(error = %e, "metrics: reading the state gauges");
+        }
+        self.metrics.render()
+    }
+
+    fn refresh_gauges(&self) -> SResult<()> {
+        let now = now_s();
+        let sites = self.store.sites()?;
+        let count = |f: &dyn Fn(&SiteRecord) -> bool| sites.iter().filter(|s| f(s)).count() as i64;
+        let revoked = count(&|s| self.site_revoked(s));
+        let approved = count(&|s| s.approved && !self.site_revoked(s));
+        let pending = sites.len() as i64 - revoked - approved;
+        let connected = count(&|s| now - self.last_contact(s) <= 60);
+        let mut tasks: std::collections::BTreeMap<&'static str, i64> =
+            ["waiting", "pending", "leased", "succeeded", "failed", "refused", "cancelled"]
+                .into_iter()
+                .map(|k| (k, 0))
+                .collect();
+        for t in self.store.tasks()? {
+            *tasks.entry(t.state.metric_name()).or_default() += 1;
+        }
+        let mut rounds: std::collections::BTreeMap<&'static str, i64> =
+            ["running", "completed", "failed", "cancelled"].into_iter().map(|k| (k, 0)).collect();
+        for r in self.store.rounds()? {
+            let k = match r.state {
+                RoundState::Running => "running",
+                RoundState::Completed => "completed",
+                RoundState::Failed { .. } => "failed",
+                RoundState::Cancelled => "cancelled",
+            };
+            *rounds.entry(k).or_default() += 1;
+        }
+        let v =
+            |m: std::collections::BTreeMap<&'static str, i64>| m.into_iter().collect::<Vec<_>>();
+        self.metrics.set_states(
+            &[("approved", approved), ("pending", pending), ("revoked", revoked)],
+            connected,
+            &v(tasks),
+            &v(rounds),
+        );
         Ok(())
     }
 
@@ -144,7 +202,7 @@ impl Coordinator {
             ServiceError::Unauthenticated("the client certificate chain is empty".into())
         })?;
         let id = identity::from_der(der.as_ref()).map_err(ServiceError::Unauthenticated)?;
-        if self.revocations.contains(&id.fingerprint) {
+        if self.revocations.contains(&id.serial) {
             return Err(ServiceError::PermissionDenied(format!(
                 "the certificate of {} \"{}\" is revoked",
                 id.role, id.name
@@ -232,6 +290,7 @@ impl Coordinator {
             for (i, t) in tasks.iter_mut().enumerate() {
                 if rounds::expire_lease(t, now_ms, round.max_attempts) {
                     tracing::info!(task = %t.id, site = %t.site, state = ?t.state, "lease expired");
+                    self.metrics.lease_expired();
                     dirty.push(i);
                 }
             }
@@ -327,6 +386,7 @@ fn identity_of<T>(req: &Request<T>) -> SResult<Identity> {
 }
 
 mod admin;
+mod backup;
 mod blobs;
 mod checks;
 mod error;

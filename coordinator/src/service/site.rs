@@ -41,6 +41,7 @@ impl SiteService for SiteApi {
         site.last_seen = now_s();
         site.cert_not_after = id.not_after;
         site.fingerprint = id.fingerprint.clone();
+        site.serial = id.serial.clone();
         site.capabilities = body.capabilities.map(|m| m.encode_to_vec()).unwrap_or_default();
         site.dataset = body.dataset.map(|m| m.encode_to_vec()).unwrap_or_default();
         c.store.put_site(&site)?;
@@ -215,6 +216,21 @@ impl SiteService for SiteApi {
             None => pb::AuditAnchor::default(),
         };
         Ok(Response::new(anchor))
+    }
+
+    async fn ping(
+        &self,
+        req: Request<pb::PingRequest>,
+    ) -> Result<Response<pb::PingResponse>, Status> {
+        let who = identity_of(&req)?;
+        let site = self.0.store.site(&who.name)?;
+        Ok(Response::new(pb::PingResponse {
+            server_time_unix_ms: super::now_ms(),
+            known: site.is_some(),
+            approved: site.is_some_and(|s| s.approved && !self.0.site_revoked(&s)),
+            site: who.name,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
     }
 
     async fn submit_result(

@@ -23,7 +23,7 @@ fn defaults_and_relative_paths() {
     assert_eq!(cfg.data_dir, Path::new("/srv/fedtune/coordinator-data"));
     assert_eq!(cfg.tls.cert, Path::new("/srv/fedtune/pki/server/cert.pem"));
     assert_eq!(cfg.tls.client_ca, Path::new("/etc/fedtune/ca.pem"), "absolute paths stay");
-    assert_eq!(cfg.tls.revocation_list, None);
+    assert_eq!(cfg.tls.crl, None);
     assert_eq!(cfg.limits.lease_seconds, 120);
     assert_eq!(cfg.limits.max_attempts, 3);
     assert_eq!(cfg.limits.handshake_seconds, 10);

@@ -33,6 +33,11 @@ pub struct CoordinatorConfig {
     /// The name in the coordinator's certificate. Default `localhost`.
     #[serde(default = "default_server_name")]
     pub server_name: String,
+    /// HTTP proxy to tunnel through (`http://[USER:PASSWORD@]HOST:PORT`, by CONNECT).
+    /// Default: `HTTPS_PROXY` from the environment unless `NO_PROXY` names the coordinator's
+    /// host; `""` or `"none"`: always direct.
+    #[serde(default)]
+    pub proxy: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -115,6 +120,9 @@ pub struct AgentConfig {
     /// Training device: `auto` (the first CUDA GPU when the build has CUDA and one is
     /// visible, else the CPU), `cpu`, `cuda` or `cuda:N`. Default `auto`.
     pub device: String,
+    /// Address of the agent's Prometheus endpoint (`/metrics`), plain HTTP, e.g.
+    /// `127.0.0.1:9464`. Default: none (no endpoint).
+    pub metrics_listen: Option<String>,
 }
 
 impl Default for AgentConfig {
@@ -124,6 +132,7 @@ impl Default for AgentConfig {
             heartbeat_seconds: 5,
             max_backoff_seconds: 30,
             device: "auto".into(),
+            metrics_listen: None,
         }
     }
 }
@@ -145,6 +154,14 @@ impl SiteConfig {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError { path: path.to_owned(), message: e.to_string() })?;
         Self::parse(&text, path)
+    }
+
+    /// How to reach the coordinator: `coordinator.proxy`, else the process environment's
+    /// `HTTPS_PROXY`/`NO_PROXY` ([`super::proxy::route`]).
+    pub fn route(&self) -> Result<super::proxy::Route, String> {
+        super::proxy::route(&self.coordinator.address, self.coordinator.proxy.as_deref(), |k| {
+            std::env::var(k).ok()
+        })
     }
 
     /// The device `agent.device` names (checked by [`SiteConfig::parse`]).
@@ -190,6 +207,11 @@ impl SiteConfig {
                 "policy.max_gpu_memory_gb = {gb}: give a positive number of GiB, or leave it out \
                  for no cap"
             ));
+        }
+        if let Some(proxy) = &cfg.coordinator.proxy
+            && let Err(e) = super::proxy::route(&cfg.coordinator.address, Some(proxy), |_| None)
+        {
+            problems.push(e);
         }
         if cfg.agent.heartbeat_seconds == 0 || cfg.agent.poll_seconds == 0 {
             problems
@@ -248,6 +270,50 @@ mod tests {
             let e =
                 parse(&format!("[policy]\nmax_gpu_memory_gb = {bad}")).expect_err(bad).to_string();
             assert!(e.contains("policy.max_gpu_memory_gb"), "{bad}: {e}");
+        }
+    }
+
+    /// `deploy/site.toml` parses as it is and with every commented option switched on, and
+    /// names every field of the configuration.
+    #[test]
+    fn the_deploy_example_parses_and_documents_every_field() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let example =
+            std::fs::read_to_string(root.join("deploy/site.toml")).expect("deploy/site.toml");
+        let path = Path::new("/etc/fedtune/site.toml");
+        let cfg = SiteConfig::parse(&example, path).expect("as shipped");
+        assert_eq!(cfg.tls.bundle, Path::new("/etc/fedtune/bundle"));
+        let on: String = example
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let all = SiteConfig::parse(&on, path).expect("every option on");
+        assert!(all.coordinator.proxy.is_some() && all.agent.metrics_listen.is_some());
+        let source = include_str!("config.rs");
+        let source = source.split("#[cfg(test)]").next().expect("the code");
+        for line in source.lines() {
+            if let Some(field) =
+                line.trim().strip_prefix("pub ").and_then(|r| r.split_once(':')).map(|(f, _)| f)
+                && field.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                && !["coordinator", "tls", "data", "storage", "policy", "agent", "path", "message"]
+                    .contains(&field)
+            {
+                assert!(
+                    example.contains(&format!("\n{field} = "))
+                        || example.contains(&format!("# {field} = ")),
+                    "deploy/site.toml does not document {field}"
+                );
+            }
         }
     }
 }

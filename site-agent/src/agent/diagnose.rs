@@ -67,6 +67,9 @@ fn diagnose_chain(root: &(dyn std::error::Error + 'static), cfg: &SiteConfig) ->
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
             use std::io::ErrorKind as K;
             let text = io.to_string();
+            if text.contains("the proxy ") {
+                return Some(Found::Sure(format!("proxy: {text}")));
+            }
             let hint = match io.kind() {
                 K::ConnectionRefused => Some(format!(
                     "TCP: nothing is listening at {address} (connection refused): check \
@@ -110,7 +113,7 @@ fn diagnose_chain(root: &(dyn std::error::Error + 'static), cfg: &SiteConfig) ->
 }
 
 /// A TLS failure in words: whose certificate, what is wrong with it, what to do.
-fn describe_tls(e: &rustls::Error, cfg: &SiteConfig) -> String {
+pub(super) fn describe_tls(e: &rustls::Error, cfg: &SiteConfig) -> String {
     use rustls::{AlertDescription as A, CertificateError as C};
     let (address, name) = (&cfg.coordinator.address, &cfg.coordinator.server_name);
     let ca = cfg.tls.bundle.join("ca.pem");
@@ -164,7 +167,7 @@ fn describe_tls(e: &rustls::Error, cfg: &SiteConfig) -> String {
 /// Dials the coordinator with rustls alone, completes the handshake with the site's bundle and
 /// waits briefly for the coordinator's verdict on the site's certificate. Sends no application
 /// data. Returns the TLS error, if any; `None` when the handshake stands or cannot be tried.
-async fn probe_handshake(cfg: &SiteConfig) -> Option<rustls::Error> {
+pub(super) async fn probe_handshake(cfg: &SiteConfig) -> Option<rustls::Error> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio::io::AsyncReadExt;
@@ -194,7 +197,7 @@ async fn probe_handshake(cfg: &SiteConfig) -> Option<rustls::Error> {
     let name = ServerName::try_from(cfg.coordinator.server_name.clone()).ok()?;
     let tls_error = |e: std::io::Error| e.get_ref()?.downcast_ref::<rustls::Error>().cloned();
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let tcp = super::proxy::dial(&cfg.route().ok()?, &host, port).await.ok()?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let mut tls = match connector.connect(name, tcp).await {
             Ok(tls) => tls,

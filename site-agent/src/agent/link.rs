@@ -63,6 +63,12 @@ fn check_certificate(path: &Path) -> Result<(), CallError> {
     }
 }
 
+/// Notes an answer from the coordinator (the `last_contact` metric) and passes it on.
+fn contacted<T>(answer: T) -> T {
+    super::metrics::get().contacted();
+    answer
+}
+
 /// A connection to the coordinator whose every request is audited before it is sent.
 #[derive(Clone, Debug)]
 pub struct Link {
@@ -100,21 +106,26 @@ impl Link {
             .ca_certificate(Certificate::from_pem(read("ca.pem")?))
             .identity(Identity::from_pem(read("cert.pem")?, read("key.pem")?))
             .domain_name(cfg.coordinator.server_name.clone());
-        let channel = Channel::from_shared(cfg.coordinator.address.clone())
+        let route = cfg.route().map_err(CallError::Certificate)?;
+        let endpoint = Channel::from_shared(cfg.coordinator.address.clone())
             .map_err(|e| CallError::Download { sha256: String::new(), message: e.to_string() })?
             .tls_config(tls)?
             .connect_timeout(Duration::from_secs(10))
             .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
+            .keep_alive_while_idle(true);
+        let channel = match route {
+            super::proxy::Route::Direct => endpoint.connect().await?,
+            proxy => endpoint.connect_with_connector(super::proxy::Connector(proxy)).await?,
+        };
         Ok(SiteServiceClient::new(channel)
             .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(limits::MAX_MESSAGE_BYTES))
     }
 
     fn audit<M: Message>(&self, rpc: &str, m: &M) -> Result<AuditEntry, CallError> {
-        Ok(self.audit.record(&format!("{SVC}/{rpc}"), &m.encode_to_vec())?)
+        let bytes = m.encode_to_vec();
+        super::metrics::get().sent(bytes.len() as u64);
+        Ok(self.audit.record(&format!("{SVC}/{rpc}"), &bytes)?)
     }
 
     /// `m` audited, as a request that carries its own entry, the log's newest, for the
@@ -131,16 +142,23 @@ impl Link {
         Ok(client.get_audit_anchor(pb::AuditAnchorRequest {}).await?.into_inner())
     }
 
+    /// The coordinator's clock and how it sees this site (`site-agent doctor`); not audited,
+    /// like [`Self::audit_anchor`]: the request is empty.
+    pub async fn ping(cfg: &SiteConfig) -> Result<pb::PingResponse, CallError> {
+        let mut client = Self::channel(cfg).await?;
+        Ok(client.ping(pb::PingRequest {}).await?.into_inner())
+    }
+
     pub async fn hello(&mut self, req: pb::HelloRequest) -> Result<pb::HelloResponse, CallError> {
         let req = self.audited("Hello", req)?;
-        Ok(self.client.hello(req).await?.into_inner())
+        Ok(contacted(self.client.hello(req).await?.into_inner()))
     }
 
     pub async fn next_task(&mut self, wait_seconds: u32) -> Result<Option<pb::Task>, CallError> {
         let req = pb::NextTaskRequest { wait_seconds };
         let mut r = self.audited("NextTask", req)?;
         r.set_timeout(Duration::from_secs(u64::from(wait_seconds) + 30));
-        Ok(self.client.next_task(r).await?.into_inner().task)
+        Ok(contacted(self.client.next_task(r).await?.into_inner()).task)
     }
 
     pub async fn heartbeat(
@@ -148,13 +166,13 @@ impl Link {
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, CallError> {
         let req = self.audited("Heartbeat", req)?;
-        Ok(self.client.heartbeat(req).await?.into_inner())
+        Ok(contacted(self.client.heartbeat(req).await?.into_inner()))
     }
 
     pub async fn submit(&mut self, req: pb::SubmitResultRequest) -> Result<bool, CallError> {
         let req = self.audited("SubmitResult", req)?;
         faults::pause_at("submit");
-        Ok(self.client.submit_result(req).await?.into_inner().recorded)
+        Ok(contacted(self.client.submit_result(req).await?.into_inner()).recorded)
     }
 
     /// Uploads the weights a source task trained (Model_S), each message audited. Safe to
@@ -285,6 +303,7 @@ impl Link {
             faults::pause_at("download");
             hasher.update(&chunk.data);
             offset += chunk.data.len() as u64;
+            super::metrics::get().received(chunk.data.len() as u64);
             received += chunk.data.len() as u64;
             progress(offset, model.size);
             if stop_after.is_some_and(|n| received >= n) && offset < model.size {

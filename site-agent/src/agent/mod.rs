@@ -18,11 +18,14 @@
 pub mod audit;
 pub mod config;
 mod diagnose;
+pub mod doctor;
 pub mod exec;
 pub mod faults;
 pub mod federated;
 pub(crate) mod link;
+pub mod metrics;
 pub mod policy;
+pub mod proxy;
 mod runner;
 pub mod site;
 
@@ -167,6 +170,13 @@ pub async fn run(
     let audit = AuditLog::open(&cfg.storage.dir)?;
     let selected = cfg.device_choice().select()?;
     tracing::info!(device = %selected.info, "compute device");
+    if let Some(addr) = &cfg.agent.metrics_listen {
+        let bound = metrics::serve(addr).await.map_err(|source| AgentError::Io {
+            path: format!("agent.metrics_listen {addr}").into(),
+            source,
+        })?;
+        tracing::info!(%bound, "metrics on http://{bound}/metrics");
+    }
     let site = Arc::new(Site::open(&cfg, selected)?);
     let stopping = Arc::new(AtomicBool::new(false));
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -263,7 +273,10 @@ async fn session(
                 refusal_detail: p.outcome.refusal_detail().to_owned(),
             };
             match link.submit(req).await {
-                Ok(recorded) => tracing::info!(task = %p.task_id, recorded, "result submitted"),
+                Ok(recorded) => {
+                    metrics::get().set_phase("idle");
+                    tracing::info!(task = %p.task_id, recorded, "result submitted")
+                }
                 Err(e) => {
                     *pending = Some(p);
                     return Err(e);
@@ -331,6 +344,7 @@ async fn run_leased(
     }
     let progress =
         Arc::new(Mutex::new(pb::Progress { phase: "download".into(), ..Default::default() }));
+    metrics::get().set_phase("download");
     let cancelled = Arc::new(AtomicBool::new(false));
     // A refusal of this site (revoked) that a heartbeat met: the work stops at once.
     let refused: Arc<Mutex<Option<CallError>>> = Arc::default();
@@ -413,7 +427,10 @@ async fn run_leased(
         };
         // Training is CPU-bound: off the runtime.
         let outcome = tokio::task::spawn_blocking(move || {
-            let mut on_progress = |p: pb::Progress| *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+            let mut on_progress = |p: pb::Progress| {
+                metrics::get().set_phase(&p.phase);
+                *progress.lock().unwrap_or_else(|e| e.into_inner()) = p;
+            };
             exec::run_task(&site, &task, &models, &mut on_progress, &stop)
         })
         .await
@@ -422,6 +439,14 @@ async fn run_leased(
     }
     .await;
     hb.abort();
+    let ended = match &result {
+        Ok(Some(Outcome::Result(_))) => "succeeded",
+        Ok(Some(Outcome::Failure(_))) => "failed",
+        Ok(Some(Outcome::Refusal(..))) => "refused",
+        _ => "stopped",
+    };
+    metrics::get().task_ended(ended);
+    metrics::get().set_phase(if ended == "stopped" { "idle" } else { "submit" });
     if let Some(e) = refused.lock().unwrap_or_else(|e| e.into_inner()).take() {
         return Err(e);
     }

@@ -141,6 +141,8 @@ impl Runner<'_> {
         let epochs = t.opts.epochs as u32;
         let (lo, hi) = self.span;
         let progress = &mut *self.progress;
+        let batch = t.opts.batch_size;
+        let mut last_step = std::time::Instant::now();
         let mut on_event = |e: &TrainEvent| match *e {
             TrainEvent::Caching { done, total } => progress(pb::Progress {
                 phase: "cache".into(),
@@ -150,6 +152,8 @@ impl Runner<'_> {
             }),
             TrainEvent::Step { epoch, step, steps_per_epoch, loss } => {
                 super::faults::pause_at("train");
+                super::metrics::get().step(last_step.elapsed().as_secs_f64(), batch);
+                last_step = std::time::Instant::now();
                 progress(pb::Progress {
                     phase: "train".into(),
                     epoch: epoch as u32 + 1,

@@ -3,6 +3,7 @@
 mod dicom;
 mod measure;
 mod model;
+mod ops;
 
 use std::path::{Path, PathBuf};
 
@@ -62,19 +63,32 @@ pub enum Command {
     /// Every message this agent sent to the coordinator: UTC time, RPC, size, sha256 and the
     /// message field by field.
     Audit(AuditArgs),
+    /// Make this site's private key and a certificate signing request (the key stays here).
+    #[command(
+        after_help = "Example:\n  site-agent init --name hospital-a --out /etc/fedtune/bundle"
+    )]
+    Init(ops::InitArgs),
+    /// Check the setup before running: config, certificate, proxy, coordinator, TLS and
+    /// identity, clock, data, device, disk. One line per check; exit 1 if any fails.
+    Doctor(ops::DoctorArgs),
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  site-agent completions bash > /etc/bash_completion.d/site-agent"
+    )]
+    Completions(ops::CompletionsArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// site.toml (README: every field and its default).
-    #[arg(long)]
+    /// site.toml (deploy/site.toml documents every field and its default).
+    #[arg(long, env = "FEDTUNE_SITE_CONFIG")]
     pub config: PathBuf,
 }
 
 #[derive(Debug, Args)]
 pub struct AuditArgs {
     /// site.toml of the agent whose log to read.
-    #[arg(long)]
+    #[arg(long, env = "FEDTUNE_SITE_CONFIG")]
     pub config: PathBuf,
     /// One JSON object per line: the entry (with the encoded message, hex), its UTC time and
     /// the message decoded.
@@ -151,6 +165,12 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench_cmd(&a),
         Command::Run(a) => run_cmd(&a),
         Command::Audit(a) => audit_cmd(&a),
+        Command::Init(a) => ops::init(&a),
+        Command::Doctor(a) => ops::doctor(&a),
+        Command::Completions(a) => {
+            ops::completions(&a);
+            Ok(())
+        }
     }
 }
 

@@ -238,7 +238,7 @@ fn coordinator_pki_commands() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let pki = dir.path().join("pki");
     coordinator(&["pki", "init", "--dir", s(&pki)])?.ok()?;
-    for f in ["ca.pem", "ca.key", "server/cert.pem", "server/key.pem", "revoked.txt"] {
+    for f in ["ca.pem", "ca.key", "server/cert.pem", "server/key.pem", "crl.pem"] {
         assert!(pki.join(f).exists(), "{f}");
     }
     let again = coordinator(&["pki", "init", "--dir", s(&pki)])?;
@@ -256,14 +256,16 @@ fn coordinator_pki_commands() -> Result<()> {
         coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki), "--force"])?.ok()?;
     assert!(forced.stdout.contains("revoked the previous site certificate"), "{}", forced.stdout);
     assert_ne!(std::fs::read_to_string(pki.join("sites/hospital-a/cert.pem"))?, first_cert);
-    let listed = std::fs::read_to_string(pki.join("revoked.txt"))?;
-    assert_eq!(listed.lines().filter(|l| !l.trim().is_empty() && !l.starts_with('#')).count(), 1);
+    let crl = |p: &std::path::Path| -> Result<std::collections::HashSet<String>> {
+        coordinator::identity::crl_serials(&std::fs::read(p.join("crl.pem"))?)
+            .map_err(anyhow::Error::msg)
+    };
+    assert_eq!(crl(&pki)?.len(), 1, "the replaced certificate is on the CA's CRL");
     let bad = coordinator(&["pki", "issue-site", "Hospital A", "--dir", s(&pki)])?;
     assert!(bad.stderr.contains("not a valid name"), "{}", bad.stderr);
     let revoked = coordinator(&["pki", "revoke", "hospital-a", "--dir", s(&pki)])?.ok()?;
     assert!(revoked.stdout.contains("revoked site hospital-a"), "{}", revoked.stdout);
-    let list = std::fs::read_to_string(pki.join("revoked.txt"))?;
-    assert!(list.lines().any(|l| l.ends_with("site/hospital-a")), "{list}");
+    assert_eq!(crl(&pki)?.len(), 2, "the revoked certificate is on the CA's CRL");
     // A new bundle under the same name after revocation.
     coordinator(&["pki", "issue-site", "hospital-a", "--dir", s(&pki)])?.ok()?;
     let no_ca =

@@ -11,6 +11,7 @@ mod federated;
 mod federation;
 mod hospital;
 mod hostile_rpc;
+mod operations;
 mod policy;
 mod refusals;
 mod revocation;
