@@ -13,6 +13,7 @@ mod hospital;
 mod hostile_rpc;
 mod operations;
 mod policy;
+mod preflight;
 mod refusals;
 mod revocation;
 mod stalled;
