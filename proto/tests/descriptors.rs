@@ -1,5 +1,5 @@
 //! What the protocol's messages can carry, read from the generated descriptors: the only bytes
-//! fields are weights chunks, and no field is named like a path, a file, an image, a label
+//! fields are weights chunks (and the coordinator's own backup, to the study lead), and no field is named like a path, a file, an image, a label
 //! volume or a case identifier.
 
 use prost::Message;
@@ -29,7 +29,17 @@ fn only_weights_chunks_are_bytes() {
         .map(|(m, f, _)| format!("{m}.{f}"))
         .collect();
     bytes.sort();
-    assert_eq!(bytes, ["ModelChunk.data", "PushModelRequest.chunk", "UploadModelRequest.chunk"]);
+    // Weights chunks, and the coordinator's backup archive, which only AdminService sends
+    // (to the study lead; no site message carries bytes but weights).
+    assert_eq!(
+        bytes,
+        [
+            "BackupChunk.data",
+            "ModelChunk.data",
+            "PushModelRequest.chunk",
+            "UploadModelRequest.chunk"
+        ]
+    );
 }
 
 #[test]

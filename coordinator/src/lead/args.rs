@@ -65,7 +65,10 @@ pub enum Command {
     #[command(
         after_help = "Example:\n  coordinator completions bash > /etc/bash_completion.d/coordinator"
     )]
-    Completions { shell: clap_complete::Shell },
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// The consortium's certificate authority.
     #[command(subcommand)]
     Pki(PkiCommand),

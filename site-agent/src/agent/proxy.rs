@@ -8,9 +8,10 @@
 //! comma-separated list of host names, each matching itself and its subdomains (a leading dot
 //! is ignored), IP addresses matched exactly, and `*` for every host.
 //!
-//! The CONNECT exchange is a dozen lines of HTTP/1.1 and no crate does just that for tonic's
-//! connector, so it is written here: basic proxy authentication from the proxy URL's
-//! `user:password@`, a 64 KiB cap on the proxy's answer, and an error naming the proxy and
+//! The CONNECT exchange is a dozen lines of HTTP/1.1 and no maintained crate does just that
+//! for tonic 0.14's connector (hyper-proxy2 and hyper-http-proxy bring their own TLS stacks),
+//! so it is written here: basic proxy authentication from the proxy URL's `user:password@`
+//! (percent-decoded), a 64 KiB cap on the proxy's answer, and an error naming the proxy and
 //! its status line when it refuses.
 
 use std::future::Future;
@@ -85,10 +86,11 @@ fn parse_proxy(url: &str) -> Result<Route, String> {
     let authority = uri.authority().ok_or("no host")?;
     let host = authority.host().trim_start_matches('[').trim_end_matches(']').to_owned();
     let port = authority.port_u16().unwrap_or(3128);
-    let auth = authority
-        .as_str()
-        .rsplit_once('@')
-        .map(|(userinfo, _)| format!("Basic {}", base64(percent_decode(userinfo).as_bytes())));
+    let auth = authority.as_str().rsplit_once('@').map(|(userinfo, _)| {
+        use base64::Engine;
+        let decoded: Vec<u8> = percent_encoding::percent_decode_str(userinfo).collect();
+        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(decoded))
+    });
     let shown = match authority.as_str().rsplit_once('@') {
         Some((_, hostport)) => format!("http://***@{hostport}"),
         None => format!("http://{authority}"),
@@ -193,43 +195,6 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%'
-            && let Some(v) = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok())
-        {
-            out.push(v);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Standard base64 with padding (for one header).
-fn base64(bytes: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for c in bytes.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            out.push(if i <= c.len() {
-                T[((n >> (18 - 6 * i)) & 63) as usize] as char
-            } else {
-                '='
-            });
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,7 +251,5 @@ mod tests {
         let Route::Proxy { url, auth, .. } = r else { panic!("a proxy") };
         assert_eq!(auth.as_deref(), Some("Basic YWxpY2U6cEBzcw=="), "alice:p@ss");
         assert_eq!(url, "http://***@proxy:3128");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"foo"), "Zm9v");
     }
 }

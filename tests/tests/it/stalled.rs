@@ -108,7 +108,7 @@ async fn stalled_handshakes_are_cut_at_the_deadline_and_connections_are_capped()
     let log = wait_for_log(&log_path, "site certificate of \"site-x\"").await?;
     let line = log.lines().find(|l| l.contains("site-x")).unwrap_or_default();
     eprintln!("the coordinator's log: {line}");
-    assert!(line.contains("it expired on") && line.contains("coordinator pki issue-site site-x"));
+    assert!(line.contains("it expired on") && line.contains("`site-agent init` at the site"));
     assert!(log.contains("TLS handshake did not finish in time"), "{log}");
     assert!(log.contains("connection cap reached"), "{log}");
     fed.shutdown().await
