@@ -48,6 +48,9 @@ pub struct SiteRecord {
     /// Serial number (hex) of that certificate, as the CA's CRL lists it.
     #[serde(default)]
     pub serial: String,
+    /// The agent version its last Hello gave (at most 64 printable characters).
+    #[serde(default)]
+    pub agent_version: String,
     /// `pb::Capabilities` and `pb::DatasetSummary` bytes from the last Hello.
     pub capabilities: Vec<u8>,
     pub dataset: Vec<u8>,

@@ -182,6 +182,11 @@ pub(super) fn html(r: &Report) -> String {
         );
         body.push_str(&html_table(&fed::TRAFFIC_HEADER, &fed::traffic_rows(&r.traffic)));
     }
+    let p = &r.provenance;
+    let _ =
+        writeln!(body, "<h2>Reproducibility</h2><p>{}</p>", esc(&super::provenance::summary(p)));
+    body.push_str(&html_table(&super::provenance::SITES_HEADER, &super::provenance::site_rows(p)));
+    body.push_str(&html_table(&super::provenance::ARMS_HEADER, &super::provenance::arm_rows(p)));
     let _ = writeln!(body, "<h2>Methods</h2><p>{}</p>", esc(&r.methods));
     format!(
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>fedtune report: {}</title>\n<style>\

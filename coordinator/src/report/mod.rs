@@ -15,6 +15,7 @@ pub mod federated;
 pub mod finetune;
 mod html;
 mod plots;
+pub mod provenance;
 pub(crate) mod render;
 pub mod replicates;
 
@@ -144,6 +145,9 @@ pub struct Report {
     pub replicates: Option<replicates::Replicates>,
     /// The methods, in words.
     pub methods: String,
+    /// Weights hashes, hyperparameters, seeds, devices, versions and dates.
+    #[serde(default)]
+    pub provenance: provenance::Provenance,
 }
 
 const METHODS: &str = "Dice per organ and test case; mean ± sample SD (n - 1), median and n per arm. \
@@ -453,6 +457,7 @@ pub fn build(results: &pb::StudyResults) -> Report {
         replicates,
         cases,
         methods,
+        provenance: provenance::provenance(results),
     }
 }
 

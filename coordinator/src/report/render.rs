@@ -303,6 +303,15 @@ pub(super) fn text(r: &Report, md: bool) -> String {
         );
         table(&mut s, md, &fed::TRAFFIC_HEADER, &fed::traffic_rows(&r.traffic));
     }
+    h(&mut s, 3, "Reproducibility");
+    let _ = writeln!(s, "{}", super::provenance::summary(&r.provenance));
+    table(
+        &mut s,
+        md,
+        &super::provenance::SITES_HEADER,
+        &super::provenance::site_rows(&r.provenance),
+    );
+    table(&mut s, md, &super::provenance::ARMS_HEADER, &super::provenance::arm_rows(&r.provenance));
     h(&mut s, 3, "Methods");
     let _ = writeln!(s, "{}", r.methods);
     s

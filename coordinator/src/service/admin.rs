@@ -418,6 +418,19 @@ impl AdminService for AdminApi {
             c.store.rounds()?.into_iter().filter(|r| &r.study == name).collect();
         rounds.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
         let rounds = rounds.iter().map(|r| c.round_results(r)).collect::<SResult<Vec<_>>>()?;
-        Ok(Response::new(pb::StudyResults { study: Some(study_info(c, study)), rounds }))
+        let sites = c
+            .store
+            .sites()?
+            .iter()
+            .filter(|s| study.sites.contains(&s.name))
+            .map(|s| super::records::site_info(c, s))
+            .collect();
+        Ok(Response::new(pb::StudyResults {
+            study: Some(study_info(c, study)),
+            rounds,
+            sites,
+            coordinator_version: env!("CARGO_PKG_VERSION").into(),
+            generated_unix: super::now_s(),
+        }))
     }
 }

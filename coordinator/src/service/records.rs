@@ -27,6 +27,7 @@ pub(super) fn site_info(c: &Coordinator, s: &SiteRecord) -> pb::SiteInfo {
             .ok()
             .filter(|_| !s.dataset.is_empty()),
         certificate_not_after_unix: s.cert_not_after,
+        agent_version: s.agent_version.clone(),
     }
 }
 

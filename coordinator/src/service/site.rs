@@ -44,6 +44,8 @@ impl SiteService for SiteApi {
         site.serial = id.serial.clone();
         site.capabilities = body.capabilities.map(|m| m.encode_to_vec()).unwrap_or_default();
         site.dataset = body.dataset.map(|m| m.encode_to_vec()).unwrap_or_default();
+        site.agent_version =
+            body.agent_version.chars().filter(|ch| ch.is_ascii_graphic()).take(64).collect();
         c.store.put_site(&site)?;
         c.store.flush().await?;
         Ok(Response::new(pb::HelloResponse {

@@ -3,6 +3,7 @@
 //! (This integration test also makes `cargo test --workspace` build the `coordinator` binary,
 //! which the whole-system tests in `tests/` run.)
 
+mod browser;
 mod report;
 use std::path::Path;
 

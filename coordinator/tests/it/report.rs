@@ -75,7 +75,7 @@ fn rows(si: usize, ai: usize, hd95_mm: Option<f64>) -> Vec<pb::CaseScore> {
         .collect()
 }
 
-fn study() -> pb::StudyResults {
+pub(crate) fn study() -> pb::StudyResults {
     let results = SITES
         .iter()
         .enumerate()
@@ -108,6 +108,7 @@ fn study() -> pb::StudyResults {
     pb::StudyResults {
         study: Some(pb::StudyInfo { name: "npc".into(), ..Default::default() }),
         rounds: vec![pb::RoundResults { round: Some(round), results }],
+        ..Default::default()
     }
 }
 
@@ -376,6 +377,7 @@ fn replicates_give_intervals_order_counts_and_holm_adjusted_tests() {
     let results = pb::StudyResults {
         study: Some(pb::StudyInfo { name: "npc".into(), ..Default::default() }),
         rounds: rounds.clone(),
+        ..Default::default()
     };
     let r = report::build(&results);
     let rep = r.replicates.as_ref().expect("a replicates section");
@@ -425,4 +427,53 @@ fn replicates_give_intervals_order_counts_and_holm_adjusted_tests() {
     // One replicate is no series.
     let one = pb::StudyResults { rounds: vec![rounds[0].clone()], ..results };
     assert!(report::build(&one).replicates.is_none());
+}
+
+/// The report records what made each number: versions, devices, seeds, task specs and the
+/// sha256 of every trained arm's weights, in JSON and in the rendered text.
+#[test]
+fn the_report_records_weights_hashes_hyperparameters_and_versions() {
+    let mut results = study();
+    results.coordinator_version = "9.9.9".into();
+    results.generated_unix = 1_796_000_000;
+    results.sites = vec![pb::SiteInfo {
+        name: "target-a".into(),
+        agent_version: "1.2.3".into(),
+        capabilities: Some(pb::Capabilities { threads: 2, ..Default::default() }),
+        ..Default::default()
+    }];
+    let round = &mut results.rounds[0];
+    let info = round.round.as_mut().expect("round");
+    info.spec = Some(pb::TaskSpec {
+        template: "transfer".into(),
+        epochs: 7,
+        seed: 23,
+        learning_rate: 0.02,
+        ..Default::default()
+    });
+    let sha = "ab".repeat(32);
+    let first = &mut round.results[0];
+    let res = first.result.as_mut().expect("result");
+    res.device = "cpu".into();
+    res.arms[1].weights_sha256 = sha.clone();
+    let site = first.site.clone();
+    let r = report::build(&results);
+    let p = &r.provenance;
+    assert_eq!(p.coordinator_version, "9.9.9");
+    assert_eq!(p.generated_utc, shared::cert::utc(1_796_000_000));
+    assert_eq!(p.sites[0].agent_version, "1.2.3");
+    assert_eq!(p.rounds[0].seed, 23);
+    assert_eq!(p.rounds[0].spec["epochs"], 7);
+    // The protocol's JSON mapping: lowerCamelCase names, 64-bit integers as strings.
+    assert_eq!(p.rounds[0].spec["learningRate"], 0.02);
+    assert_eq!(p.rounds[0].spec["seed"], "23");
+    let arm = p.rounds[0].arms.iter().find(|a| a.weights_sha256 == sha).expect("the trained arm");
+    assert_eq!((arm.site.as_str(), arm.device.as_str()), (site.as_str(), "cpu"));
+    let md = report::render(&r, report::Format::Md);
+    assert!(md.contains("Reproducibility") && md.contains(&sha) && md.contains("9.9.9"), "{md}");
+    let html = report::render(&r, report::Format::Html);
+    assert!(html.contains(&sha) && html.contains("1.2.3"));
+    let json: serde_json::Value =
+        serde_json::from_str(&report::render(&r, report::Format::Json)).expect("json");
+    assert_eq!(json["provenance"]["rounds"][0]["seed"], 23);
 }
