@@ -311,6 +311,15 @@ impl Store {
         })
     }
 
+    /// Writes the time into `meta` and flushes: fails once sled has stopped after a failed
+    /// write.
+    pub async fn probe(&self) -> StoreResult<()> {
+        self.db
+            .open_tree("meta")?
+            .insert("probed_unix", &shared::cert::now_unix().to_be_bytes())?;
+        self.flush().await
+    }
+
     /// The database itself, for backups.
     pub(crate) fn db(&self) -> &sled::Db {
         &self.db

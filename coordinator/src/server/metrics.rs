@@ -56,6 +56,9 @@ pub struct ServerMetrics {
     store_up: Gauge,
     /// Set once a write failed and the database stopped (sled keeps the error).
     stopped: AtomicBool,
+    /// Set when a call was answered UNAVAILABLE or RESOURCE_EXHAUSTED: the ticker then checks
+    /// the database with a write.
+    suspect: AtomicBool,
 }
 
 impl Default for ServerMetrics {
@@ -76,6 +79,7 @@ impl Default for ServerMetrics {
             rounds: Family::default(),
             store_up: Gauge::default(),
             stopped: AtomicBool::new(false),
+            suspect: AtomicBool::new(false),
             registry: Registry::default(),
         };
         r.register("rpcs", "RPCs answered, by method and gRPC status code", m.rpcs.clone());
@@ -138,6 +142,10 @@ impl ServerMetrics {
     }
     pub fn is_stopped(&self) -> bool {
         self.stopped.load(Ordering::Relaxed)
+    }
+    /// Whether a call since the last look was refused in a way a stopped database answers.
+    pub fn take_suspect(&self) -> bool {
+        self.suspect.swap(false, Ordering::Relaxed)
     }
 
     /// Sets the state gauges: counts by state name.
@@ -249,6 +257,9 @@ where
                     .map_or("OK".to_owned(), |c| format!("{:?}", tonic::Code::from_i32(c))),
                 Err(_) => "transport".to_owned(),
             };
+            if code == "Unavailable" || code == "ResourceExhausted" {
+                metrics.suspect.store(true, Ordering::Relaxed);
+            }
             metrics.rpc(&method, &code, started);
             res
         })

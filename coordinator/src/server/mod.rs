@@ -153,6 +153,9 @@ pub async fn serve_then(
                         if let Err(e) = coord.tick().await {
                             tracing::error!(error = %e, "lease ticker");
                         }
+                        if serving && metrics.take_suspect() {
+                            coord.probe_store().await;
+                        }
                         if serving && metrics.is_stopped() {
                             serving = false;
                             for name in SERVICES.into_iter().chain([""]) {

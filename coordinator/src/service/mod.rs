@@ -266,8 +266,25 @@ impl Coordinator {
     /// Expires leases, applies round deadlines and averages finished federated steps; run by
     /// the server's ticker.
     pub async fn tick(&self) -> SResult<()> {
-        self.tick_leases().await?;
-        self.advance_federated().await
+        let result = async {
+            self.tick_leases().await?;
+            self.advance_federated().await
+        }
+        .await;
+        if let Err(ServiceError::Store(StoreError::Sled(sled::Error::Io(_)))) = &result {
+            self.metrics.store_stopped();
+        }
+        result
+    }
+
+    /// Whether the database still takes writes: one small write and a flush (sled refuses
+    /// writes for good once one failed). Run by the ticker after a call was answered
+    /// UNAVAILABLE or RESOURCE_EXHAUSTED; health follows it.
+    pub async fn probe_store(&self) {
+        if let Err(StoreError::Sled(sled::Error::Io(e))) = self.store.probe().await {
+            tracing::error!(error = %e, "the database stopped after a failed write; health is NOT_SERVING until a restart");
+            self.metrics.store_stopped();
+        }
     }
 
     async fn tick_leases(&self) -> SResult<()> {

@@ -87,3 +87,32 @@ fn every_command_and_argument_is_explained() {
         assert!(help.contains("Example"), "{path:?}: {help}");
     }
 }
+
+/// A database written by a newer coordinator (a higher schema version) is refused at open,
+/// saying so, and is left as it was.
+#[test]
+fn a_newer_schema_is_refused_and_left_alone() {
+    use coordinator::store::{SCHEMA_VERSION, Store, StoreError};
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("db");
+    drop(Store::open(&db).expect("a new store"));
+    {
+        let raw = sled::open(&db).expect("sled");
+        let meta = raw.open_tree("meta").expect("meta");
+        assert_eq!(
+            meta.get("schema_version").unwrap().as_deref(),
+            Some(&SCHEMA_VERSION.to_be_bytes()[..])
+        );
+        meta.insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+        raw.flush().unwrap();
+    }
+    match Store::open(&db) {
+        Err(e @ StoreError::Schema { .. }) => {
+            assert!(e.to_string().contains("newer coordinator"), "{e}");
+        }
+        other => panic!("a newer schema opened: {other:?}"),
+    }
+    let raw = sled::open(&db).expect("sled");
+    let v = raw.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
+    assert_eq!(v.as_ref(), (SCHEMA_VERSION + 1).to_be_bytes(), "left as it was");
+}

@@ -194,6 +194,22 @@ async fn a_full_or_read_only_disk_refuses_writes_clearly_and_keeps_what_was_stor
     let after_room = push(&fed, &small, "after-room").await;
     if let Err(s) = &after_room {
         assert!(s.message().contains("restart"), "{}", s.message());
+        // Health says so: NOT_SERVING once the ticker saw the stopped database.
+        let mut health = tonic_health::pb::health_client::HealthClient::new(
+            fed.channel(Some(&fed.bundle(coordinator::identity::Role::Admin, "lead"))),
+        );
+        let stopped = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let r = health
+                .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+                .await?;
+            if r.into_inner().status == stopped {
+                break;
+            }
+            anyhow::ensure!(std::time::Instant::now() < deadline, "health still SERVING");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
         fed.restart_coordinator().await?;
         push(&fed, &small, "after-room").await?;
     }

@@ -390,12 +390,14 @@ async fn agents_recover_from_a_cut_or_stalled_network_by_themselves() -> R {
     let proxy = Proxy::start(fed.addr).await?;
     let mut cfg = fed.site_config("site-a")?;
     cfg.coordinator.address = format!("https://{}", proxy.addr);
+    cfg.policy.max_epochs = 1000;
     fed.start_agent_with("site-a", cfg)?;
     let spec = pb::TaskSpec {
         kind: pb::TaskKind::Finetune as i32,
         trainable_layers: 2,
-        // Long enough (about 12 s here) to outlast the lease and every idle bound.
-        epochs: 150,
+        // Long enough (5 to 12 s at 150 epochs on 2-core VMs) to outlast the lease and every
+        // idle bound.
+        epochs: 300,
         ..Default::default()
     };
     // (mode, seconds, the attempts that may complete it). The harness's lease is 6 s: a short

@@ -316,6 +316,13 @@ async fn a_site_joins_with_its_own_key_through_a_proxy_is_watched_and_backed_up(
     let tunnelled = tunnels.lock().unwrap().clone();
     assert!(!tunnelled.is_empty() && tunnelled.iter().all(|t| *t == addr), "{tunnelled:?}");
 
+    // A certificate the coordinator refuses is counted by reason.
+    coordinator(&["pki", "issue-admin", "old", "--dir", s(&pki), "--days=-1"])?.ok()?;
+    let mut refused = conn(&["site", "list"]);
+    refused[5] = s(&pki.join("admins/old")).to_owned();
+    let out = coordinator(&refused.iter().map(String::as_str).collect::<Vec<_>>())?;
+    assert_ne!(out.code, Some(0), "an expired admin certificate is refused");
+
     // Both endpoints scraped and parsed.
     let (status, text) = http_get(&cmetrics, "/metrics").await?;
     assert_eq!(status, 200);
@@ -343,6 +350,7 @@ async fn a_site_joins_with_its_own_key_through_a_proxy_is_watched_and_backed_up(
     assert_eq!(sample(&c, "fedtune_coordinator_tasks{state=\"succeeded\"}"), 1.0);
     assert_eq!(sample(&c, "fedtune_coordinator_rounds{state=\"completed\"}"), 1.0);
     assert_eq!(sample(&c, "fedtune_coordinator_store_up"), 1.0);
+    assert!(sample(&c, "fedtune_coordinator_handshakes_refused_total{reason=\"expired\"}") >= 1.0);
     assert_eq!(http_get(&cmetrics, "/healthz").await?.0, 200);
     let a = samples(&http_get(&ametrics, "/metrics").await?.1)?;
     assert_eq!(sample(&a, "fedtune_agent_tasks_total{value=\"succeeded\"}"), 1.0);
