@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`pki`]: the consortium CA and the bundles it issues (rcgen).
 //! - [`identity`]: the role and name a client certificate carries.
+//! - [`metrics`]: the Prometheus registry, the RPC-counting layer and the HTTP endpoint.
 //! - [`ops`]: the commands run on the server's machine beside `serve`: `doctor`, `restore`.
 //! - [`backup`]: archives of the state and blobs, and restoring a data dir from one.
 //! - [`store`]: records in sled; [`rounds`]: the round and task state machine, pure.
@@ -23,6 +24,7 @@
 pub mod backup;
 pub mod identity;
 pub mod lead;
+pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod report;

@@ -145,7 +145,7 @@ tokio::task_local! {
 pub fn incoming(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
-    metrics: Arc<super::metrics::ServerMetrics>,
+    metrics: Arc<crate::metrics::ServerMetrics>,
     limits: ConnectionLimits,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(64);

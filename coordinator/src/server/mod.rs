@@ -18,13 +18,12 @@ use crate::store::Store;
 mod calls;
 mod config;
 pub mod listener;
-pub mod metrics;
 pub mod ratelimit;
 pub mod tls;
 
+use crate::metrics::{self, ServerMetrics};
 use config::check_server_certificate;
 pub use config::{LimitsConfig, ServeError, ServerConfig, TlsFiles};
-use metrics::ServerMetrics;
 
 /// Serves on `listener` until `shutdown` resolves, then drains open calls.
 pub async fn serve(

@@ -26,8 +26,8 @@ use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
 
 use super::listener::PEER;
-use super::metrics::ServerMetrics;
 use crate::identity::{self, Role};
+use crate::metrics::ServerMetrics;
 
 /// The files of `[tls]`.
 #[derive(Clone, Debug)]

@@ -15,8 +15,8 @@ use tokio::sync::{Mutex, watch};
 use tonic::Request;
 
 use crate::identity::{self, Identity, Role};
+use crate::metrics::ServerMetrics;
 use crate::rounds;
-use crate::server::metrics::ServerMetrics;
 use crate::store::{RoundRecord, RoundState, SiteRecord, Store, StoreError, TaskRecord, TaskState};
 
 type SResult<T> = Result<T, ServiceError>;
