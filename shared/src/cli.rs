@@ -52,6 +52,25 @@ pub fn init_tracing(log: &LogArgs) {
     }
 }
 
+/// An example configuration (`deploy/*.toml`) with every commented-out option line
+/// (`# key = value`) switched on: what its tests parse to check the commented examples.
+pub fn options_on(example: &str) -> String {
+    example
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(rest)
+                if rest.split_once(" = ").is_some_and(|(k, _)| {
+                    !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                }) =>
+            {
+                rest
+            }
+            _ => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// What a command line leaves unexplained, one line each: a subcommand without a description,
 /// two subcommands with the same description (clap gives an undocumented variant the
 /// description of an `Args` struct flattened into it), and an argument without help text. The

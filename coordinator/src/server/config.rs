@@ -240,20 +240,7 @@ mod tests {
         let path = Path::new("/etc/fedtune/coordinator.toml");
         let cfg = ServerConfig::parse(&example, path).expect("as shipped");
         assert_eq!(cfg.tls.crl.as_deref(), Some(Path::new("/etc/fedtune/pki/crl.pem")));
-        let on: String = example
-            .lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(rest)
-                    if rest.split_once(" = ").is_some_and(|(k, _)| {
-                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                    }) =>
-                {
-                    rest
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let on = shared::cli::options_on(&example);
         let all = ServerConfig::parse(&on, path).expect("every option on");
         assert!(all.metrics_listen.is_some());
         // Every field, as serde writes them.

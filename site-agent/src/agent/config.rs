@@ -283,20 +283,7 @@ mod tests {
         let path = Path::new("/etc/fedtune/site.toml");
         let cfg = SiteConfig::parse(&example, path).expect("as shipped");
         assert_eq!(cfg.tls.bundle, Path::new("/etc/fedtune/bundle"));
-        let on: String = example
-            .lines()
-            .map(|l| match l.strip_prefix("# ") {
-                Some(rest)
-                    if rest.split_once(" = ").is_some_and(|(k, _)| {
-                        k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
-                    }) =>
-                {
-                    rest
-                }
-                _ => l,
-            })
-            .collect::<Vec<_>>()
-            .join("\n");
+        let on = shared::cli::options_on(&example);
         let all = SiteConfig::parse(&on, path).expect("every option on");
         assert!(all.coordinator.proxy.is_some() && all.agent.metrics_listen.is_some());
         let source = include_str!("config.rs");

@@ -29,10 +29,12 @@ async fn a_cut_or_rewritten_audit_log_is_found_against_the_coordinators_head() -
 
     // The last two entries removed: the chain that is left verifies on its own.
     let cut = |n: usize| -> anyhow::Result<()> {
-        // Without sled's background flusher, whose thread keeps the database (and its file
-        // lock) alive for a moment after the handle is dropped; the next open would race it.
-        let db =
-            sled::Config::new().path(cfg.storage.dir.join("audit")).flush_every_ms(None).open()?;
+        // Without sled's background flusher; and sled's own threads may still hold the file
+        // lock for a moment after the last handle (here or in a process that just exited)
+        // was dropped, so the open waits for it.
+        let db = retry_locked(|| {
+            sled::Config::new().path(cfg.storage.dir.join("audit")).flush_every_ms(None).open()
+        })?;
         let tree = db.open_tree("outbound")?;
         for _ in 0..n {
             tree.pop_max()?;
@@ -55,7 +57,7 @@ async fn a_cut_or_rewritten_audit_log_is_found_against_the_coordinators_head() -
     cut(2)?;
     std::fs::remove_file(cfg.storage.dir.join("audit.jsonl"))?;
     {
-        let log = AuditLog::open(&cfg.storage.dir)?;
+        let log = retry_locked(|| AuditLog::open(&cfg.storage.dir))?;
         for i in 0..6u8 {
             log.record("fedtune.v1.SiteService/Hello", &[i])?;
         }
@@ -65,4 +67,19 @@ async fn a_cut_or_rewritten_audit_log_is_found_against_the_coordinators_head() -
     assert_eq!(rewritten.code, Some(1), "{rewritten:?}");
     assert!(rewritten.stdout.contains("entry 3 is not the entry the coordinator was told of"));
     fed.shutdown().await
+}
+
+/// `open()`, again while it fails only because another handle still holds the database's
+/// file lock (for up to 10 s).
+fn retry_locked<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+    let mut tries = 0;
+    loop {
+        match open() {
+            Err(e) if tries < 100 && e.to_string().contains("could not acquire lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
 }
