@@ -114,8 +114,9 @@ pub async fn run_admin(command: Command) -> Result<()> {
                     String::new()
                 } else if s.certificate_not_after_unix < now {
                     format!(
-                        "  EXPIRED: its certificate expired on {} and it cannot connect; issue \
-                         a new bundle (`pki revoke site {n}`, `pki issue-site {n}`)",
+                        "  EXPIRED: its certificate expired on {} and it cannot connect; the \
+                         site makes a new key and request (`site-agent init`), you sign it \
+                         (`pki sign REQUEST --site {n} --force`)",
                         shared::cert::utc(s.certificate_not_after_unix),
                         n = s.name
                     )

@@ -194,7 +194,7 @@ impl Coordinator {
     pub fn authenticate<T>(&self, req: &Request<T>, role: Role) -> SResult<Identity> {
         let certs = req.peer_certs().ok_or_else(|| {
             ServiceError::Unauthenticated(
-                "no client certificate; connect with a bundle from `coordinator pki issue-site` or `issue-admin`"
+                "no client certificate; connect with a certificate from `coordinator pki sign` (or a bundle from `pki issue-site` or `issue-admin`)"
                     .into(),
             )
         })?;

@@ -43,7 +43,8 @@ pub struct CoordinatorConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// The site bundle folder from `coordinator pki issue-site` (cert.pem, key.pem, ca.pem).
+    /// The site bundle folder: key.pem from `site-agent init`, cert.pem and ca.pem from
+    /// `coordinator pki sign` (or a whole demo bundle from `coordinator pki issue-site`).
     pub bundle: PathBuf,
 }
 

@@ -51,8 +51,10 @@ impl CallError {
 /// Refuses to dial with an expired or not yet valid site certificate, saying what to do (the
 /// coordinator would only drop the handshake); warns when it expires soon.
 fn check_certificate(path: &Path) -> Result<(), CallError> {
-    let renew = "ask the study lead for a new bundle (`coordinator pki revoke site NAME`, then \
-                 `coordinator pki issue-site NAME`) and point [tls] bundle at it";
+    let renew = "make a new key and request where the agent runs (`site-agent init --name NAME \
+                 --out DIR`), have the study lead sign it (`coordinator pki sign \
+                 DIR/request.csr --site NAME --force`), put the cert.pem and ca.pem they send \
+                 back in DIR and point [tls] bundle at it";
     match shared::cert::check_own(path, "site", renew) {
         Err(e) => Err(CallError::Certificate(e)),
         Ok(Some(days_left)) => {

@@ -228,7 +228,7 @@ async fn every_rpc_for_every_identity() -> R {
         .expect_err("an expired certificate stops the agent");
     let msg = err.to_string();
     assert!(
-        msg.contains("expired on") && msg.contains("pki issue-site") && msg.contains("site-x"),
+        msg.contains("expired on") && msg.contains("pki sign") && msg.contains("site-x"),
         "{msg}"
     );
     fed.shutdown().await
