@@ -31,6 +31,18 @@ pub(super) fn site_info(c: &Coordinator, s: &SiteRecord) -> pb::SiteInfo {
     }
 }
 
+/// `Ping`'s answer for site `site`: the coordinator's clock and how it stands.
+pub(super) fn ping(c: &Coordinator, site: String) -> SResult<pb::PingResponse> {
+    let record = c.store.site(&site)?;
+    Ok(pb::PingResponse {
+        server_time_unix_ms: super::now_ms(),
+        known: record.is_some(),
+        approved: record.is_some_and(|s| s.approved && !c.site_revoked(&s)),
+        site,
+        version: env!("CARGO_PKG_VERSION").into(),
+    })
+}
+
 /// How each site stands for a new round: revoked (its task fails at once), and a sentence for
 /// each thing the study lead should know: revoked, never connected, not approved, or silent for
 /// a day (its task waits until it returns or the round's deadline).

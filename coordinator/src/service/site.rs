@@ -225,14 +225,7 @@ impl SiteService for SiteApi {
         req: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
         let who = identity_of(&req)?;
-        let site = self.0.store.site(&who.name)?;
-        Ok(Response::new(pb::PingResponse {
-            server_time_unix_ms: super::now_ms(),
-            known: site.is_some(),
-            approved: site.is_some_and(|s| s.approved && !self.0.site_revoked(&s)),
-            site: who.name,
-            version: env!("CARGO_PKG_VERSION").into(),
-        }))
+        Ok(Response::new(super::records::ping(&self.0, who.name)?))
     }
 
     async fn submit_result(
