@@ -61,48 +61,41 @@ fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T, BackupError> {
     r.map_err(|source| BackupError::Io { path: path.to_owned(), source })
 }
 
-/// A writer that hashes and counts what passes through it.
-struct Hashing<W> {
-    inner: W,
-    hash: Sha256,
-    size: u64,
-}
+/// A database's trees: (name, entries in key order).
+type Trees = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
-impl<W: Write> Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.size += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// The database's trees as `db.records` bytes.
-fn dump(store: &Store) -> Result<Vec<u8>, StoreError> {
+/// Every tree of `store` with its entries.
+fn trees(store: &Store) -> Result<Trees, StoreError> {
     let db = store.db();
+    let mut out = Vec::new();
+    for name in db.tree_names() {
+        let entries = db
+            .open_tree(&name)?
+            .iter()
+            .map(|kv| kv.map(|(k, v)| (k.to_vec(), v.to_vec())))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.push((name.to_vec(), entries));
+    }
+    Ok(out)
+}
+
+/// `trees` as `db.records` bytes.
+fn dump(trees: &Trees) -> Vec<u8> {
     let mut out = Vec::new();
     let mut put = |b: &[u8]| {
         out.extend_from_slice(&(b.len() as u32).to_le_bytes());
         out.extend_from_slice(b);
     };
-    for name in db.tree_names() {
-        let tree = db.open_tree(&name)?;
-        let entries = tree.iter().collect::<Result<Vec<_>, _>>()?;
-        put(&name);
+    for (name, entries) in trees {
+        put(name);
         put(&(entries.len() as u64).to_le_bytes());
         for (k, v) in entries {
-            put(&k);
-            put(&v);
+            put(k);
+            put(v);
         }
     }
-    Ok(out)
+    out
 }
-
-/// The trees in `db.records` bytes: (name, entries).
-type Trees = Vec<(Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)>;
 
 fn parse_dump(bytes: &[u8]) -> Result<Trees, String> {
     let mut at = 0usize;
@@ -156,7 +149,7 @@ pub fn write_archive(
             sha256: hex::encode(hash.finalize()),
         })
     };
-    let db = dump(store)?;
+    let db = dump(&trees(store)?);
     let records = Path::new("db.records");
     files.push(io(records, add(&mut tar, "db.records", db.len() as u64, &mut db.as_slice()))?);
     let mut names: Vec<String> = io(blobs, std::fs::read_dir(blobs))?
@@ -258,14 +251,12 @@ fn restore_into(archive: &Path, data_dir: &Path) -> Result<Manifest, BackupError
             None if path == "db.records" => staging.join("db.records"),
             _ => return Err(bad(format!("unexpected entry {path:?}"))),
         };
-        let mut out = Hashing {
-            inner: io(&target, std::fs::File::create(&target))?,
-            hash: Sha256::new(),
-            size: 0,
-        };
-        io(&target, std::io::copy(&mut entry, &mut out))?;
-        io(&target, out.inner.sync_all())?;
-        found.push(FileEntry { path, size: out.size, sha256: hex::encode(out.hash.finalize()) });
+        let mut out = io(&target, std::fs::File::create(&target))?;
+        let (mut hash, mut size) = (Sha256::new(), 0u64);
+        let mut reader = HashRead { inner: &mut entry, hash: &mut hash, size: &mut size };
+        io(&target, std::io::copy(&mut reader, &mut out))?;
+        io(&target, out.sync_all())?;
+        found.push(FileEntry { path, size, sha256: hex::encode(hash.finalize()) });
     }
     let manifest = manifest.ok_or_else(|| bad("no manifest.json (a cut archive?)".into()))?;
     if manifest.format != FORMAT {
@@ -320,9 +311,7 @@ fn restore_into(archive: &Path, data_dir: &Path) -> Result<Manifest, BackupError
 /// Every tree of the database at `db_path` with its entries, sorted: what a restore must give
 /// back (tests compare two data dirs with it).
 pub fn contents(db_path: &Path) -> Result<Trees, BackupError> {
-    let store = Store::open(db_path)?;
-    let mut trees = parse_dump(&dump(&store)?)
-        .map_err(|why| BackupError::Bad { archive: db_path.to_owned(), why })?;
-    trees.sort();
-    Ok(trees)
+    let mut all = trees(&Store::open(db_path)?)?;
+    all.sort();
+    Ok(all)
 }

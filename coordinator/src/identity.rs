@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// The two kinds of client certificate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -72,32 +72,8 @@ impl Identity {
 pub fn from_der(der: &[u8]) -> Result<Identity, String> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| format!("unreadable certificate: {e}"))?;
-    let sans = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName: {e}"))?
-        .map(|ext| ext.value.general_names.clone())
-        .unwrap_or_default();
-    let mut found = None;
-    for san in sans {
-        if let GeneralName::URI(uri) = san
-            && let Some(rest) = uri.strip_prefix("fedtune://")
-        {
-            let (role, name) = rest.split_once('/').ok_or("malformed fedtune URI")?;
-            let role = match role {
-                "site" => Role::Site,
-                "admin" => Role::Admin,
-                other => return Err(format!("unknown role \"{other}\" in certificate")),
-            };
-            if !valid_name(name) {
-                return Err(format!("invalid name \"{name}\" in certificate"));
-            }
-            if found.replace((role, name.to_owned())).is_some() {
-                return Err("certificate names more than one fedtune identity".into());
-            }
-        }
-    }
-    let (role, name) =
-        found.ok_or("certificate has no fedtune://site/NAME or fedtune://admin/NAME name")?;
+    let (role, name) = shared::cert::identity_in(&cert)?;
+    let role = if role == "admin" { Role::Admin } else { Role::Site };
     Ok(Identity {
         role,
         name,

@@ -249,18 +249,24 @@ where
         Box::pin(async move {
             let res = fut.await;
             let code = match &res {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse::<i32>().ok())
-                    .map_or("OK".to_owned(), |c| format!("{:?}", tonic::Code::from_i32(c))),
-                Err(_) => "transport".to_owned(),
+                Ok(r) => Some(
+                    r.headers()
+                        .get("grpc-status")
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<i32>().ok())
+                        .map_or(tonic::Code::Ok, tonic::Code::from_i32),
+                ),
+                Err(_) => None,
             };
-            if code == "Unavailable" || code == "ResourceExhausted" {
+            if matches!(code, Some(tonic::Code::Unavailable | tonic::Code::ResourceExhausted)) {
                 metrics.suspect.store(true, Ordering::Relaxed);
             }
-            metrics.rpc(&method, &code, started);
+            let label = match code {
+                Some(tonic::Code::Ok) => "OK".to_owned(),
+                Some(c) => format!("{c:?}"),
+                None => "transport".to_owned(),
+            };
+            metrics.rpc(&method, &label, started);
             res
         })
     }

@@ -140,25 +140,45 @@ pub fn write_request(
     Ok((key_path, csr_path))
 }
 
-/// The fedtune identity (role, name) in a PEM certificate's `fedtune://ROLE/NAME` URI.
+/// The fedtune identity (role, name) a certificate carries in its SAN URI
+/// `fedtune://site/NAME` or `fedtune://admin/NAME`: exactly one, of a known role, with a
+/// valid name ([`valid_name`]). The coordinator reads every caller's identity with it.
+pub fn identity_in(
+    cert: &x509_parser::certificate::X509Certificate<'_>,
+) -> Result<(String, String), String> {
+    let sans = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subjectAltName: {e}"))?
+        .map(|ext| ext.value.general_names.clone())
+        .unwrap_or_default();
+    let mut found = None;
+    for san in sans {
+        if let x509_parser::extensions::GeneralName::URI(uri) = san
+            && let Some(rest) = uri.strip_prefix("fedtune://")
+        {
+            let (role, name) = rest.split_once('/').ok_or("malformed fedtune URI")?;
+            if !matches!(role, "site" | "admin") {
+                return Err(format!("unknown role \"{role}\" in certificate"));
+            }
+            if !valid_name(name) {
+                return Err(format!("invalid name \"{name}\" in certificate"));
+            }
+            if found.replace((role.to_owned(), name.to_owned())).is_some() {
+                return Err("certificate names more than one fedtune identity".into());
+            }
+        }
+    }
+    found.ok_or_else(|| {
+        "certificate has no fedtune://site/NAME or fedtune://admin/NAME name".to_owned()
+    })
+}
+
+/// [`identity_in`] of the first certificate of a PEM text.
 pub fn identity_of(cert_pem: &[u8]) -> Result<(String, String), String> {
     let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem)
         .map_err(|e| format!("not a PEM certificate ({e})"))?;
     let cert = block.parse_x509().map_err(|e| format!("unreadable certificate ({e})"))?;
-    let sans = cert
-        .subject_alternative_name()
-        .map_err(|e| format!("bad subjectAltName ({e})"))?
-        .map(|ext| ext.value.general_names.clone())
-        .unwrap_or_default();
-    sans.iter()
-        .find_map(|san| match san {
-            x509_parser::extensions::GeneralName::URI(uri) => {
-                let (role, name) = uri.strip_prefix("fedtune://")?.split_once('/')?;
-                Some((role.to_owned(), name.to_owned()))
-            }
-            _ => None,
-        })
-        .ok_or_else(|| "the certificate names no fedtune://site/NAME".to_owned())
+    identity_in(&cert)
 }
 
 /// Whether the first certificate of `cert_pem` was issued and signed by the first of
