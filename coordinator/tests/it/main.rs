@@ -97,7 +97,7 @@ fn a_newer_schema_is_refused_and_left_alone() {
     let db = dir.path().join("db");
     drop(Store::open(&db).expect("a new store"));
     {
-        let raw = sled::open(&db).expect("sled");
+        let raw = locked_retry(|| sled::open(&db)).expect("sled");
         let meta = raw.open_tree("meta").expect("meta");
         assert_eq!(
             meta.get("schema_version").unwrap().as_deref(),
@@ -106,13 +106,27 @@ fn a_newer_schema_is_refused_and_left_alone() {
         meta.insert("schema_version", &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
         raw.flush().unwrap();
     }
-    match Store::open(&db) {
+    match locked_retry(|| Store::open(&db)) {
         Err(e @ StoreError::Schema { .. }) => {
             assert!(e.to_string().contains("newer coordinator"), "{e}");
         }
         other => panic!("a newer schema opened: {other:?}"),
     }
-    let raw = sled::open(&db).expect("sled");
+    let raw = locked_retry(|| sled::open(&db)).expect("sled");
     let v = raw.open_tree("meta").unwrap().get("schema_version").unwrap().unwrap();
     assert_eq!(v.as_ref(), (SCHEMA_VERSION + 1).to_be_bytes(), "left as it was");
+}
+
+/// `open()` again while it fails only because sled's threads still hold the file lock of a
+/// handle just dropped (for up to 10 s).
+fn locked_retry<T, E: std::fmt::Display>(open: impl Fn() -> Result<T, E>) -> Result<T, E> {
+    for _ in 0..100 {
+        match open() {
+            Err(e) if e.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+    open()
 }
