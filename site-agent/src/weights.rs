@@ -191,12 +191,18 @@ pub fn save(net: &Net, provenance: &Provenance, path: &Path) -> WeightsResult<St
 
 /// Loads weights from bytes; returns the network, its manifest and its sha256.
 pub fn from_bytes(bytes: &[u8], device: &Device) -> WeightsResult<(Net, WeightsManifest, String)> {
+    let (net, manifest) = decode(bytes, device)?;
+    Ok((net, manifest, sha256_hex(bytes)))
+}
+
+/// Decodes weights whose sha256 is already known (checked as they were downloaded).
+pub fn decode(bytes: &[u8], device: &Device) -> WeightsResult<(Net, WeightsManifest)> {
     let manifest = read_manifest(bytes)?;
     let tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
         WeightsError::from(ManifestError::Format(format!("cannot decode tensors: {e}")))
     })?;
     let net = Net::from_tensors(&manifest.config, &manifest.organs, tensors, device)?;
-    Ok((net, manifest, sha256_hex(bytes)))
+    Ok((net, manifest))
 }
 
 /// Loads a weights file.

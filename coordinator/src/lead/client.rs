@@ -8,7 +8,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use proto::limits;
 use proto::pb::{self, admin_service_client::AdminServiceClient};
-use sha2::{Digest, Sha256};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use super::{Conn, status};
@@ -35,17 +34,22 @@ pub async fn connect(conn: &Conn) -> Result<AdminServiceClient<Channel>> {
         .max_encoding_message_size(limits::MAX_MESSAGE_BYTES))
 }
 
-/// Uploads a weights file with a progress bar; returns what the coordinator stored.
+/// Uploads a weights file with a progress bar; returns what the coordinator stored. The file
+/// is read twice, 1 MiB at a time: once for its sha256 (the header names it), once as the
+/// chunks are sent, at most two chunks ahead of the network.
 pub async fn push_model(
     client: &mut AdminServiceClient<Channel>,
     file: &Path,
     name: &str,
     progress: bool,
 ) -> Result<pb::ModelInfo> {
-    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let path = file.to_owned();
+    let (sha256, size) =
+        tokio::task::spawn_blocking(move || shared::weights::sha256_file(&path))
+            .await?
+            .with_context(|| format!("reading {}", file.display()))?;
     let bar = if progress {
-        indicatif::ProgressBar::new(bytes.len() as u64)
+        indicatif::ProgressBar::new(size)
     } else {
         indicatif::ProgressBar::hidden()
     };
@@ -57,24 +61,34 @@ pub async fn push_model(
     let header = pb::PushModelRequest {
         part: Some(pb::push_model_request::Part::Header(pb::ModelRef {
             sha256,
-            size: bytes.len() as u64,
+            size,
             name: name.into(),
         })),
     };
-    let chunks: Vec<pb::PushModelRequest> = bytes
-        .chunks(limits::CHUNK_BYTES)
-        .map(|c| pb::PushModelRequest {
-            part: Some(pb::push_model_request::Part::Chunk(c.to_vec())),
-        })
-        .collect();
-    let b = bar.clone();
-    let stream =
-        tokio_stream::iter(std::iter::once(header).chain(chunks.into_iter().inspect(move |c| {
-            if let Some(pb::push_model_request::Part::Chunk(d)) = &c.part {
-                b.inc(d.len() as u64);
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    let pieces = shared::weights::Pieces::open(file, limits::CHUNK_BYTES)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let (b, path) = (bar.clone(), file.to_owned());
+    let reader = tokio::task::spawn_blocking(move || -> Result<()> {
+        if tx.blocking_send(header).is_err() {
+            return Ok(()); // the call ended first; its error says why
+        }
+        for piece in pieces {
+            let piece = piece.with_context(|| format!("reading {}", path.display()))?;
+            b.inc(piece.len() as u64);
+            let chunk = pb::PushModelRequest {
+                part: Some(pb::push_model_request::Part::Chunk(piece)),
+            };
+            if tx.blocking_send(chunk).is_err() {
+                break;
             }
-        })));
-    let info = client.push_model(stream).await.map_err(status)?.into_inner();
+        }
+        Ok(())
+    });
+    let answer = client.push_model(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    // A file that could not be read ends the stream early: that is the error to show.
+    reader.await??;
+    let info = answer.map_err(status)?.into_inner();
     bar.finish_and_clear();
     Ok(info)
 }

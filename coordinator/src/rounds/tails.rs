@@ -24,17 +24,35 @@ fn names_shapes(st: &[u8]) -> Result<BTreeMap<String, (Dtype, Vec<usize>)>, FedE
     Ok(meta.tensors().into_iter().map(|(n, i)| (n, (i.dtype, i.shape.clone()))).collect())
 }
 
-/// Checks an uploaded tail against its base model's bytes: it names that base, holds the
-/// last `k` layers (`k` as the task asked), the same config and organ map, and exactly the
-/// base's tensors of those layers with their dtypes and shapes. Returns its manifest.
+/// Checks an uploaded tail against its base model's bytes: see [`check_tail_header`].
 pub fn check_tail(
     tail: &[u8],
     base: &[u8],
     base_sha256: &str,
     k: usize,
 ) -> Result<WeightsManifest, FedError> {
-    let m = weights::read_manifest(tail).map_err(|e| FedError::Format(e.to_string()))?;
-    let b = weights::read_manifest(base).map_err(|e| FedError::Format(format!("base: {e}")))?;
+    let inspect = |bytes: &[u8]| {
+        let mut i = weights::Inspect::new().checking_finite();
+        i.update(bytes).and_then(|()| i.finish()).map_err(|e| FedError::Format(e.to_string()))
+    };
+    let tail = inspect(tail)?;
+    let base = inspect(base).map_err(|e| FedError::Format(format!("base: {e}")))?;
+    check_tail_header(&tail, &base.header, base_sha256, k)?;
+    Ok(tail.header.manifest)
+}
+
+/// Checks an uploaded tail, read as it arrived, against its base model's header: it names
+/// that base, holds the last `k` layers (`k` as the task asked), the same config and organ
+/// map, exactly the base's tensors of those layers with their dtypes and shapes, all f32 and
+/// finite. Neither file is held in memory.
+pub fn check_tail_header(
+    tail: &weights::Inspected,
+    base: &weights::Header,
+    base_sha256: &str,
+    k: usize,
+) -> Result<(), FedError> {
+    let m = &tail.header.manifest;
+    let b = &base.manifest;
     let Some(t) = &m.tail else {
         return Err(FedError::Format(
             "a full model where a tail of the task's layers was expected".into(),
@@ -57,8 +75,8 @@ pub fn check_tail(
     }
     let layers = m.tail_layer_names().unwrap_or_default();
     let want: BTreeMap<String, (Dtype, Vec<usize>)> =
-        names_shapes(base)?.into_iter().filter(|(n, _)| in_layers(n, layers)).collect();
-    let have = names_shapes(tail)?;
+        base.tensors().into_iter().filter(|(n, _)| in_layers(n, layers)).collect();
+    let have = tail.header.tensors();
     if have != want {
         let missing = want.keys().find(|n| !have.contains_key(*n));
         let extra = have.keys().find(|n| !want.contains_key(*n));
@@ -72,17 +90,10 @@ pub fn check_tail(
         return Err(FedError::Mismatch("tails are f32".into()));
     }
     // One NaN or infinity would spread through every average after it.
-    let st = SafeTensors::deserialize(tail).map_err(|e| FedError::Format(e.to_string()))?;
-    for (name, view) in st.tensors() {
-        let finite = view
-            .data()
-            .chunks_exact(4)
-            .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
-        if !finite {
-            return Err(FedError::Mismatch(format!("tensor \"{name}\" holds a NaN or infinity")));
-        }
+    if tail.all_finite != Some(true) {
+        return Err(FedError::Mismatch("a tensor holds a NaN or infinity".into()));
     }
-    Ok(m)
+    Ok(())
 }
 
 /// One site's tail in an average.

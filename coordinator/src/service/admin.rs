@@ -43,7 +43,7 @@ impl AdminApi {
             )));
         }
         // A study's base is a whole model; a tail is only ever made by a round.
-        let whole = |_: &[u8], m: &shared::weights::WeightsManifest| match &m.tail {
+        let whole = |m: &shared::weights::Inspected| match &m.header.manifest.tail {
             Some(_) => Err("it is a tail (the last layers of another model), not a model; \
                             push the whole model"
                 .to_owned()),
@@ -58,6 +58,7 @@ impl AdminApi {
                     Some(pb::push_model_request::Part::Chunk(c)) => Some(c),
                     _ => None,
                 },
+                false,
                 &whole,
             )
             .await

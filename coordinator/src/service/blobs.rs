@@ -12,21 +12,26 @@ use tokio_stream::StreamExt;
 use super::{Coordinator, SResult, ServiceError, now_s};
 use crate::store::ModelRecord;
 
-/// What else an upload must be, given its bytes and manifest; the error says what is wrong.
+/// What else an upload must be, given its header as read on the way in (and, where the
+/// caller asked, whether every f32 was finite); the error says what is wrong.
 pub(crate) type WeightsCheck<'a> =
-    dyn Fn(&[u8], &shared::weights::WeightsManifest) -> Result<(), String> + Sync + 'a;
+    dyn Fn(&shared::weights::Inspected) -> Result<(), String> + Sync + 'a;
 
 impl Coordinator {
     /// Receives a weights file from the messages after an upload's header (`chunk_of` takes a
-    /// message's chunk; anything else is a second header), at most 1 MiB each: checks the header, writes
-    /// a temp file while hashing, verifies size, sha256 and that it is a fedtune weights file,
-    /// fsyncs and renames it under `blobs/<sha256>`. Nothing is stored on any error.
+    /// message's chunk; anything else is a second header), at most 1 MiB each: checks the
+    /// header, and streams each chunk once through the sha256, the safetensors-header reader
+    /// ([`shared::weights::Inspect`]; with `finite`, the NaN check too) and into a temp file;
+    /// verifies size, sha256 and that it is a fedtune weights file, fsyncs and renames it
+    /// under `blobs/<sha256>`. Memory: one chunk and the header, whatever the model's size.
+    /// Nothing is stored on any error.
     pub(crate) async fn receive_blob<M>(
         &self,
         name: String,
         header: &pb::ModelRef,
         mut stream: tonic::Streaming<M>,
         chunk_of: fn(M) -> Option<Vec<u8>>,
+        finite: bool,
         check: &WeightsCheck<'_>,
     ) -> SResult<ModelRecord> {
         let c = self;
@@ -52,7 +57,14 @@ impl Coordinator {
             let mut file = tokio::fs::File::create(&tmp).await.map_err(io(&tmp))?;
             let mut hasher = Sha256::new();
             let mut size = 0u64;
-            let mut bytes = Vec::new();
+            let mut inspect = shared::weights::Inspect::new();
+            if finite {
+                inspect = inspect.checking_finite();
+            }
+            let refused =
+                |e: shared::weights::WeightsError| ServiceError::InvalidArgument(format!(
+                    "not a fedtune weights file: {e}"
+                ));
             let idle = Duration::from_secs(u64::from(c.limits.idle_seconds));
             loop {
                 let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {
@@ -85,8 +97,8 @@ impl Coordinator {
                     )));
                 }
                 hasher.update(&chunk);
+                inspect.update(&chunk).map_err(refused)?;
                 file.write_all(&chunk).await.map_err(io(&tmp))?;
-                bytes.extend_from_slice(&chunk);
             }
             if size != header.size {
                 return Err(ServiceError::InvalidArgument(format!(
@@ -100,14 +112,12 @@ impl Coordinator {
                     "sha256 of the upload is {got}, the header said {sha}"
                 )));
             }
-            let manifest = shared::weights::read_manifest(&bytes).map_err(|e| {
-                ServiceError::InvalidArgument(format!("not a fedtune weights file: {e}"))
-            })?;
-            check(&bytes, &manifest).map_err(|e| {
+            let inspected = inspect.finish().map_err(refused)?;
+            check(&inspected).map_err(|e| {
                 ServiceError::InvalidArgument(format!("the weights are refused: {e}"))
             })?;
             file.sync_all().await.map_err(io(&tmp))?;
-            Ok(manifest)
+            Ok(inspected.header.manifest)
         }
         .await;
         let manifest = match result {
@@ -122,11 +132,61 @@ impl Coordinator {
         if let Ok(dir) = tokio::fs::File::open(&c.blobs).await {
             let _ = dir.sync_all().await;
         }
+        // Hashed on the way in: the first download need not hash it again.
+        c.note_verified(&sha).await;
         Ok(ModelRecord::of(sha, header.size, name, now_s(), &manifest))
     }
 
     pub(super) fn blob_path(&self, sha256: &str) -> PathBuf {
         self.blobs.join(sha256)
+    }
+
+    /// Remembers that `blobs/<sha256>` as it is now (size and modification time) matches its
+    /// name.
+    async fn note_verified(&self, sha256: &str) {
+        if let Ok(meta) = tokio::fs::metadata(self.blob_path(sha256)).await {
+            let stamp = shared::weights::HashStamp::of(&meta);
+            self.verified.lock().await.insert(sha256.to_owned(), stamp);
+        }
+    }
+
+    /// The stored blob of `sha256` and its size, checked to still be what was pushed: hashed
+    /// once per size and modification time (at its first download after a start, or when the
+    /// file changed; see [`shared::weights::HashStamp::still`]), not at every download. A damaged blob is never sent. Concurrent first
+    /// downloads wait for one hash.
+    pub(super) async fn verified_blob(&self, sha256: &str) -> SResult<(PathBuf, u64)> {
+        let path = self.blob_path(sha256);
+        let io = |source| ServiceError::Io { path: path.clone(), source };
+        let mut verified = self.verified.lock().await;
+        let meta = tokio::fs::metadata(&path).await.map_err(io)?;
+        let stamp = shared::weights::HashStamp::of(&meta);
+        if verified.get(sha256).is_some_and(|v| v.still(&stamp)) {
+            return Ok((path, meta.len()));
+        }
+        let blob = path.clone();
+        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
+            let mut h = Sha256::new();
+            std::io::copy(&mut std::fs::File::open(blob)?, &mut h)?;
+            Ok(hex::encode(h.finalize()))
+        })
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
+        if stored != sha256 {
+            tracing::error!(
+                sha256,
+                found = %stored,
+                path = %path.display(),
+                "a stored model no longer matches its sha256; not sent. Push it again"
+            );
+            verified.remove(sha256);
+            return Err(ServiceError::DataLoss(format!(
+                "the coordinator's copy of model {sha256} is damaged; the study lead must push \
+                 it again"
+            )));
+        }
+        verified.insert(sha256.to_owned(), stamp);
+        Ok((path, meta.len()))
     }
 
     /// Writes bytes the coordinator made (an average) under `blobs/<sha256>`, atomically;
@@ -147,6 +207,7 @@ impl Coordinator {
         .await
         .map_err(|e| ServiceError::Io { path: tmp.clone(), source: std::io::Error::other(e) })?
         .map_err(|source| ServiceError::Io { path: dest, source })?;
+        self.note_verified(&sha).await;
         Ok(sha)
     }
 }

@@ -24,6 +24,9 @@ pub enum ServiceError {
     /// The client stopped sending (or taking) messages for longer than the idle limit.
     #[error("{0}")]
     Stalled(String),
+    /// A stored model no longer matches its sha256 (or no longer reads).
+    #[error("{0}")]
+    DataLoss(String),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{path}: {source}")]
@@ -41,6 +44,7 @@ impl ServiceError {
             ServiceError::FailedPrecondition(_) => Status::failed_precondition(msg),
             ServiceError::AlreadyExists(_) => Status::already_exists(msg),
             ServiceError::Stalled(_) => Status::deadline_exceeded(msg),
+            ServiceError::DataLoss(_) => Status::data_loss(msg),
             // A full disk is named, since only the operator can mend it and the caller
             // should wait rather than retry at once. The database stops for good after a
             // failed write (sled keeps the error until it is reopened), so then the operator

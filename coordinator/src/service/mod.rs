@@ -87,6 +87,9 @@ pub struct Coordinator {
     /// Unix seconds of each site's last call, kept in memory (the store keeps the last hello).
     contact: StdMutex<std::collections::HashMap<String, i64>>,
     metrics: Arc<ServerMetrics>,
+    /// Blobs whose bytes were hashed and matched their name, with the (size, modification
+    /// time) they had then (see `verified_blob`).
+    verified: Mutex<std::collections::HashMap<String, shared::weights::HashStamp>>,
 }
 
 impl Coordinator {
@@ -106,6 +109,7 @@ impl Coordinator {
             changed: watch::channel(0).0,
             contact: Default::default(),
             metrics,
+            verified: Default::default(),
         })
     }
 

@@ -109,40 +109,10 @@ impl SiteService for SiteApi {
             ))
             .into());
         };
-        let path = c.blob_path(&sha256);
-        // The stored copy must still be what was pushed: a damaged blob is never sent.
-        let stored = {
-            let blob = path.clone();
-            tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-                use sha2::Digest;
-                let mut h = sha2::Sha256::new();
-                std::io::copy(&mut std::fs::File::open(blob)?, &mut h)?;
-                Ok(hex::encode(h.finalize()))
-            })
-            .await
-            .map_err(|e| Status::internal(format!("hashing the model: {e}")))?
-            .map_err(|source| ServiceError::Io { path: path.clone(), source })?
-        };
-        if stored != sha256 {
-            tracing::error!(
-                sha256 = %sha256,
-                found = %stored,
-                path = %path.display(),
-                "a stored model no longer matches its sha256; not sent. Push it again"
-            );
-            return Err(Status::data_loss(format!(
-                "the coordinator's copy of model {sha256} is damaged; the study lead must push \
-                 it again"
-            )));
-        }
+        let (path, total) = c.verified_blob(&sha256).await?;
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(|source| ServiceError::Io { path: path.clone(), source })?;
-        let total = file
-            .metadata()
-            .await
-            .map_err(|source| ServiceError::Io { path: path.clone(), source })?
-            .len();
         if offset > total {
             return Err(ServiceError::InvalidArgument(format!(
                 "offset {offset} is past the end of model {sha256} ({total} bytes)"
@@ -411,33 +381,37 @@ impl SiteService for SiteApi {
                 .into());
             }
             _ => {
+                // A tail is checked against its base model's header, read from its blob.
                 let base = match &expect {
                     rounds::Upload::Tail { .. } => {
                         let base = round.base_sha256.clone().unwrap_or_default();
                         let path = c.blob_path(&base);
-                        Some((
-                            base,
-                            tokio::fs::read(&path)
-                                .await
-                                .map_err(|source| ServiceError::Io { path, source })?,
-                        ))
+                        let header = std::fs::File::open(&path)
+                            .map_err(|source| ServiceError::Io { path: path.clone(), source })
+                            .and_then(|mut f| {
+                                shared::weights::read_header(&mut f).map_err(|e| {
+                                    ServiceError::DataLoss(format!(
+                                        "the coordinator's copy of base model {base} does not \
+                                         read ({e}); the study lead must push it again"
+                                    ))
+                                })
+                            })?;
+                        Some((base, header))
                     }
                     rounds::Upload::Full => None,
                 };
-                let check =
-                    |bytes: &[u8], m: &shared::weights::WeightsManifest| -> Result<(), String> {
-                        match (&expect, &base) {
-                            (rounds::Upload::Tail { layers, .. }, Some((sha, b))) => {
-                                rounds::fedavg::check_tail(bytes, b, sha, *layers as usize)
-                                    .map(|_| ())
-                                    .map_err(|e| e.to_string())
-                            }
-                            _ if m.tail.is_some() => {
-                                Err("a tail where the full Model_S was expected".into())
-                            }
-                            _ => Ok(()),
+                let check = |m: &shared::weights::Inspected| -> Result<(), String> {
+                    match (&expect, &base) {
+                        (rounds::Upload::Tail { layers, .. }, Some((sha, b))) => {
+                            rounds::fedavg::check_tail_header(m, b, sha, *layers as usize)
+                                .map_err(|e| e.to_string())
                         }
-                    };
+                        _ if m.header.manifest.tail.is_some() => {
+                            Err("a tail where the full Model_S was expected".into())
+                        }
+                        _ => Ok(()),
+                    }
+                };
                 let name = expect.name(&header.task_id, header.arm);
                 let record = c
                     .receive_blob(
@@ -448,6 +422,7 @@ impl SiteService for SiteApi {
                             Some(pb::upload_model_request::Part::Chunk(c)) => Some(c),
                             _ => None,
                         },
+                        base.is_some(),
                         &check,
                     )
                     .await?;

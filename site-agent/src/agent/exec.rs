@@ -81,6 +81,11 @@ pub fn run_task(
     }
 }
 
+/// The sha256 of the task's base model, checked as it was downloaded.
+fn base_sha(task: &pb::Task) -> Option<String> {
+    task.base.as_ref().map(|m| m.sha256.to_ascii_lowercase())
+}
+
 /// Evaluate, finetune, train and transfer-source: one model, trained or not, then scored (a
 /// finetune task scores its base model first).
 fn run_single(
@@ -105,7 +110,7 @@ fn run_single(
         (_, Some(path)) => {
             let bytes = std::fs::read(path)
                 .map_err(fail(pb::FailureCode::Internal, "reading the base weights"))?;
-            let (net, _, sha) = load_base(&bytes, site)?;
+            let (net, _, sha) = load_base(&bytes, site, base_sha(task).as_deref())?;
             (net, Some(sha))
         }
         (_, None) => return Err(pb::FailureCode::Internal.into()),
@@ -177,7 +182,8 @@ fn run_arms(
     let path = base.ok_or(pb::FailureCode::Internal)?;
     let bytes =
         std::fs::read(path).map_err(fail(pb::FailureCode::Internal, "reading the base weights"))?;
-    let (base_net, base_manifest, base_sha) = load_base(&bytes, site)?;
+    let (base_net, base_manifest, base_sha) = load_base(&bytes, site, base_sha(task).as_deref())?;
+    drop(bytes);
     // Every trained arm within the GPU memory cap before any work; the largest sets the
     // cache budget.
     let mut cache_budget: Option<u64> = None;
@@ -230,7 +236,10 @@ fn run_arms(
                 (Some(net), k, None)
             }
             pb::ArmKind::Finetune => {
-                let (net, _, _) = load_base(&bytes, site)?;
+                // The base decoded once per task; each arm trains its own copy.
+                let net = base_net
+                    .duplicate()
+                    .map_err(fail(pb::FailureCode::Internal, "copying the base model"))?;
                 let k = arm_spec.trainable_layers as usize;
                 if k == 0 || k > net.num_layers() {
                     return Err(pb::FailureCode::ModelMismatch.into());

@@ -56,8 +56,9 @@ pub(super) fn run_fedavg(
 ) -> Result<pb::TaskResult, Ended> {
     let fed = spec.fed.unwrap_or_default();
     let base_ref = task.base.as_ref().ok_or(pb::FailureCode::Internal)?;
-    let bytes = model_bytes(models, &base_ref.sha256.to_ascii_lowercase())?;
-    let (net, manifest, base_sha) = load_base(&bytes, site)?;
+    let sha = base_ref.sha256.to_ascii_lowercase();
+    let bytes = model_bytes(models, &sha)?;
+    let (net, manifest, base_sha) = load_base(&bytes, site, Some(&sha))?;
     let k = spec.trainable_layers as usize;
     if k == 0 || k > net.num_layers() {
         return Err(pb::FailureCode::ModelMismatch.into());
@@ -115,9 +116,14 @@ pub(super) fn run_fedavg(
     Ok(pb::TaskResult { device: site.device_info.kind.into(), arms: vec![received, trained] })
 }
 
-/// The net of one cross-eval model: base + tail from the downloads, or this site's own copy
-/// of a model it did not share.
-fn eval_net(site: &Site, m: &pb::EvalModel, models: &ModelFiles) -> Result<Net, pb::FailureCode> {
+/// The net of one cross-eval model: base + tail from the downloads (each base decoded once
+/// per task, kept in `bases`), or this site's own copy of a model it did not share.
+fn eval_net(
+    site: &Site,
+    m: &pb::EvalModel,
+    models: &ModelFiles,
+    bases: &mut std::collections::HashMap<String, Net>,
+) -> Result<Net, pb::FailureCode> {
     if !m.shared {
         if !safe_id(&m.local_task_id) {
             tracing::error!(model = %m.label, "the model's local task id is not a safe file name");
@@ -126,7 +132,7 @@ fn eval_net(site: &Site, m: &pb::EvalModel, models: &ModelFiles) -> Result<Net, 
         let path = weights_path(site, &m.local_task_id, Some(m.local_arm as usize));
         let bytes = std::fs::read(&path)
             .map_err(fail(pb::FailureCode::ModelMismatch, "reading this site's own model"))?;
-        let (net, _, sha) = load_base(&bytes, site)?;
+        let (net, _, sha) = load_base(&bytes, site, None)?;
         if sha != m.weights_sha256 {
             tracing::error!(model = %m.label, path = %path.display(), "this site's copy of the model is not the one it reported");
             return Err(pb::FailureCode::ModelMismatch);
@@ -134,8 +140,15 @@ fn eval_net(site: &Site, m: &pb::EvalModel, models: &ModelFiles) -> Result<Net, 
         return Ok(net);
     }
     let base = m.base.as_ref().ok_or(pb::FailureCode::Internal)?;
-    let bytes = model_bytes(models, &base.sha256.to_ascii_lowercase())?;
-    let (net, _, base_sha) = load_base(&bytes, site)?;
+    let base_sha = base.sha256.to_ascii_lowercase();
+    if !bases.contains_key(&base_sha) {
+        let bytes = model_bytes(models, &base_sha)?;
+        let (net, _, _) = load_base(&bytes, site, Some(&base_sha))?;
+        bases.insert(base_sha.clone(), net);
+    }
+    let net = bases[&base_sha]
+        .duplicate()
+        .map_err(fail(pb::FailureCode::Internal, "copying a base model"))?;
     if let Some(tail) = &m.tail {
         let tail_bytes = model_bytes(models, &tail.sha256.to_ascii_lowercase())?;
         weights::apply_tail(&net, &tail_bytes, &base_sha, TailPart::All)
@@ -158,9 +171,10 @@ pub(super) fn run_cross_eval(
     let test = load_split(site, Split::Test)?;
     let total = spec.models.len().max(1) as f64;
     let mut arms = Vec::with_capacity(spec.models.len());
+    let mut bases = std::collections::HashMap::new();
     for (i, m) in spec.models.iter().enumerate() {
         runner.span = (0.05 + 0.95 * i as f64 / total, 0.05 + 0.95 * (i + 1) as f64 / total);
-        let net = eval_net(site, m, models)?;
+        let net = eval_net(site, m, models, &mut bases)?;
         let mut arm = pb::ArmResult {
             spec: Some(pb::ArmSpec { kind: pb::ArmKind::Base as i32, ..Default::default() }),
             model: m.label.clone(),

@@ -177,8 +177,10 @@ impl Link {
         Ok(contacted(self.client.submit_result(req).await?.into_inner()).recorded)
     }
 
-    /// Uploads the weights a source task trained (Model_S), each message audited. Safe to
-    /// repeat: the coordinator accepts the same bytes again.
+    /// Uploads the weights a task made (a source's Model_S, a tail), each message audited
+    /// before it is sent. The file is read twice, 1 MiB at a time (its sha256, then the
+    /// chunks, at most two ahead of the network), never whole. Safe to repeat: the
+    /// coordinator accepts the same bytes again.
     pub async fn upload_model(
         &mut self,
         task_id: &str,
@@ -186,37 +188,50 @@ impl Link {
         arm: u32,
         path: &Path,
     ) -> Result<pb::ModelInfo, CallError> {
-        let bytes = tokio::fs::read(path)
-            .await
-            .map_err(|source| CallError::Io { path: path.to_owned(), source })?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let mut msgs = vec![pb::UploadModelRequest {
+        let io = |source| CallError::Io { path: path.to_owned(), source };
+        let file = path.to_owned();
+        let (sha256, size) =
+            tokio::task::spawn_blocking(move || shared::weights::sha256_file(&file))
+                .await
+                .map_err(|e| io(std::io::Error::other(e)))?
+                .map_err(io)?;
+        let header = pb::UploadModelRequest {
             part: Some(pb::upload_model_request::Part::Header(pb::UploadHeader {
                 task_id: task_id.into(),
                 attempt,
-                model: Some(pb::ModelRef {
-                    sha256: sha256.clone(),
-                    size: bytes.len() as u64,
-                    name: String::new(),
-                }),
+                model: Some(pb::ModelRef { sha256: sha256.clone(), size, name: String::new() }),
                 arm,
             })),
-        }];
-        msgs.extend(bytes.chunks(limits::CHUNK_BYTES).map(|c| pb::UploadModelRequest {
-            part: Some(pb::upload_model_request::Part::Chunk(c.to_vec())),
-        }));
-        let mut last = None;
-        for m in &msgs {
-            last = Some(self.audit("UploadModel", m)?);
-        }
-        tracing::info!(task = task_id, arm, sha256 = %sha256, bytes = bytes.len(), "uploading trained weights (policy share_weights = true)");
-        let stream = tokio_stream::iter(msgs);
-        // The upload's messages were all logged above; the last one's entry is the newest.
-        let req = match &last {
-            Some(entry) => anchored(stream, entry),
-            None => tonic::Request::new(stream),
         };
-        Ok(self.client.upload_model(req).await?.into_inner())
+        // The request carries the header's entry, the log's newest when the call starts.
+        let entry = self.audit("UploadModel", &header)?;
+        let pieces = shared::weights::Pieces::open(path, limits::CHUNK_BYTES).map_err(io)?;
+        tracing::info!(task = task_id, arm, sha256 = %sha256, bytes = size, "uploading trained weights (policy share_weights = true)");
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let (audit_log, file) = (self.audit.clone(), path.to_owned());
+        let reader = tokio::task::spawn_blocking(move || -> Result<(), CallError> {
+            if tx.blocking_send(header).is_err() {
+                return Ok(());
+            }
+            for piece in pieces {
+                let piece = piece.map_err(|source| CallError::Io { path: file.clone(), source })?;
+                let m = pb::UploadModelRequest {
+                    part: Some(pb::upload_model_request::Part::Chunk(piece)),
+                };
+                let bytes = m.encode_to_vec();
+                super::metrics::get().sent(bytes.len() as u64);
+                audit_log.record(&format!("{SVC}/UploadModel"), &bytes)?;
+                if tx.blocking_send(m).is_err() {
+                    break; // the call ended; its answer says why
+                }
+            }
+            Ok(())
+        });
+        let req = anchored(tokio_stream::wrappers::ReceiverStream::new(rx), &entry);
+        let answer = self.client.upload_model(req).await;
+        // A file that could not be read (or logged) ends the stream early: that is the error.
+        reader.await.map_err(|e| io(std::io::Error::other(e)))??;
+        Ok(answer?.into_inner())
     }
 
     /// Downloads a model into `dir/<sha256>`, resuming from `dir/<sha256>.part`, and verifies
@@ -258,19 +273,32 @@ impl Link {
         tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
         let done = dir.join(&sha);
         if done.exists() {
-            let bytes = tokio::fs::read(&done).await.map_err(io(&done))?;
-            if hex::encode(Sha256::digest(&bytes)) == sha {
+            if super::cache::verify(&done, &sha).await.map_err(io(&done))? {
                 return Ok((done, 0));
             }
             tracing::warn!(path = %done.display(), "cached model does not match its hash; fetching again");
             tokio::fs::remove_file(&done).await.map_err(io(&done))?;
         }
         let part = dir.join(format!("{sha}.part"));
-        // Resume: the part file holds whole chunks received in order; hash what is there.
-        let have = tokio::fs::read(&part).await.unwrap_or_default();
-        let mut hasher = Sha256::new();
-        hasher.update(&have);
-        let mut offset = have.len() as u64;
+        // Resume: the part file holds whole chunks received in order; hash what is there,
+        // reading it a piece at a time.
+        let (hasher, have) = {
+            let p = part.clone();
+            tokio::task::spawn_blocking(move || -> std::io::Result<(Sha256, u64)> {
+                let mut h = Sha256::new();
+                let n = match std::fs::File::open(&p) {
+                    Ok(mut f) => std::io::copy(&mut f, &mut h)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                    Err(e) => return Err(e),
+                };
+                Ok((h, n))
+            })
+            .await
+            .map_err(|e| CallError::Io { path: part.clone(), source: std::io::Error::other(e) })?
+            .map_err(io(&part))?
+        };
+        let mut hasher = hasher;
+        let mut offset = have;
         if offset > model.size {
             offset = 0;
             hasher = Sha256::new();
@@ -325,6 +353,8 @@ impl Link {
             });
         }
         tokio::fs::rename(&part, &done).await.map_err(io(&done))?;
+        // Hashed on the way in: the next task that uses it need not hash it again.
+        super::cache::note_verified(&done, &sha);
         Ok((done, received))
     }
 }

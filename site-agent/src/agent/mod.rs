@@ -16,6 +16,7 @@
 //! - `link`: `Link`, the audited client of the coordinator.
 
 pub mod audit;
+mod cache;
 pub mod config;
 mod diagnose;
 pub mod doctor;

@@ -81,13 +81,20 @@ pub(super) fn load_split(site: &Site, split: Split) -> Result<Dataset, pb::Failu
     })
 }
 
-/// Base weights that fit this site's organ map: the net, its manifest and sha256.
+/// Base weights that fit this site's organ map: the net, its manifest and sha256. `known` is
+/// the sha256 of weights checked as they were downloaded (not hashed again); without it the
+/// bytes are hashed.
 pub(super) fn load_base(
     bytes: &[u8],
     site: &Site,
+    known: Option<&str>,
 ) -> Result<(Net, WeightsManifest, String), pb::FailureCode> {
-    let (net, manifest, sha) = weights::from_bytes(bytes, &site.device)
-        .map_err(fail(pb::FailureCode::ModelMismatch, "loading the base weights"))?;
+    let loaded = match known {
+        Some(sha) => weights::decode(bytes, &site.device).map(|(n, m)| (n, m, sha.to_owned())),
+        None => weights::from_bytes(bytes, &site.device),
+    };
+    let (net, manifest, sha) =
+        loaded.map_err(fail(pb::FailureCode::ModelMismatch, "loading the base weights"))?;
     if manifest.organs != site.manifest.organs {
         tracing::error!(
             model = ?manifest.organs.names(),

@@ -225,6 +225,16 @@ impl Net {
         Ok(net)
     }
 
+    /// An independent copy of this network's weights (training one leaves the other as it
+    /// was): how a task trains several arms from one base model decoded once.
+    pub fn duplicate(&self) -> ModelResult<Self> {
+        let copy = Self::new(&self.config, &self.organs, 0, &self.device)?;
+        for ((_, to), (_, from)) in copy.named_vars().iter().zip(self.named_vars()) {
+            to.set(from.as_tensor())?;
+        }
+        Ok(copy)
+    }
+
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }

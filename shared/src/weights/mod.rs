@@ -11,6 +11,9 @@ use sha2::{Digest, Sha256};
 use crate::architecture::{ConfigError, ModelConfig};
 use crate::organs::OrganMap;
 
+mod inspect;
+pub use inspect::{Header, Inspect, Inspected, MAX_HEADER_BYTES, read_header};
+
 /// Format tag written into every manifest.
 pub const FORMAT: &str = "fedtune-weights/1";
 /// The `__metadata__` key that holds the manifest JSON.
@@ -104,6 +107,11 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn read_manifest(bytes: &[u8]) -> WeightsResult<WeightsManifest> {
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes)
         .map_err(|e| WeightsError::Format(format!("the safetensors header is invalid ({e})")))?;
+    manifest_of(&meta)
+}
+
+/// The manifest a safetensors header carries, checked against its own config.
+pub fn manifest_of(meta: &safetensors::tensor::Metadata) -> WeightsResult<WeightsManifest> {
     let json = meta.metadata().as_ref().and_then(|m| m.get(METADATA_KEY)).ok_or_else(|| {
         WeightsError::Format(format!("no \"{METADATA_KEY}\" entry in __metadata__"))
     })?;
@@ -173,4 +181,72 @@ pub fn check_compatible(
         });
     }
     Ok(())
+}
+
+/// The sha256 and size of a file, read in 1 MiB pieces (memory does not grow with it).
+pub fn sha256_file(path: &std::path::Path) -> std::io::Result<(String, u64)> {
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut std::fs::File::open(path)?, &mut h)?;
+    Ok((hex::encode(h.finalize()), n))
+}
+
+/// A file's bytes as pieces of at most `size` bytes, in order, each read when asked for: what
+/// an upload sends, holding one piece at a time.
+#[derive(Debug)]
+pub struct Pieces {
+    file: std::fs::File,
+    size: usize,
+}
+
+impl Pieces {
+    pub fn open(path: &std::path::Path, size: usize) -> std::io::Result<Self> {
+        Ok(Self { file: std::fs::File::open(path)?, size: size.max(1) })
+    }
+}
+
+impl Iterator for Pieces {
+    type Item = std::io::Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        use std::io::Read;
+        let mut buf = vec![0u8; self.size];
+        let mut filled = 0;
+        while filled < buf.len() {
+            match self.file.read(&mut buf[filled..]) {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        (filled > 0).then(|| {
+            buf.truncate(filled);
+            Ok(buf)
+        })
+    }
+}
+
+/// A file's size and modification time, and when its bytes were last found to match their
+/// sha256: what lets a store of weights hash a file once, not at every use.
+#[derive(Clone, Copy, Debug)]
+pub struct HashStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+    at: std::time::SystemTime,
+}
+
+impl HashStamp {
+    /// The file as `meta` describes it, stamped now.
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        Self { len: meta.len(), modified: meta.modified().ok(), at: std::time::SystemTime::now() }
+    }
+
+    /// Whether `now` (a fresh stat) is the file this stamp's hash read. As git does for its
+    /// index, a file modified within a second before its hash is not trusted (two writes
+    /// within one tick of the file system's clock leave the same modification time).
+    pub fn still(&self, now: &HashStamp) -> bool {
+        self.len == now.len
+            && self.modified == now.modified
+            && self.modified.is_some_and(|m| m + std::time::Duration::from_secs(1) <= self.at)
+    }
 }
