@@ -44,15 +44,11 @@ pub async fn push_model(
     progress: bool,
 ) -> Result<pb::ModelInfo> {
     let path = file.to_owned();
-    let (sha256, size) =
-        tokio::task::spawn_blocking(move || shared::weights::sha256_file(&path))
-            .await?
-            .with_context(|| format!("reading {}", file.display()))?;
-    let bar = if progress {
-        indicatif::ProgressBar::new(size)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let (sha256, size) = tokio::task::spawn_blocking(move || shared::weights::sha256_file(&path))
+        .await?
+        .with_context(|| format!("reading {}", file.display()))?;
+    let bar =
+        if progress { indicatif::ProgressBar::new(size) } else { indicatif::ProgressBar::hidden() };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
             .expect("valid template"),
@@ -76,9 +72,8 @@ pub async fn push_model(
         for piece in pieces {
             let piece = piece.with_context(|| format!("reading {}", path.display()))?;
             b.inc(piece.len() as u64);
-            let chunk = pb::PushModelRequest {
-                part: Some(pb::push_model_request::Part::Chunk(piece)),
-            };
+            let chunk =
+                pb::PushModelRequest { part: Some(pb::push_model_request::Part::Chunk(piece)) };
             if tx.blocking_send(chunk).is_err() {
                 break;
             }

@@ -61,10 +61,9 @@ impl Coordinator {
             if finite {
                 inspect = inspect.checking_finite();
             }
-            let refused =
-                |e: shared::weights::WeightsError| ServiceError::InvalidArgument(format!(
-                    "not a fedtune weights file: {e}"
-                ));
+            let refused = |e: shared::weights::WeightsError| {
+                ServiceError::InvalidArgument(format!("not a fedtune weights file: {e}"))
+            };
             let idle = Duration::from_secs(u64::from(c.limits.idle_seconds));
             loop {
                 let Ok(next) = tokio::time::timeout(idle, stream.next()).await else {

@@ -87,6 +87,10 @@ pub struct Coordinator {
     /// Unix seconds of each site's last call, kept in memory (the store keeps the last hello).
     contact: StdMutex<std::collections::HashMap<String, i64>>,
     metrics: Arc<ServerMetrics>,
+    /// One wake-up per site, for its long poll: a site's poll wakes when one of its tasks
+    /// becomes pending, not at every change of any site (a thousand polls woken at every
+    /// lease would each take the write lock).
+    wakers: StdMutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>,
     /// Blobs whose bytes were hashed and matched their name, with the (size, modification
     /// time) they had then (see `verified_blob`).
     verified: Mutex<std::collections::HashMap<String, shared::weights::HashStamp>>,
@@ -110,6 +114,7 @@ impl Coordinator {
             contact: Default::default(),
             metrics,
             verified: Default::default(),
+            wakers: Default::default(),
         })
     }
 
@@ -140,7 +145,22 @@ impl Coordinator {
             return Err(e.into());
         }
         self.notify();
+        let woken = self.store.take_woken();
+        if !woken.is_empty() {
+            let wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+            for site in woken {
+                if let Some(n) = wakers.get(&site) {
+                    n.notify_waiters();
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The wake-up of `site`'s long polls.
+    fn waker(&self, site: &str) -> Arc<tokio::sync::Notify> {
+        let mut wakers = self.wakers.lock().unwrap_or_else(|e| e.into_inner());
+        wakers.entry(site.to_owned()).or_default().clone()
     }
 
     /// The Prometheus text of the server's metrics, with the state gauges read now.
@@ -291,10 +311,18 @@ impl Coordinator {
         }
     }
 
+    /// Expires ended leases, fails revoked sites' tasks and applies passed deadlines. Only
+    /// the rounds something happened to are read: leases come from the index of leases by
+    /// end time, a revoked site's tasks from the index by site.
     async fn tick_leases(&self) -> SResult<()> {
-        let _w = self.write.lock().await;
+        let w = self.write.lock().await;
         let (now_ms, now_s) = (now_ms(), now_s());
-        let mut changed = false;
+        let mut affected = std::collections::BTreeSet::new();
+        for id in self.store.expired_leases(now_ms)? {
+            if let Some(t) = self.store.task(&id)? {
+                affected.insert(t.round_id);
+            }
+        }
         let revoked: HashSet<String> = self
             .store
             .sites()?
@@ -302,7 +330,21 @@ impl Coordinator {
             .filter(|s| self.site_revoked(s))
             .map(|s| s.name)
             .collect();
-        for mut round in self.store.rounds()? {
+        for site in &revoked {
+            for id in self.store.open_tasks_of_site(site)? {
+                if let Some(t) = self.store.task(&id)? {
+                    affected.insert(t.round_id);
+                }
+            }
+        }
+        for r in self.store.rounds()? {
+            if r.state == RoundState::Running && now_s >= r.deadline {
+                affected.insert(r.id);
+            }
+        }
+        let mut changed = false;
+        for round_id in affected {
+            let Some(mut round) = self.store.round(&round_id)? else { continue };
             if round.state != RoundState::Running {
                 continue;
             }
@@ -331,6 +373,7 @@ impl Coordinator {
                 changed = true;
             }
         }
+        drop(w);
         if changed {
             self.durable().await?;
         }
@@ -340,17 +383,12 @@ impl Coordinator {
     /// The next task for `site`: a pending task of a running round, or one this site holds a
     /// lease on (an agent that asks again has dropped it, e.g. after a restart).
     async fn lease_next(&self, site: &str) -> SResult<Option<pb::Task>> {
-        let _w = self.write.lock().await;
-        let mut tasks: Vec<TaskRecord> = self
-            .store
-            .tasks()?
-            .into_iter()
-            .filter(|t| {
-                t.site == site && matches!(t.state, TaskState::Pending | TaskState::Leased { .. })
-            })
-            .collect();
-        tasks.sort_by(|a, b| a.id.cmp(&b.id));
-        for mut task in tasks {
+        let w = self.write.lock().await;
+        for id in self.store.open_tasks_of_site(site)? {
+            let Some(mut task) = self.store.task(&id)? else { continue };
+            if !matches!(task.state, TaskState::Pending | TaskState::Leased { .. }) {
+                continue;
+            }
             let Some(round) = self.store.round(&task.round_id)? else { continue };
             if round.state != RoundState::Running || task.attempt >= round.max_attempts {
                 continue;
@@ -359,6 +397,9 @@ impl Coordinator {
             let lease = self.limits.lease_seconds;
             task.state = TaskState::Leased { deadline_ms: now_ms() + i64::from(lease) * 1000 };
             self.store.commit(None, &[&task], None)?;
+            // Durable before the answer, but flushed without holding the write lock: leases
+            // to other sites go on meanwhile, and concurrent flushes share one write.
+            drop(w);
             self.durable().await?;
             // A transfer round's source task trains Model_S from scratch: no base.
             let view = rounds::task_view(&round, &task);

@@ -47,6 +47,7 @@ impl SiteService for SiteApi {
         site.agent_version =
             body.agent_version.chars().filter(|ch| ch.is_ascii_graphic()).take(64).collect();
         c.store.put_site(&site)?;
+        drop(_w);
         c.store.flush().await?;
         Ok(Response::new(pb::HelloResponse {
             site: id.name,
@@ -71,12 +72,16 @@ impl SiteService for SiteApi {
         }
         let wait = req.get_ref().wait_seconds.min(c.limits.max_poll_seconds);
         let until = tokio::time::Instant::now() + Duration::from_secs(u64::from(wait));
-        let mut changed = c.changed.subscribe();
+        let waker = c.waker(&id.name);
         loop {
+            // Registered before looking, so a task made pending meanwhile is not missed.
+            let woken = waker.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
             if let Some(task) = c.lease_next(&id.name).await? {
                 return Ok(Response::new(pb::NextTaskResponse { task: Some(task) }));
             }
-            if tokio::time::timeout_at(until, changed.changed()).await.is_err() {
+            if tokio::time::timeout_at(until, woken).await.is_err() {
                 return Ok(Response::new(pb::NextTaskResponse { task: None }));
             }
         }
@@ -93,15 +98,18 @@ impl SiteService for SiteApi {
         let pb::FetchModelRequest { sha256, offset } = req.into_inner();
         // A site may fetch a model only while it holds a task that uses it; the bytes sent
         // are counted on that task.
-        let holder = c.store.tasks()?.into_iter().find(|t| {
-            t.site == id.name
-                && matches!(t.state, TaskState::Leased { .. })
+        let mut holder = None;
+        for task_id in c.store.open_tasks_of_site(&id.name)? {
+            let Some(t) = c.store.task(&task_id)? else { continue };
+            if matches!(t.state, TaskState::Leased { .. })
                 && c.store
-                    .round(&t.round_id)
-                    .ok()
-                    .flatten()
-                    .is_some_and(|r| rounds::task_view(&r, t).models().contains(&sha256))
-        });
+                    .round(&t.round_id)?
+                    .is_some_and(|r| rounds::task_view(&r, &t).models().contains(&sha256))
+            {
+                holder = Some(t);
+                break;
+            }
+        }
         let Some(holder) = holder.map(|t| t.id) else {
             return Err(ServiceError::PermissionDenied(format!(
                 "site \"{}\" holds no task that uses model {sha256}",
@@ -156,7 +164,7 @@ impl SiteService for SiteApi {
         let id = identity_of(&req)?;
         let c = &self.0;
         let body = req.into_inner();
-        let _w = c.write.lock().await;
+        let w = c.write.lock().await;
         let (mut task, round) = c.owned_task(&id.name, &body.task_id)?;
         let lease = c.limits.lease_seconds;
         let current =
@@ -169,6 +177,7 @@ impl SiteService for SiteApi {
             task.progress = p.encode_to_vec();
         }
         c.store.commit(None, &[&task], None)?;
+        drop(w);
         c.durable().await?;
         Ok(Response::new(pb::HeartbeatResponse { lease_seconds: lease, stop: false }))
     }
@@ -284,13 +293,20 @@ impl SiteService for SiteApi {
                 );
             }
         }
-        let mut tasks = c.store.round_tasks(&round)?;
+        // The round's other tasks are read only where they may change with this one: a
+        // source's outcome releases the targets, a federated step is judged whole, and the
+        // round settles when this was its last unfinished task. Otherwise this task alone is
+        // written (a round of a thousand sites does not read a thousand tasks per result).
+        let whole = task.source
+            || round.fed.is_some()
+            || !c.store.round_has_open_tasks(&round.id, &task.id)?;
+        let mut tasks = if whole { c.store.round_tasks(&round)? } else { Vec::new() };
         if let Some(t) = tasks.iter_mut().find(|t| t.id == task.id) {
             *t = task.clone();
         }
         // A source's outcome releases (or fails) the targets waiting for Model_S.
         let released = rounds::release_waiting(&round, &mut tasks);
-        let settled = rounds::settle(&mut round, &tasks);
+        let settled = whole && rounds::settle(&mut round, &tasks);
         let changed: Vec<&TaskRecord> = if released { tasks.iter().collect() } else { vec![&task] };
         c.store.commit(
             (settled || task.source).then_some(&round),
@@ -306,9 +322,9 @@ impl SiteService for SiteApi {
             study.base_sha256 = sha.clone();
             c.store.put_study(&study)?;
         }
+        drop(_w);
         c.durable().await?;
         tracing::info!(task = %task.id, site = %id.name, state = ?task.state, "result recorded");
-        drop(_w);
         if round.fed.is_some() {
             // The step may be done: average now rather than at the next tick.
             c.advance_federated().await?;

@@ -8,6 +8,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError};
 
+mod index;
 mod records;
 pub use records::{
     AuditAnchorRecord, FedAggregate, FedState, ModelRecord, RoundRecord, RoundState, SiteRecord,
@@ -31,8 +32,9 @@ pub enum StoreError {
 
 /// The layout of the database this coordinator writes: its trees and their records. Kept in
 /// the `meta` tree (`schema_version`, 4 bytes big-endian) and checked at every open; a
-/// database without it (written before it was kept) is version 1.
-pub const SCHEMA_VERSION: u32 = 1;
+/// database without it (written before it was kept) is version 1. Version 2 added the task
+/// indexes ([`index`]), built from the tasks when a version-1 database is opened.
+pub const SCHEMA_VERSION: u32 = 2;
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -48,6 +50,10 @@ pub struct Store {
     tasks: sled::Tree,
     results: sled::Tree,
     audit_anchors: sled::Tree,
+    indexes: index::Indexes,
+    /// Sites with a task written as pending since [`Store::take_woken`] was last called: the
+    /// long polls to wake.
+    woken: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> StoreResult<T> {
@@ -66,25 +72,22 @@ impl Store {
     pub fn open(path: &std::path::Path) -> StoreResult<Self> {
         let db = sled::Config::new().path(path).open()?;
         let meta = db.open_tree("meta")?;
-        match meta.get("schema_version")? {
-            Some(v) => {
-                let found =
-                    <[u8; 4]>::try_from(v.as_ref()).map(u32::from_be_bytes).map_err(|_| {
-                        StoreError::Corrupt {
-                            tree: "meta",
-                            key: "schema_version".into(),
-                            error: "not 4 bytes".into(),
-                        }
-                    })?;
-                if found > SCHEMA_VERSION {
-                    return Err(StoreError::Schema { found });
+        let found = match meta.get("schema_version")? {
+            Some(v) => <[u8; 4]>::try_from(v.as_ref()).map(u32::from_be_bytes).map_err(|_| {
+                StoreError::Corrupt {
+                    tree: "meta",
+                    key: "schema_version".into(),
+                    error: "not 4 bytes".into(),
                 }
-            }
-            None => {
-                meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
-            }
+            })?,
+            // A database this coordinator just made, or one written before the version was
+            // kept (version 1): both get their indexes built below.
+            None => 1,
+        };
+        if found > SCHEMA_VERSION {
+            return Err(StoreError::Schema { found });
         }
-        Ok(Self {
+        let store = Self {
             sites: db.open_tree("sites")?,
             models: db.open_tree("models")?,
             model_names: db.open_tree("model_names")?,
@@ -93,8 +96,20 @@ impl Store {
             tasks: db.open_tree("tasks")?,
             results: db.open_tree("results")?,
             audit_anchors: db.open_tree("audit_anchors")?,
+            indexes: index::Indexes {
+                by_site: db.open_tree("index_site_tasks")?,
+                by_round: db.open_tree("index_round_tasks")?,
+                leases: db.open_tree("index_leases")?,
+            },
+            woken: Default::default(),
             db,
-        })
+        };
+        if found < SCHEMA_VERSION {
+            store.indexes.rebuild(&store.tasks)?;
+            meta.insert("schema_version", &SCHEMA_VERSION.to_be_bytes())?;
+            store.db.flush()?;
+        }
+        Ok(store)
     }
 
     /// Writes the time into `meta` and flushes: fails once sled has stopped after a failed
@@ -247,27 +262,71 @@ impl Store {
         Ok(self.results.get(task_id)?.map(|v| v.to_vec()))
     }
 
-    /// Writes a round and its tasks (and a task's result) in one transaction.
+    /// Writes a round and its tasks (and a task's result) in one transaction, with the
+    /// tasks' index entries.
     pub fn commit(
         &self,
         round: Option<&RoundRecord>,
         tasks: &[&TaskRecord],
         result: Option<(&str, &[u8])>,
     ) -> StoreResult<()> {
-        (&self.rounds, &self.tasks, &self.results)
-            .transaction(|(r, t, res)| {
+        let ix = &self.indexes;
+        (&self.rounds, &self.tasks, &self.results, &ix.by_site, &ix.by_round, &ix.leases)
+            .transaction(|(r, t, res, by_site, by_round, leases)| {
                 if let Some(round) = round {
                     r.insert(round.id.as_bytes(), encode(round))?;
                 }
                 for task in tasks {
-                    t.insert(task.id.as_bytes(), encode(*task))?;
+                    let old = t.insert(task.id.as_bytes(), encode(*task))?;
+                    index::reindex([by_site, by_round, leases], old.as_deref(), task)?;
                 }
                 if let Some((id, bytes)) = result {
                     res.insert(id.as_bytes(), bytes)?;
                 }
                 Ok::<_, ConflictableTransactionError<StoreError>>(())
             })
-            .map_err(tx_error)
+            .map_err(tx_error)?;
+        let pending = tasks.iter().filter(|t| t.state == TaskState::Pending);
+        self.woken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(pending.map(|t| t.site.clone()));
+        Ok(())
+    }
+
+    /// The sites that got a pending task since the last call.
+    pub fn take_woken(&self) -> std::collections::HashSet<String> {
+        std::mem::take(&mut *self.woken.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The ids of `site`'s unfinished tasks (waiting, pending or leased), in id order.
+    pub fn open_tasks_of_site(&self, site: &str) -> StoreResult<Vec<String>> {
+        self.indexes
+            .by_site
+            .scan_prefix(index::prefix(site))
+            .keys()
+            .map(|k| Ok(index::task_of(&k?, false)))
+            .collect()
+    }
+
+    /// Whether any task of the round but `except` is unfinished.
+    pub fn round_has_open_tasks(&self, round_id: &str, except: &str) -> StoreResult<bool> {
+        for k in self.indexes.by_round.scan_prefix(index::prefix(round_id)).keys() {
+            if index::task_of(&k?, false) != except {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The ids of leased tasks whose lease ended at or before `now_ms`, soonest first.
+    pub fn expired_leases(&self, now_ms: i64) -> StoreResult<Vec<String>> {
+        self.indexes
+            .leases
+            .range(..index::lease_key(now_ms.saturating_add(1), ""))
+            .keys()
+            .map(|k| Ok(index::task_of(&k?, true)))
+            .collect()
     }
 }
 

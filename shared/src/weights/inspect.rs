@@ -97,7 +97,8 @@ impl Finite {
         }
         let words = data.chunks_exact(4);
         self.carry.extend_from_slice(words.remainder());
-        self.all &= words.into_iter().all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
+        self.all &=
+            words.into_iter().all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite());
     }
 }
 
