@@ -34,5 +34,6 @@ pub mod evaluate;
 pub mod experiment;
 pub mod model;
 pub mod progress;
+pub mod simulate;
 pub mod train;
 pub mod weights;

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 pub mod agents;
 pub mod federation;
 pub mod privacy;
+pub mod scale;
 
 /// Says that a test skipped a check and why, on stderr and in `skipped-tests.txt` in
 /// `tmpdir` (the test's `CARGO_TARGET_TMPDIR`, `target/tmp`), which `.ci/run` prints after the

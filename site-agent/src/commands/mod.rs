@@ -71,6 +71,12 @@ pub enum Command {
     /// Check the setup before running: config, certificate, proxy, coordinator, TLS and
     /// identity, clock, data, device, disk. One line per check; exit 1 if any fails.
     Doctor(ops::DoctorArgs),
+    /// Load test: N light agents (real protocol, one mutual-TLS connection and site
+    /// certificate each) with a fixed fake workload, against one coordinator; writes a JSON
+    /// report of what they did. Not for production: it runs no model and reads no data.
+    #[command(after_help = "Example:
+  site-agent simulate --coordinator https://127.0.0.1:50051 --bundles pki/sites --count 100 --seconds 60 --report sim.json")]
+    Simulate(ops::SimulateArgs),
     /// Print a shell completion script.
     #[command(
         after_help = "Example:\n  site-agent completions bash > /etc/bash_completion.d/site-agent"
@@ -167,6 +173,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Audit(a) => audit_cmd(&a),
         Command::Init(a) => ops::init(&a),
         Command::Doctor(a) => ops::doctor(&a),
+        Command::Simulate(a) => ops::simulate(&a, shutdown_signal()),
         Command::Completions(a) => {
             ops::completions(&a);
             Ok(())
