@@ -54,6 +54,16 @@ pub struct Store {
     /// Sites with a task written as pending since [`Store::take_woken`] was last called: the
     /// long polls to wake.
     woken: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    flusher: std::sync::Arc<Flusher>,
+}
+
+/// Group commit's counters: flushes asked for, the last one a finished flush covered, and the
+/// one-at-a-time lock.
+#[derive(Debug, Default)]
+struct Flusher {
+    requested: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    running: tokio::sync::Mutex<()>,
 }
 
 fn decode<T: DeserializeOwned>(tree: &'static str, key: &[u8], bytes: &[u8]) -> StoreResult<T> {
@@ -102,6 +112,7 @@ impl Store {
                 leases: db.open_tree("index_leases")?,
             },
             woken: Default::default(),
+            flusher: Default::default(),
             db,
         };
         if found < SCHEMA_VERSION {
@@ -126,9 +137,26 @@ impl Store {
         &self.db
     }
 
-    /// Makes every change so far durable.
+    /// Makes every change so far durable. Concurrent callers share flushes (group commit):
+    /// one runs at a time, and a caller whose changes a flush begun after them has already
+    /// made durable returns without starting another. sled's own `flush_async` is not used: concurrent
+    /// calls of it can wait forever (sled issue #1308, open for 0.34), which a thousand agents
+    /// found here; its blocking `flush` runs on the blocking pool instead.
     pub async fn flush(&self) -> StoreResult<()> {
-        self.db.flush_async().await?;
+        use std::sync::atomic::Ordering;
+        let f = &self.flusher;
+        // Taken after the caller's writes: a flush that starts later covers them.
+        let mine = f.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let _one = f.running.lock().await;
+        if f.done.load(Ordering::SeqCst) >= mine {
+            return Ok(());
+        }
+        let upto = f.requested.load(Ordering::SeqCst);
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::Io(std::io::Error::other(e)))??;
+        f.done.fetch_max(upto, Ordering::SeqCst);
         Ok(())
     }
 

@@ -44,6 +44,21 @@ fn same_seed_same_weights() {
     assert_ne!(bytes(&a), bytes(&c));
 }
 
+/// A duplicate holds the same weights, and changing it leaves the original as it was (each
+/// arm of a task trains its own copy of the base decoded once).
+#[test]
+fn a_duplicate_is_equal_and_independent() {
+    let (a, other) = (tiny_net(3), tiny_net(4));
+    let bytes = |n: &Net| weights::to_bytes(n, &Provenance::default()).expect("bytes");
+    let copy = a.duplicate().expect("duplicate");
+    assert_eq!(bytes(&copy), bytes(&a));
+    for ((_, to), (_, from)) in copy.named_vars().iter().zip(other.named_vars()) {
+        to.set(from.as_tensor()).expect("set");
+    }
+    assert_eq!(bytes(&copy), bytes(&other));
+    assert_eq!(bytes(&a), bytes(&tiny_net(3)), "the original is unchanged");
+}
+
 #[test]
 fn weights_round_trip_with_identical_outputs_and_manifest() {
     let net = tiny_net(1);

@@ -105,8 +105,11 @@ async fn agents(count: usize, workload_ms: u64, heartbeat_ms: u64) -> Result<()>
     let sim = tokio::spawn(site_agent::simulate::run(opts, async move {
         let _ = stopped.await;
     }));
+    eprintln!("coordinator started; approving {count} sites");
     bench.approve(count).await?;
+    eprintln!("approved; pushing the model");
     bench.study("scale", &model).await?;
+    eprintln!("study made; starting the round");
     let setup_s = setup.elapsed().as_secs_f64();
     // Every agent is now long-polling.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -114,6 +117,7 @@ async fn agents(count: usize, workload_ms: u64, heartbeat_ms: u64) -> Result<()>
     let cpu0 = bench.cpu_seconds();
     let t0 = Instant::now();
     let (round, sent_ms) = bench.evaluate_round("scale", count).await?;
+    eprintln!("round {round} started");
     let info = bench.wait_round(&round, Duration::from_secs(600)).await?;
     let wall = t0.elapsed().as_secs_f64();
     let cpu = bench.cpu_seconds() - cpu0;

@@ -16,5 +16,6 @@ mod policy;
 mod preflight;
 mod refusals;
 mod revocation;
+mod scale;
 mod stalled;
 mod stock_clients;
