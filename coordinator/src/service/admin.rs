@@ -275,6 +275,9 @@ impl AdminService for AdminApi {
             PlanError::NotFound(m) => ServiceError::NotFound(m),
         })?;
         c.store.commit(Some(&round), &tasks.iter().collect::<Vec<_>>(), None)?;
+        // Leases may start as soon as the tasks are durable: the flush and the answer's
+        // round view run without the write lock.
+        drop(_w);
         c.durable().await?;
         let id = &round.id;
         tracing::info!(admin = %who.name, round = %id, study = %study.name, kind = ?kind, "round started");

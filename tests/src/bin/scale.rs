@@ -117,6 +117,7 @@ async fn agents(count: usize, workload_ms: u64, heartbeat_ms: u64) -> Result<()>
     let cpu0 = bench.cpu_seconds();
     let t0 = Instant::now();
     let (round, sent_ms) = bench.evaluate_round("scale", count).await?;
+    let answered_ms = tests::scale::now_ms();
     eprintln!("round {round} started");
     let info = bench.wait_round(&round, Duration::from_secs(600)).await?;
     let wall = t0.elapsed().as_secs_f64();
@@ -136,10 +137,14 @@ async fn agents(count: usize, workload_ms: u64, heartbeat_ms: u64) -> Result<()>
     println!("| setup: certificates, start, {count} hellos and approvals | {setup_s:.1} s |");
     println!("| tasks leased / succeeded | {} / {done} |", lat.len());
     println!(
-        "| task creation to lease, p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
+        "| StartRound sent to lease, p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
         percentile(&lat, 50.0),
         percentile(&lat, 99.0),
         percentile(&lat, 100.0)
+    );
+    println!(
+        "| StartRound ({count} tasks planned, committed, flushed) answered after | {} ms |",
+        answered_ms - sent_ms
     );
     println!(
         "| heartbeats ({heartbeat_ms} ms apart while working {workload_ms} ms) | {} in {wall:.1} s = {:.0}/s |",
