@@ -289,7 +289,8 @@ pub fn weights_file(dir: &Path, mb: u64) -> Result<(PathBuf, u64)> {
             .iter()
             .map(|w| (((*w as f64 * scale) / 8.0).round() as usize).max(1) * 8)
             .collect();
-        config.name = format!("resnet103-x{scale:.2}");
+        // The name stays the preset's: a round plans by it (the layer count, which widths
+        // do not change); the manifest carries the widths.
         size = save(&config)?;
     }
     Ok((path, size))

@@ -130,8 +130,9 @@ impl SiteService for SiteApi {
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(|source| ServiceError::Io { path: path.clone(), source })?;
-        // Two chunks queued: a reader that stops holds at most ~3 MiB until the idle limit.
-        let (feed, stream) = Feed::new(c.limits.idle_seconds, 2);
+        // One chunk queued ahead of the one being sent: a download costs a few chunks of
+        // memory whatever the model's size, and a cut one leaves little read for nothing.
+        let (feed, stream) = Feed::new(c.limits.idle_seconds, 1);
         tokio::spawn(async move {
             let mut pos = offset;
             let mut buf = vec![0u8; limits::CHUNK_BYTES];

@@ -277,20 +277,23 @@ async fn resume(mb: u64, cuts: usize, seed: u64) -> Result<()> {
     let m = task.base.context("a base model")?;
     let dir = bench.root.join("cache");
     let part = dir.join(format!("{}.part", m.sha256));
+    // The cut points, uniform over the file: each download is cut at the next one past
+    // what the agent has kept.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let mut calls = 0;
-    let mut kept_total = 0u64;
+    let mut points: Vec<u64> = (0..cuts).map(|_| rng.random_range(1..size)).collect();
+    points.sort_unstable();
+    let mut points = points.into_iter();
+    let (mut cuts_made, mut kept_total) = (0, 0u64);
     loop {
         let before = std::fs::metadata(&part).map_or(0, |m| m.len());
-        let left = size - before;
-        let cut = (calls < cuts).then(|| rng.random_range(1..left.max(2)));
-        calls += 1;
+        let cut = points.by_ref().find(|p| *p > before).map(|p| p - before);
         match link.fetch_model(&m, &dir, cut, &mut |_, _| {}).await {
             Ok((_, received)) => {
                 kept_total += received;
                 break;
             }
             Err(site_agent::agent::CallError::Interrupted(_)) => {
+                cuts_made += 1;
                 kept_total += std::fs::metadata(&part).map_or(0, |m| m.len()) - before;
             }
             Err(e) => return Err(e.into()),
@@ -303,7 +306,6 @@ async fn resume(mb: u64, cuts: usize, seed: u64) -> Result<()> {
     let info =
         bench.admin.get_round(pb::RoundRequest { round_id: round.clone() }).await?.into_inner();
     let sent = info.tasks.first().map_or(0, |t| t.bytes_down);
-    let cuts_made = calls - 1;
     let again = sent.saturating_sub(size);
     println!("| measure | value |\n|---|---|");
     println!(
@@ -311,7 +313,7 @@ async fn resume(mb: u64, cuts: usize, seed: u64) -> Result<()> {
         mib(proto::limits::CHUNK_BYTES as u64),
         size.div_ceil(proto::limits::CHUNK_BYTES as u64)
     );
-    println!("| cuts (random points, seed {seed}) | {cuts_made} |");
+    println!("| cuts (points uniform over the file, seed {seed}) | {cuts_made} |");
     println!(
         "| bytes the agent received in all | {kept_total} ({} received twice) |",
         kept_total.saturating_sub(size)
