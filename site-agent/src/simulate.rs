@@ -106,8 +106,7 @@ pub async fn run(opts: Options, stop: impl Future<Output = ()>) -> Report {
     stop.await;
     let _ = tx.send(true);
     while agents.join_next().await.is_some() {}
-    let r = report.lock().unwrap_or_else(|e| e.into_inner()).clone();
-    r
+    report.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
 fn error(report: &Mutex<Report>, rpc: &str, e: impl std::fmt::Display) {
