@@ -389,7 +389,7 @@ impl Coordinator {
             if !matches!(task.state, TaskState::Pending | TaskState::Leased { .. }) {
                 continue;
             }
-            let Some(round) = self.store.round(&task.round_id)? else { continue };
+            let Some(round) = self.store.round_shared(&task.round_id)? else { continue };
             if round.state != RoundState::Running || task.attempt >= round.max_attempts {
                 continue;
             }
@@ -409,7 +409,7 @@ impl Coordinator {
             return Ok(Some(pb::Task {
                 task_id: task.id,
                 attempt: task.attempt,
-                round_id: round.id,
+                round_id: round.id.clone(),
                 spec: Some(view.spec),
                 base,
                 lease_seconds: lease,

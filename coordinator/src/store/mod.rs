@@ -55,6 +55,13 @@ pub struct Store {
     /// long polls to wake.
     woken: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     flusher: std::sync::Arc<Flusher>,
+    /// Rounds decoded lately, each with the bytes it was decoded from (see
+    /// [`Store::round_shared`]).
+    decoded: std::sync::Arc<
+        std::sync::Mutex<
+            std::collections::HashMap<String, (sled::IVec, std::sync::Arc<RoundRecord>)>,
+        >,
+    >,
 }
 
 /// Group commit's counters: flushes asked for, the last one a finished flush covered, and the
@@ -113,6 +120,7 @@ impl Store {
             },
             woken: Default::default(),
             flusher: Default::default(),
+            decoded: Default::default(),
             db,
         };
         if found < SCHEMA_VERSION {
@@ -262,6 +270,24 @@ impl Store {
 
     pub fn round(&self, id: &str) -> StoreResult<Option<RoundRecord>> {
         Self::get(&self.rounds, "rounds", id)
+    }
+    /// A round, decoded once while its stored bytes stay the same: a round of a thousand
+    /// sites lists a thousand task ids, and every lease reads its round.
+    pub fn round_shared(&self, id: &str) -> StoreResult<Option<std::sync::Arc<RoundRecord>>> {
+        let Some(raw) = self.rounds.get(id)? else { return Ok(None) };
+        let mut cache = self.decoded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((bytes, round)) = cache.get(id)
+            && *bytes == raw
+        {
+            return Ok(Some(round.clone()));
+        }
+        let round: std::sync::Arc<RoundRecord> =
+            std::sync::Arc::new(decode("rounds", id.as_bytes(), &raw)?);
+        if cache.len() >= 64 {
+            cache.clear();
+        }
+        cache.insert(id.to_owned(), (raw, round.clone()));
+        Ok(Some(round))
     }
     pub fn rounds(&self) -> StoreResult<Vec<RoundRecord>> {
         Self::all(&self.rounds, "rounds")
