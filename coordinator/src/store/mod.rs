@@ -57,12 +57,11 @@ pub struct Store {
     flusher: std::sync::Arc<Flusher>,
     /// Rounds decoded lately, each with the bytes it was decoded from (see
     /// [`Store::round_shared`]).
-    decoded: std::sync::Arc<
-        std::sync::Mutex<
-            std::collections::HashMap<String, (sled::IVec, std::sync::Arc<RoundRecord>)>,
-        >,
-    >,
+    decoded: std::sync::Arc<std::sync::Mutex<DecodedRounds>>,
 }
+
+/// Rounds decoded lately, by id, with the stored bytes each was decoded from.
+type DecodedRounds = std::collections::HashMap<String, (sled::IVec, std::sync::Arc<RoundRecord>)>;
 
 /// Group commit's counters: flushes asked for, the last one a finished flush covered, and the
 /// one-at-a-time lock.
