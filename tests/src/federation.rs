@@ -205,33 +205,8 @@ impl Federation {
         let path = self.root.join("coordinator.toml");
         std::fs::write(&path, toml)?;
         // Appended to: a restarted coordinator's log follows the killed one's.
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.root.join("coordinator.log"))?;
-        let mut child = std::process::Command::new(crate::bin("coordinator")?)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("starting the coordinator binary")?;
-        let stdout = child.stdout.take().context("coordinator stdout")?;
-        let line = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            let mut line = String::new();
-            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        });
-        let line = tokio::time::timeout(Duration::from_secs(30), line)
-            .await
-            .context("coordinator start")???;
-        if !line.starts_with("listening on") {
-            let _ = child.kill();
-            bail!(
-                "the coordinator did not start: {line:?} (see {})",
-                self.root.join("coordinator.log").display()
-            );
-        }
+        let child =
+            crate::spawn_coordinator(&path, &self.root.join("coordinator.log"), &[]).await?;
         self.server = Some(Server::Process(child));
         Ok(())
     }

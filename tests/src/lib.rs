@@ -26,10 +26,14 @@ pub fn skipped(tmpdir: &str, what: &str) {
     }
 }
 
-/// Path of a workspace binary built next to this test executable.
+/// Path of a workspace binary built next to this executable: a test's (in
+/// `target/<profile>/deps/`) or a binary's of this crate (in `target/<profile>/`).
 pub fn bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locating the test executable")?;
-    let dir = exe.parent().and_then(|d| d.parent()).context("test executable has no target dir")?;
+    let mut dir = exe.parent().context("the executable has no folder")?;
+    if dir.ends_with("deps") {
+        dir = dir.parent().context("test executable has no target dir")?;
+    }
     let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     if !path.exists() {
         bail!(
@@ -87,4 +91,36 @@ pub fn coordinator(args: &[&str]) -> Result<Run> {
         .output()
         .context("starting coordinator")?;
     Ok(Run::from(out))
+}
+
+/// Starts `coordinator serve --config CONFIG` with `env` added, its log appended to `log`, and
+/// waits (up to 30 s) for the `listening on` line it prints once it serves.
+pub async fn spawn_coordinator(
+    config: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Result<std::process::Child> {
+    let stderr = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut child = Command::new(bin("coordinator")?)
+        .args(["serve", "--config"])
+        .arg(config)
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .context("starting the coordinator binary")?;
+    let stdout = child.stdout.take().context("coordinator stdout")?;
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
+    });
+    let line = tokio::time::timeout(std::time::Duration::from_secs(30), line)
+        .await
+        .context("coordinator start")???;
+    if !line.starts_with("listening on") {
+        let _ = child.kill();
+        bail!("the coordinator did not start: {line:?} (see {})", log.display());
+    }
+    Ok(child)
 }

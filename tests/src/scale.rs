@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use coordinator::identity::Role;
 use coordinator::lead::Conn;
 use coordinator::pki::Pki;
@@ -37,19 +37,6 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The workspace binary `name` beside this executable (`target/<profile>/`).
-fn sibling(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe.parent().context("no folder")?;
-    for d in [dir, dir.parent().unwrap_or(dir)] {
-        let p = d.join(name);
-        if p.exists() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} is not built beside {}: cargo build --release -p {name}", exe.display())
-}
-
 impl Bench {
     /// A PKI with `sites` site bundles (`sim-0000`...), and the coordinator started with
     /// leases of `lease_seconds`.
@@ -72,26 +59,9 @@ impl Bench {
         cfg.limits.max_connections = (sites as u32 + 64).max(cfg.limits.max_connections);
         let path = root.join("coordinator.toml");
         std::fs::write(&path, toml::to_string(&cfg)?)?;
-        let log = std::fs::File::create(root.join("coordinator.log"))?;
-        let mut child = std::process::Command::new(sibling("coordinator")?)
-            .args(["serve", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .context("starting coordinator serve")?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let line = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            let mut line = String::new();
-            std::io::BufReader::new(stdout).read_line(&mut line).map(|_| line)
-        })
-        .await??;
-        if !line.starts_with("listening on") {
-            let _ = child.kill();
-            bail!("the coordinator did not start: {line:?}");
-        }
+        let child =
+            crate::spawn_coordinator(&path, &root.join("coordinator.log"), &[("RUST_LOG", "warn")])
+                .await?;
         let conn = Conn {
             coordinator: format!("https://{addr}"),
             bundle: pki.bundle_dir(Role::Admin, "lead"),
