@@ -4,7 +4,7 @@
 
 use crate::store::{FedAggregate, RoundRecord, RoundState, TaskRecord, TaskState};
 
-pub use super::tails::{Contribution, FedError, average, check_tail, check_tail_header};
+pub use super::tails::{Contribution, FedError, average, check_tail_header};
 
 /// Where a federated round's current step stands.
 #[derive(Clone, Debug, PartialEq, Eq)]

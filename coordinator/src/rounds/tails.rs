@@ -24,23 +24,6 @@ fn names_shapes(st: &[u8]) -> Result<BTreeMap<String, (Dtype, Vec<usize>)>, FedE
     Ok(meta.tensors().into_iter().map(|(n, i)| (n, (i.dtype, i.shape.clone()))).collect())
 }
 
-/// Checks an uploaded tail against its base model's bytes: see [`check_tail_header`].
-pub fn check_tail(
-    tail: &[u8],
-    base: &[u8],
-    base_sha256: &str,
-    k: usize,
-) -> Result<WeightsManifest, FedError> {
-    let inspect = |bytes: &[u8]| {
-        let mut i = weights::Inspect::new().checking_finite();
-        i.update(bytes).and_then(|()| i.finish()).map_err(|e| FedError::Format(e.to_string()))
-    };
-    let tail = inspect(tail)?;
-    let base = inspect(base).map_err(|e| FedError::Format(format!("base: {e}")))?;
-    check_tail_header(&tail, &base.header, base_sha256, k)?;
-    Ok(tail.header.manifest)
-}
-
 /// Checks an uploaded tail, read as it arrived, against its base model's header: it names
 /// that base, holds the last `k` layers (`k` as the task asked), the same config and organ
 /// map, exactly the base's tensors of those layers with their dtypes and shapes, all f32 and
@@ -184,10 +167,28 @@ pub fn average(contributions: &[Contribution<'_>], fed: Federated) -> Result<Vec
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use shared::architecture::ModelConfig;
     use shared::organs::OrganMap;
 
     const BASE: &str = "ab00000000000000000000000000000000000000000000000000000000000000";
+
+    /// [`check_tail_header`] over whole files, as the coordinator reads them in a stream.
+    fn check_tail(
+        tail: &[u8],
+        base: &[u8],
+        base_sha256: &str,
+        k: usize,
+    ) -> Result<WeightsManifest, FedError> {
+        let inspect = |bytes: &[u8]| {
+            let mut i = weights::Inspect::new().checking_finite();
+            i.update(bytes).and_then(|()| i.finish()).map_err(|e| FedError::Format(e.to_string()))
+        };
+        let tail = inspect(tail)?;
+        let base = inspect(base).map_err(|e| FedError::Format(format!("base: {e}")))?;
+        check_tail_header(&tail, &base.header, base_sha256, k)?;
+        Ok(tail.header.manifest)
+    }
 
     fn manifest(tail: Option<TailOf>) -> WeightsManifest {
         let config = ModelConfig::preset("tiny").unwrap();

@@ -163,14 +163,10 @@ impl Coordinator {
             return Ok((path, meta.len()));
         }
         let blob = path.clone();
-        let stored = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
-            let mut h = Sha256::new();
-            std::io::copy(&mut std::fs::File::open(blob)?, &mut h)?;
-            Ok(hex::encode(h.finalize()))
-        })
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?
-        .map_err(io)?;
+        let (stored, _) = tokio::task::spawn_blocking(move || shared::weights::sha256_file(&blob))
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?
+            .map_err(io)?;
         if stored != sha256 {
             tracing::error!(
                 sha256,
