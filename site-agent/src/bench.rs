@@ -27,6 +27,17 @@ pub struct BenchOptions {
     pub device: Device,
     /// How the device is described in the result.
     pub device_name: String,
+    /// Record the time of every CPU op by shape in the timed runs ([`crate::model::ops::profile`]).
+    pub profile: bool,
+}
+
+/// Where the timed runs of one figure spent their time: wall seconds in all, and per op and
+/// shape (the rest is candle's own ops, the loss, the optimizer and the data).
+#[derive(Clone, Debug, Serialize)]
+pub struct FigureProfile {
+    pub figure: String,
+    pub seconds: f64,
+    pub ops: Vec<crate::model::ops::profile::OpTime>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -51,6 +62,9 @@ pub struct BenchResult {
     /// GPU only: the most memory in use on the GPU at the end of a training step, as the
     /// driver reports it (candle's pool included, and any other process's).
     pub peak_device_mib: Option<f64>,
+    /// With `profile`: per figure, the time per op and shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Vec<FigureProfile>>,
 }
 
 fn random_slices(net: &Net, n: usize, seed: u64) -> TrainResult<SliceSet> {
@@ -76,17 +90,53 @@ fn train_rate(
     cache: bool,
     repeat: usize,
     peak: &mut DevicePeak,
+    profile: &mut Profiler,
 ) -> TrainResult<f64> {
     let opts = TrainOptions { epochs: 1, batch_size: batch, cache, ..Default::default() };
     let mut watch = |_: &crate::train::TrainEvent| peak.observe(net.device());
     train(net, k, data, &opts, &mut watch)?;
+    profile.start();
     let mut best = 0f64;
+    let mut spent = 0f64;
     for _ in 0..repeat.max(1) {
         let report = train(net, k, data, &opts, &mut watch)?;
         // The cache build is a one-off cost per fine-tune, reported with the cache figure.
-        best = best.max(data.len() as f64 / (report.seconds - report.cache_seconds));
+        let seconds = report.seconds - report.cache_seconds;
+        spent += report.seconds;
+        best = best.max(data.len() as f64 / seconds);
     }
+    profile.finish(spent);
     Ok(best)
+}
+
+/// Collects [`FigureProfile`]s when profiling is on.
+#[derive(Debug)]
+struct Profiler {
+    figures: Option<Vec<FigureProfile>>,
+    next: &'static [&'static str],
+}
+
+impl Profiler {
+    fn new(on: bool) -> Self {
+        crate::model::ops::profile::enable(on);
+        let next = &["full training", "tail, prefix recomputed", "tail, frozen-prefix cache"];
+        Self { figures: on.then(Vec::new), next: next.as_slice() }
+    }
+
+    /// Drops what warm-up recorded.
+    fn start(&mut self) {
+        let _ = crate::model::ops::profile::take();
+    }
+
+    /// Files what was recorded since `start` under the next figure's name.
+    fn finish(&mut self, seconds: f64) {
+        let (name, rest) = self.next.split_first().unwrap_or((&"evaluation", &[]));
+        self.next = rest;
+        if let Some(f) = &mut self.figures {
+            let ops = crate::model::ops::profile::take();
+            f.push(FigureProfile { figure: (*name).to_owned(), seconds, ops });
+        }
+    }
 }
 
 /// The most GPU memory seen in use (total minus free, from the driver).
@@ -127,11 +177,15 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
     let data = random_slices(&net, n, 7)?;
     let total = (!device.is_cpu()).then(|| crate::device::total_memory_bytes(device)).flatten();
     let mut peak = DevicePeak::new(total);
-    let full = train_rate(&net, layers, &data, opts.batch, false, opts.repeat, &mut peak)?;
-    let tail = train_rate(&net, k, &data, opts.batch, false, opts.repeat, &mut peak)?;
-    let cached = train_rate(&net, k, &data, opts.batch, true, opts.repeat, &mut peak)?;
+    let mut prof = Profiler::new(opts.profile);
+    let (p, r) = (&mut peak, opts.repeat);
+    let full = train_rate(&net, layers, &data, opts.batch, false, r, p, &mut prof)?;
+    let tail = train_rate(&net, k, &data, opts.batch, false, r, p, &mut prof)?;
+    let cached = train_rate(&net, k, &data, opts.batch, true, r, p, &mut prof)?;
     let _ = net.infer(&data.images.narrow(0, 0, opts.batch)?)?;
+    prof.start();
     let mut eval = 0f64;
+    let eval_start = Instant::now();
     for _ in 0..opts.repeat.max(1) {
         let t = Instant::now();
         let mut start = 0;
@@ -143,6 +197,8 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
         device.synchronize()?;
         eval = eval.max(n as f64 / t.elapsed().as_secs_f64());
     }
+    prof.finish(eval_start.elapsed().as_secs_f64());
+    crate::model::ops::profile::enable(false);
     // Trainable tensors only: batch-norm running statistics are buffers, not parameters.
     let parameters = net.trainable_vars(layers)?.iter().map(|v| v.elem_count()).sum();
     Ok(BenchResult {
@@ -162,5 +218,6 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
         eval_slices_per_s: eval,
         peak_rss_mib: peak_rss_mib(),
         peak_device_mib: peak.most.map(|b| b as f64 / (1u64 << 20) as f64),
+        profile: prof.figures,
     })
 }

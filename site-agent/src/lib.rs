@@ -13,6 +13,7 @@
 //! - [`evaluate`]: whole-volume prediction at the original grid, and per-case Dice and HD95.
 //! - [`experiment`]: the published three-arm experiment (Model_S, Model_T, Model_ST) on one machine.
 //! - [`bench`]: training and inference throughput on this machine.
+//! - [`memory`]: how long the allocator keeps freed pages (reused between training steps).
 //! - [`dicom`]: DICOM CT series and RTSTRUCT in (`import-dicom`), predicted contours out as an
 //!   RTSTRUCT.
 //!
@@ -32,6 +33,7 @@ pub mod device;
 pub mod dicom;
 pub mod evaluate;
 pub mod experiment;
+pub mod memory;
 pub mod model;
 pub mod progress;
 pub mod simulate;

@@ -27,6 +27,7 @@ fn tune_candle_thread_pool() {
 
 fn main() -> ExitCode {
     tune_candle_thread_pool();
+    site_agent::memory::keep_freed_pages();
     let cli: Cli = match shared::cli::parse() {
         Ok(cli) => cli,
         Err(code) => return code,

@@ -74,6 +74,7 @@ pub fn run_task(
     };
     runner.span = (0.0, 1.0);
     runner.phase("done", 1.0);
+    crate::memory::release_freed_pages();
     match result {
         Ok(r) => Outcome::Result(r),
         Err(Ended::Failure(code)) => Outcome::Failure(code),

@@ -96,6 +96,9 @@ pub struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also print where each figure's timed runs spent their time, per CPU op and layer shape.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub(super) fn experiment_cmd(a: &ExperimentArgs, quiet: bool) -> Result<()> {
@@ -172,6 +175,7 @@ pub(super) fn bench_cmd(a: &BenchArgs) -> Result<()> {
         trainable_layers: a.trainable_layers,
         device: selected.device,
         device_name: selected.info.to_string(),
+        profile: a.profile,
     })?;
     if a.json {
         out(&serde_json::to_string(&r)?);
@@ -189,6 +193,17 @@ pub(super) fn bench_cmd(a: &BenchArgs) -> Result<()> {
         }
         if let Some(m) = r.peak_device_mib {
             out(&format!("peak memory (GPU, driver)  {m:>9.0} MiB"));
+        }
+        for f in r.profile.iter().flatten() {
+            out(&format!("\n{}: {:.2} s in the timed runs", f.figure, f.seconds));
+            let mut covered = 0.0;
+            for op in &f.ops {
+                covered += op.seconds;
+                let share = 100.0 * op.seconds / f.seconds;
+                out(&format!("  {:<44} {:>6} calls {:>8.3} s {share:>5.1} %", op.op, op.calls, op.seconds));
+            }
+            let rest = f.seconds - covered;
+            out(&format!("  {:<44} {:>12} {rest:>8.3} s {:>5.1} %", "other (candle ops, loss, optimizer)", "", 100.0 * rest / f.seconds));
         }
     }
     Ok(())

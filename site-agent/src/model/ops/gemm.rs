@@ -42,6 +42,10 @@ impl<'a> Mat<'a> {
     pub(super) fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         Self { data, rows, cols, rs: cols, cs: 1 }
     }
+    /// Rows of `cols` elements that start `rs` apart: a block of columns of a wider matrix.
+    pub(super) fn rows_apart(data: &'a [f32], rows: usize, cols: usize, rs: usize) -> Self {
+        Self { data, rows, cols, rs, cs: 1 }
+    }
     pub(super) fn t(self) -> Self {
         Self { data: self.data, rows: self.cols, cols: self.rows, rs: self.cs, cs: self.rs }
     }
@@ -53,27 +57,36 @@ impl<'a> Mat<'a> {
     }
 }
 
-/// `dst = a @ b` (or `dst += a @ b` with `accumulate`), `dst` row-major `[a.rows, b.cols]`.
+/// `dst = a @ b` (or `dst += a @ b` with `accumulate`), `dst` row-major `[a.rows, b.cols]` with
+/// rows `dst_rs` apart (`b.cols` for a whole matrix; more for a block of a wider one).
 ///
 /// `gemm`'s kernels tile the output's rows by 16 (AVX2) or 64 (AVX-512) and its columns by 6,
 /// so with few output rows (a layer's 16 to 64 channels) against many columns (its pixels) most
 /// of each tile is wasted. Then the transposed product `dst^T = b^T @ a^T` is computed instead,
 /// written through `dst`'s transposed strides: same result, full tiles.
 #[allow(unsafe_code)]
-pub(super) fn matmul(dst: &mut [f32], a: Mat<'_>, b: Mat<'_>, accumulate: bool, par: Parallelism) {
+pub(super) fn matmul(
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: Mat<'_>,
+    b: Mat<'_>,
+    accumulate: bool,
+    par: Parallelism,
+) {
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    assert!(b.rows == k && dst.len() == m * n && a.in_bounds() && b.in_bounds(), "matmul shapes");
     if m == 0 || n == 0 {
         return;
     }
+    let fits = dst_rs >= n && (m - 1) * dst_rs + n <= dst.len();
+    assert!(b.rows == k && fits && a.in_bounds() && b.in_bounds(), "matmul shapes");
     // (lhs, rhs, rows, cols, dst row stride, dst column stride) of the product gemm computes.
     let (lhs, rhs, rows, cols, drs, dcs) =
-        if m < n { (b.t(), a.t(), n, m, 1, n) } else { (a, b, m, n, n, 1) };
+        if m < n { (b.t(), a.t(), n, m, 1, dst_rs) } else { (a, b, m, n, dst_rs, 1) };
     // SAFETY: the assertion above checks that every element `gemm` reads through `lhs` and
     // `rhs` (indices `r * rs + c * cs` for r < rows, c < cols of each view; transposing a view
-    // swaps both) and every element it writes in `dst` (`i * n + j` for i < m, j < n, which in
-    // the transposed case is `j * drs + i * dcs` with drs = 1, dcs = n) is inside the borrowed
-    // slices, and `dst` is borrowed mutably, so it aliases neither input.
+    // swaps both) and every element it writes in `dst` (`i * dst_rs + j` for i < m, j < n,
+    // which in the transposed case is `j * drs + i * dcs` with drs = 1, dcs = dst_rs) is inside
+    // the borrowed slices, and `dst` is borrowed mutably, so it aliases neither input.
     unsafe {
         gemm::gemm(
             rows,

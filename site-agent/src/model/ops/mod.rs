@@ -24,12 +24,14 @@
 //! - [`norm`]: training-mode batch norm (+ ReLU) with a fused backward, and the inference-only
 //!   per-channel affine.
 //! - [`residual`]: `relu(a + b)` at the end of a residual block.
+//! - [`profile`]: opt-in time per op and shape (`site-agent bench --profile`).
 
 use candle_core::{CpuStorage, Layout, Result};
 
 mod conv;
 mod gemm;
 mod norm;
+pub mod profile;
 mod residual;
 
 pub use conv::{conv2d, tf32_allowed};
@@ -41,6 +43,14 @@ fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Resul
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// `[b, c, h, w]` as `c@hxw` for profile keys.
+fn plane(layout: &Layout) -> String {
+    match layout.dims() {
+        &[_, c, h, w] => format!("{c}@{h}x{w}"),
+        d => format!("{d:?}"),
     }
 }
 

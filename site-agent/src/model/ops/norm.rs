@@ -72,6 +72,7 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::profile::span(|| format!("batchnorm fwd {}", super::plane(xl)));
         let dims = dims_bc_hw(xl)?;
         let (b, c, hw) = dims;
         let x = contiguous(xs, xl, "batch norm")?;
@@ -164,6 +165,7 @@ impl candle_core::CustomOp3 for BatchNormBackward {
         gs: &CpuStorage,
         gl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::profile::span(|| format!("batchnorm bwd {}", super::plane(xl)));
         let dims = dims_bc_hw(xl)?;
         let (b, c, hw) = dims;
         let x = contiguous(xs, xl, "batch norm backward input")?;
@@ -262,6 +264,7 @@ impl CustomOp1 for ChannelAffine {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let _span = super::profile::span(|| format!("bn-affine {}", super::plane(layout)));
         let (_, c, hw) = dims_bc_hw(layout)?;
         let x = contiguous(storage, layout, "channel affine")?;
         let mut y = vec![0f32; x.len()];

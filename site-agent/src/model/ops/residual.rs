@@ -25,6 +25,7 @@ impl CustomOp2 for AddRelu {
         if al.shape() != bl.shape() {
             candle_core::bail!("add_relu: shapes {:?} and {:?} differ", al.dims(), bl.dims());
         }
+        let _span = super::profile::span(|| format!("add-relu fwd {}", super::plane(al)));
         let a = contiguous(a_s, al, "add_relu")?;
         let b = contiguous(b_s, bl, "add_relu")?;
         let mut y = vec![0f32; a.len()];
@@ -69,6 +70,7 @@ impl CustomOp2 for ReluMask {
         ys: &CpuStorage,
         yl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let _span = super::profile::span(|| format!("relu-mask {}", super::plane(gl)));
         let g = contiguous(gs, gl, "relu mask")?;
         let y = contiguous(ys, yl, "relu mask")?;
         if g.len() != y.len() {
