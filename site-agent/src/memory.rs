@@ -29,7 +29,7 @@ pub fn keep_freed_pages() {
     // SAFETY: `mi_option_set` stores one integer in mimalloc's option table (an atomic store);
     // `MI_OPTION_PURGE_DELAY` is a valid option of the linked mimalloc.
     unsafe {
-libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as std::ffi::c_long)
+        libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as std::ffi::c_long)
     };
 }
 

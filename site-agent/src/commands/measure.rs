@@ -200,10 +200,18 @@ pub(super) fn bench_cmd(a: &BenchArgs) -> Result<()> {
             for op in &f.ops {
                 covered += op.seconds;
                 let share = 100.0 * op.seconds / f.seconds;
-                out(&format!("  {:<44} {:>6} calls {:>8.3} s {share:>5.1} %", op.op, op.calls, op.seconds));
+                out(&format!(
+                    "  {:<44} {:>6} calls {:>8.3} s {share:>5.1} %",
+                    op.op, op.calls, op.seconds
+                ));
             }
             let rest = f.seconds - covered;
-            out(&format!("  {:<44} {:>12} {rest:>8.3} s {:>5.1} %", "other (candle ops, loss, optimizer)", "", 100.0 * rest / f.seconds));
+            out(&format!(
+                "  {:<44} {:>12} {rest:>8.3} s {:>5.1} %",
+                "other (candle ops, loss, optimizer)",
+                "",
+                100.0 * rest / f.seconds
+            ));
         }
     }
     Ok(())

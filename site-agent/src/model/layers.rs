@@ -109,8 +109,7 @@ impl BatchNorm {
             self.running_var.set(&rv)?;
             Ok(y)
         } else {
-            let scale = w.div(&(self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
-            let shift = b.sub(&self.running_mean.as_detached_tensor().mul(&scale)?)?;
+            let (scale, shift) = self.folded(track)?;
             if !track && let Some(y) = super::ops::channel_affine(x, &scale, &shift, relu)? {
                 return Ok(y);
             }
@@ -122,6 +121,16 @@ impl BatchNorm {
     }
 }
 
+impl BatchNorm {
+    /// The running-statistics normalisation as a per-channel `(scale, shift)`.
+    pub(super) fn folded(&self, track: bool) -> ModelResult<(Tensor, Tensor)> {
+        let (w, b) = (read(&self.weight, track), read(&self.bias, track));
+        let scale = w.div(&(self.running_var.as_detached_tensor() + BN_EPS)?.sqrt()?)?;
+        let shift = b.sub(&self.running_mean.as_detached_tensor().mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+}
+
 /// A bias-free 2-D convolution with "same" padding.
 #[derive(Debug)]
 pub(super) struct Conv {
@@ -130,6 +139,22 @@ pub(super) struct Conv {
 }
 
 impl Conv {
+    /// Inference: `relu?(bn(conv(x)) (+ residual))` with `bn`'s running statistics as a
+    /// `(scale, shift)` folded into one pass; `None` where the fused op does not run (not the
+    /// CPU, not f32).
+    pub(super) fn forward_folded(
+        &self,
+        x: &Tensor,
+        (scale, shift): (&Tensor, &Tensor),
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> ModelResult<Option<Tensor>> {
+        let w = self.weight.as_detached_tensor();
+        let k = w.dim(D::Minus1)?;
+        let op = super::ops::conv2d_folded;
+        Ok(op(x, &w, self.stride, k / 2, scale, shift, residual, relu)?)
+    }
+
     pub(super) fn forward(&self, x: &Tensor, track: bool) -> ModelResult<Tensor> {
         let w = read(&self.weight, track);
         let k = w.dim(D::Minus1)?;

@@ -118,6 +118,12 @@ impl Layer {
     }
 
     fn forward(&self, s: State, train: bool, track: bool) -> ModelResult<State> {
+        if !train
+            && !track
+            && let Some(s) = self.forward_folded(&s)?
+        {
+            return Ok(s);
+        }
         let norm = self.bn.as_ref();
         let bn =
             |x: &Tensor| norm.expect("conv layers have a norm").forward(x, train, track, false);
@@ -164,6 +170,70 @@ impl Layer {
                 State { x: y, residual, skips }
             }
         })
+    }
+}
+
+impl Layer {
+    /// Inference with batch norm folded into each convolution ([`super::ops::conv2d_folded`]):
+    /// one pass per convolution, none for batch norm, ReLU or the residual sum. `None` where the
+    /// fused op does not run (then the caller runs the separate ops on the state, untouched).
+    fn forward_folded(&self, s: &State) -> ModelResult<Option<State>> {
+        let fold = |bn: &BatchNorm| bn.folded(false);
+        let State { x, residual, skips } = s;
+        let (residual, mut skips) = (residual.clone(), skips.clone());
+        let y = match self.spec.kind {
+            LayerKind::Stem { .. } | LayerKind::BlockIn { .. } => {
+                let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
+                let Some(y) = self.conv.forward_folded(x, (&sc, &sh), None, true)? else {
+                    return Ok(None);
+                };
+                if let LayerKind::BlockIn { push_skip, .. } = self.spec.kind {
+                    if push_skip {
+                        skips.push(x.clone());
+                    }
+                    return Ok(Some(State { x: y, residual: Some(x.clone()), skips }));
+                }
+                y
+            }
+            LayerKind::BlockOut { .. } => {
+                let Some(input) = residual else { return Ok(None) };
+                let shortcut = match &self.proj {
+                    Some((conv, norm)) => {
+                        let (sc, sh) = fold(norm)?;
+                        match conv.forward_folded(&input, (&sc, &sh), None, false)? {
+                            Some(t) => t,
+                            None => return Ok(None),
+                        }
+                    }
+                    None => input,
+                };
+                let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
+                let Some(y) = self.conv.forward_folded(x, (&sc, &sh), Some(&shortcut), true)?
+                else {
+                    return Ok(None);
+                };
+                return Ok(Some(State { x: y, residual: None, skips }));
+            }
+            LayerKind::Fuse { .. } => {
+                let Some(skip) = skips.pop() else { return Ok(None) };
+                let (h, w) = (skip.dim(2)?, skip.dim(3)?);
+                let cat = Tensor::cat(&[x.upsample_nearest2d(h, w)?, skip], 1)?;
+                let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
+                let Some(y) = self.conv.forward_folded(&cat, (&sc, &sh), None, true)? else {
+                    return Ok(None);
+                };
+                y
+            }
+            LayerKind::Head { classes, .. } => {
+                let bias = self.bias.as_ref().expect("head has a bias").as_detached_tensor();
+                let ones = Tensor::ones(classes, bias.dtype(), bias.device())?;
+                let Some(y) = self.conv.forward_folded(x, (&ones, &bias), None, false)? else {
+                    return Ok(None);
+                };
+                y
+            }
+        };
+        Ok(Some(State { x: y, residual, skips }))
     }
 }
 

@@ -344,3 +344,34 @@ fn fedbn_keeps_a_sites_own_batch_norm_statistics() {
     }
     assert!(stats > 0, "the tail has batch-norm statistics");
 }
+
+/// Inference folds each batch norm (running statistics) into its convolution and adds the
+/// residual and ReLU in the same pass; it must give what the separate ops give (the tracked
+/// forward pass, which runs them one by one).
+#[test]
+fn folded_inference_matches_the_separate_ops() {
+    let net = tiny_net(5);
+    // Running statistics and affine parameters away from their initial 0 / 1, so a wrong fold
+    // (scale or shift swapped, left out, or applied twice) shows.
+    for (i, (name, var)) in net.named_vars().into_iter().enumerate() {
+        let (lo, hi) = match name.rsplit('.').next() {
+            Some("running_var") => (0.5f32, 2.0f32),
+            Some("running_mean" | "bias") => (-0.5, 0.5),
+            Some("weight") if name.contains("bn.") => (0.5, 1.5),
+            _ => continue,
+        };
+        let n = var.elem_count();
+        let v: Vec<f32> =
+            (0..n).map(|j| lo + (hi - lo) * (((i * 31 + j * 17) % 97) as f32 / 96.0)).collect();
+        var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).expect("t")).expect("set");
+    }
+    let x = input(3);
+    let folded = net.infer(&x).expect("infer");
+    let state = site_agent::model::State::new(x);
+    let separate = net.forward_range(state, 0..net.num_layers(), false, true).expect("forward").x;
+    let diff = (&folded - &separate).expect("sub").abs().expect("abs").max_all().expect("max");
+    let scale = separate.abs().expect("abs").max_all().expect("max");
+    let (diff, scale) = (diff.to_scalar::<f32>().expect("s"), scale.to_scalar::<f32>().expect("s"));
+    assert!(scale > 0.1, "the output is not trivial: {scale}");
+    assert!(diff <= 1e-4 * scale, "folded {diff} off at scale {scale}");
+}

@@ -10,31 +10,31 @@ use super::{contiguous, dims4};
 
 /// Geometry of a 2-D convolution over one `[channels, h, w]` image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Geometry {
-    batch: usize,
-    channels: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    stride: usize,
-    pad: usize,
+pub(super) struct Geometry {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
 }
 
 impl Geometry {
-    fn out_h(&self) -> usize {
+    pub(super) fn out_h(&self) -> usize {
         (self.h + 2 * self.pad - self.k) / self.stride + 1
     }
-    fn out_w(&self) -> usize {
+    pub(super) fn out_w(&self) -> usize {
         (self.w + 2 * self.pad - self.k) / self.stride + 1
     }
-    fn cols_len(&self) -> usize {
+    pub(super) fn cols_len(&self) -> usize {
         self.out_h() * self.out_w()
     }
     /// Rows of one image's im2col matrix: `channels * k * k`.
-    fn patch(&self) -> usize {
+    pub(super) fn patch(&self) -> usize {
         self.channels * self.k * self.k
     }
-    fn image_len(&self) -> usize {
+    pub(super) fn image_len(&self) -> usize {
         self.channels * self.h * self.w
     }
     /// The same convolution for cuDNN, with `co` output channels.
@@ -70,13 +70,20 @@ impl Geometry {
 /// and then read by the GEMM while they are still in the core's L2 cache. Whole-image columns
 /// of a 32-channel 256x256 layer are 75 MB (9 times the activation), which went to memory and
 /// back at every pass.
-const TILE_BYTES: usize = 384 << 10;
+pub(super) const TILE_BYTES: usize = 384 << 10;
+
+/// Output pixels a tile has at least: the GEMM runs poorly on fewer (a 256-channel 32x32 layer
+/// has 295 KB of columns per output row). Measured on a 2-core AVX-512 EPYC with
+/// `examples/conv_shapes`: 256 beat 0 and 512 (512 halved the filter-gradient pass).
+const TILE_MIN_PIXELS: usize = 256;
 
 impl Geometry {
-    /// Output rows per tile whose im2col columns fit in `budget` bytes (at least one row).
-    fn tile_rows(&self, budget: usize) -> usize {
+    /// Output rows per tile: as many as fit in `budget` bytes of im2col columns, but at least
+    /// [`TILE_MIN_PIXELS`] output pixels (the GEMM's long side), and at least one row.
+    pub(super) fn tile_rows(&self, budget: usize) -> usize {
         let row = self.patch() * self.out_w() * std::mem::size_of::<f32>();
-        (budget / row.max(1)).clamp(1, self.out_h().max(1))
+        let least = TILE_MIN_PIXELS.div_ceil(self.out_w().max(1));
+        (budget / row.max(1)).max(least).clamp(1, self.out_h().max(1))
     }
 }
 
@@ -164,9 +171,24 @@ fn conv_image(
     tile_rows: usize,
     par: Parallelism,
 ) {
+    conv_image_then(g, w, img, y, tile_rows, par, |_, _| {});
+}
+
+/// [`conv_image`], then `after(y, pixels)` on each tile's output pixels (every channel's
+/// `pixels` range of `y`) while they are still in cache: the fused inference epilogue.
+pub(super) fn conv_image_then(
+    g: &Geometry,
+    w: Mat<'_>,
+    img: &[f32],
+    y: &mut [f32],
+    tile_rows: usize,
+    par: Parallelism,
+    after: impl Fn(&mut [f32], std::ops::Range<usize>),
+) {
     let (oh, ow, l, p) = (g.out_h(), g.out_w(), g.cols_len(), g.patch());
     if g.is_pointwise() {
         matmul(y, l, w, Mat::row_major(img, g.channels, l), false, par);
+        after(y, 0..l);
         return;
     }
     with_scratch(p * tile_rows.min(oh) * ow, |scratch| {
@@ -174,8 +196,9 @@ fn conv_image(
             let rows = r0..(r0 + tile_rows).min(oh);
             let t = rows.len() * ow;
             let cols = &mut scratch[..p * t];
-            im2col(g, img, rows, cols);
+            im2col(g, img, rows.clone(), cols);
             matmul(&mut y[r0 * ow..], l, w, Mat::row_major(cols, p, t), false, par);
+            after(y, rows.start * ow..rows.end * ow);
         }
     });
 }
@@ -229,18 +252,22 @@ fn flipped_transpose(w: &[f32], co: usize, ci: usize, k: usize) -> Vec<f32> {
 
 /// `y = conv2d(x, w)` for `x: [b, ci, h, w]`, `w: [co, ci, k, k]`, no bias.
 #[derive(Debug, Clone, Copy)]
-struct Conv2d {
+pub(super) struct Conv2d {
     stride: usize,
     pad: usize,
 }
 
 impl Conv2d {
+    pub(super) fn new(stride: usize, pad: usize) -> Self {
+        Self { stride, pad }
+    }
+
     /// `conv <pass> ci->co k s @hxw` for the op profile.
-    fn key(pass: &str, g: &Geometry, co: usize) -> String {
+    pub(super) fn key(pass: &str, g: &Geometry, co: usize) -> String {
         format!("conv {pass} {}->{co} k{} s{} @{}x{}", g.channels, g.k, g.stride, g.h, g.w)
     }
 
-    fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, usize)> {
+    pub(super) fn geometry(&self, xl: &Layout, wl: &Layout) -> Result<(Geometry, usize)> {
         let [batch, channels, h, w] = dims4(xl, "conv2d input")?;
         let [co, ci, k, k2] = dims4(wl, "conv2d weight")?;
         if ci != channels
@@ -358,7 +385,8 @@ impl CustomOp2 for ConvBackwardData {
         if g.stride == 1 && g.pad < g.k {
             // dx = conv(dy, w turned and transposed, padding k - 1 - pad): the forward path,
             // tiled, instead of a short GEMM into 9x columns and col2im.
-            let gd = Geometry { channels: co, h: g.out_h(), w: g.out_w(), pad: g.k - 1 - g.pad, ..g };
+            let gd =
+                Geometry { channels: co, h: g.out_h(), w: g.out_w(), pad: g.k - 1 - g.pad, ..g };
             let wf = flipped_transpose(w, co, g.channels, g.k);
             let wf = Mat::row_major(&wf, g.channels, gd.patch());
             let tile = gd.tile_rows(TILE_BYTES);
@@ -496,3 +524,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, stride: usize, pad: usize) -> Result<Tenso
     }
     x.contiguous()?.apply_op2(&w.contiguous()?, Conv2d { stride, pad })
 }
+
+#[cfg(test)]
+#[path = "conv_tests.rs"]
+mod tests;

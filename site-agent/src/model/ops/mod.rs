@@ -23,18 +23,22 @@
 //!   passes; [`gemm`] holds the GEMM call and the per-thread scratch buffers it uses.
 //! - [`norm`]: training-mode batch norm (+ ReLU) with a fused backward, and the inference-only
 //!   per-channel affine.
+//! - [`fused`]: inference convolution with batch norm folded in, bias, residual and ReLU in
+//!   the same pass.
 //! - [`residual`]: `relu(a + b)` at the end of a residual block.
 //! - [`profile`]: opt-in time per op and shape (`site-agent bench --profile`).
 
 use candle_core::{CpuStorage, Layout, Result};
 
 mod conv;
+mod fused;
 mod gemm;
 mod norm;
 pub mod profile;
 mod residual;
 
 pub use conv::{conv2d, tf32_allowed};
+pub use fused::conv2d_folded;
 pub use norm::{BnOutput, BnStats, batch_norm_train, channel_affine};
 pub use residual::add_relu;
 
