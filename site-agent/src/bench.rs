@@ -88,17 +88,16 @@ fn train_rate(
     data: &SliceSet,
     batch: usize,
     cache: bool,
-    repeat: usize,
-    peak: &mut DevicePeak,
-    profile: &mut Profiler,
+    meter: &mut Meter,
 ) -> TrainResult<f64> {
     let opts = TrainOptions { epochs: 1, batch_size: batch, cache, ..Default::default() };
+    let Meter { repeat, peak, profile } = meter;
     let mut watch = |_: &crate::train::TrainEvent| peak.observe(net.device());
     train(net, k, data, &opts, &mut watch)?;
     profile.start();
     let mut best = 0f64;
     let mut spent = 0f64;
-    for _ in 0..repeat.max(1) {
+    for _ in 0..(*repeat).max(1) {
         let report = train(net, k, data, &opts, &mut watch)?;
         // The cache build is a one-off cost per fine-tune, reported with the cache figure.
         let seconds = report.seconds - report.cache_seconds;
@@ -107,6 +106,14 @@ fn train_rate(
     }
     profile.finish(spent);
     Ok(best)
+}
+
+/// What every timed figure shares: how many timed runs, the GPU memory peak, the op profile.
+#[derive(Debug)]
+struct Meter {
+    repeat: usize,
+    peak: DevicePeak,
+    profile: Profiler,
 }
 
 /// Collects [`FigureProfile`]s when profiling is on.
@@ -119,7 +126,11 @@ struct Profiler {
 impl Profiler {
     fn new(on: bool) -> Self {
         crate::model::ops::profile::enable(on);
-        let next = &["full training", "tail, prefix recomputed", "tail, frozen-prefix cache"];
+        let next = &[
+            "full training",
+            "tail, prefix recomputed",
+            "tail, frozen-prefix cache (its build included)",
+        ];
         Self { figures: on.then(Vec::new), next: next.as_slice() }
     }
 
@@ -176,12 +187,13 @@ pub fn run(opts: &BenchOptions) -> TrainResult<BenchResult> {
     let n = opts.batch * opts.steps.max(1);
     let data = random_slices(&net, n, 7)?;
     let total = (!device.is_cpu()).then(|| crate::device::total_memory_bytes(device)).flatten();
-    let mut peak = DevicePeak::new(total);
-    let mut prof = Profiler::new(opts.profile);
-    let (p, r) = (&mut peak, opts.repeat);
-    let full = train_rate(&net, layers, &data, opts.batch, false, r, p, &mut prof)?;
-    let tail = train_rate(&net, k, &data, opts.batch, false, r, p, &mut prof)?;
-    let cached = train_rate(&net, k, &data, opts.batch, true, r, p, &mut prof)?;
+    let peak = DevicePeak::new(total);
+    let profile = Profiler::new(opts.profile);
+    let mut m = Meter { repeat: opts.repeat, peak, profile };
+    let full = train_rate(&net, layers, &data, opts.batch, false, &mut m)?;
+    let tail = train_rate(&net, k, &data, opts.batch, false, &mut m)?;
+    let cached = train_rate(&net, k, &data, opts.batch, true, &mut m)?;
+    let Meter { peak, profile: mut prof, .. } = m;
     let _ = net.infer(&data.images.narrow(0, 0, opts.batch)?)?;
     prof.start();
     let mut eval = 0f64;

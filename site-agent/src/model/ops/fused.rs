@@ -6,7 +6,8 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::conv::{Conv2d, TILE_BYTES, conv_image_then};
+use super::conv::Conv2d;
+use super::tiles::{TILE_BYTES, conv_image_then};
 use super::gemm::{Mat, per_image};
 use super::{contiguous, dims4};
 

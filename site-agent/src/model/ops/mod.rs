@@ -36,6 +36,7 @@ mod gemm;
 mod norm;
 pub mod profile;
 mod residual;
+mod tiles;
 
 pub use conv::{conv2d, tf32_allowed};
 pub use fused::conv2d_folded;
