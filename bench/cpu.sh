@@ -8,15 +8,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p site-agent
-threads=${RAYON_NUM_THREADS:-$(nproc)}
 repeat=${REPEAT:-3}
 [ $# -gt 0 ] || set -- tiny 8 20 small 16 8 resnet103 4 2
-echo "machine: $(uname -m), $(nproc) cpus ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), threads $threads, $(date -u +%Y-%m-%d)"
+echo "machine: $(uname -m), $(nproc) cpus ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(date -u +%Y-%m-%d)"
 printf '%-7s %5s %-30s %10s %10s %7s\n' config batch figure fedtune pytorch ratio
 while [ $# -ge 3 ]; do
   cfg=$1 batch=$2 steps=$3; shift 3
   ours=$(./target/release/site-agent bench --device cpu --config "$cfg" --batch "$batch" --steps "$steps" --repeat "$repeat" --json)
   params=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["parameters"])' "$ours")
+  # PyTorch gets the threads fedtune used (one per physical core unless RAYON_NUM_THREADS).
+  threads=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1])["threads"])' "$ours")
   theirs=$(python3 bench/pytorch/bench.py --config "$cfg" --batch "$batch" --steps "$steps" \
     --threads "$threads" --repeat "$repeat" --expect-params "$params" --json)
   python3 - "$cfg" "$batch" "$ours" "$theirs" <<'PY'
@@ -29,6 +30,7 @@ for key, name in [("full_train_images_per_s", "full training img/s"),
                   ("peak_rss_mib", "peak memory MiB")]:
     a, b = ours[key], theirs[key]
     print(f"{cfg:7} {batch:>5} {name:30} {a:10.4g} {b:10.4g} {a / b:7.2f}")
+print(f"{cfg:7} {batch:>5} {'threads (each engine)':30} {ours['threads']:10} {theirs['threads']:10}")
 print(f"{cfg:7} {batch:>5} {'cache vs PyTorch recompute':30} {ours['tail_cached_images_per_s']:10.4g} "
       f"{theirs['tail_recompute_images_per_s']:10.4g} "
       f"{ours['tail_cached_images_per_s'] / theirs['tail_recompute_images_per_s']:7.2f}")

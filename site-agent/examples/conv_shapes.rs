@@ -1,9 +1,9 @@
 //! Times the CPU convolution's three passes at the shapes of `resnet103` at 256x256 (batch 4),
-//! in GFLOP/s, from the op profile: `cargo run --release -p site-agent --example conv_shapes
+//! in GFLOP/s, and training batch norm in GB/s of activation, from the op profile: `cargo run --release -p site-agent --example conv_shapes
 //! [-- BATCH [REPEAT]]`. What `bench/RESULTS.md`'s per-shape figures come from.
 
 use candle_core::{Device, Tensor, Var};
-use site_agent::model::ops::{conv2d, profile};
+use site_agent::model::ops::{batch_norm_train, conv2d, profile};
 
 fn main() -> candle_core::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -37,6 +37,31 @@ fn main() -> candle_core::Result<()> {
         let g = |t: f64| format!("{:.0} GF/s", flops / t / 1e9);
         let name = format!("{ci}->{co} 3x3 @{s}x{s}");
         println!("{name:<28} {:>10} {:>10} {:>10}", g(best[0]), g(best[1]), g(best[2]));
+    }
+    // Training-mode batch norm + ReLU at each width: memory-bound, so GB/s of activation read.
+    println!("{:<28} {:>10} {:>10}", "batch norm + ReLU", "fwd", "bwd");
+    for (c, s) in [(32, 256), (64, 128), (128, 64), (256, 32)] {
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (batch, c, s, s), &dev)?)?;
+        let gamma = Var::from_tensor(&Tensor::ones(c, candle_core::DType::F32, &dev)?)?;
+        let beta = Var::from_tensor(&Tensor::zeros(c, candle_core::DType::F32, &dev)?)?;
+        let proj = Tensor::randn(0f32, 1.0, (batch, c, s, s), &dev)?;
+        let bytes = (batch * c * s * s * 4) as f64;
+        let mut best = [f64::MAX; 2];
+        for i in 0..=repeat {
+            profile::enable(i > 0);
+            let out = batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5, true)?
+                .expect("cpu f32");
+            let _ = (out.y * &proj)?.sum_all()?.backward()?;
+            profile::enable(false);
+            for op in profile::take() {
+                let pass = ["batchnorm fwd", "batchnorm bwd"].iter().position(|p| op.op.starts_with(p));
+                if let Some(p) = pass {
+                    best[p] = best[p].min(op.seconds);
+                }
+            }
+        }
+        let g = |t: f64| format!("{:.1} GB/s", bytes / t / 1e9);
+        println!("{:<28} {:>10} {:>10}", format!("{c}@{s}x{s}"), g(best[0]), g(best[1]));
     }
     Ok(())
 }

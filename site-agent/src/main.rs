@@ -16,12 +16,22 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// third of full-training throughput (`site-agent bench --config tiny`: 220 -> 310 img/s).
 const CANDLE_SPIN_LIMIT: &str = "1000";
 
+/// Also fixes the thread count once, unless the operator set `RAYON_NUM_THREADS`: one thread
+/// per physical core, for rayon (the convolution and batch-norm ops) and candle alike, as
+/// PyTorch does by default. candle 0.11 otherwise works its count out again at every matmul and
+/// pool use, reading /proc/cpuinfo each time (770 reads in a 2-step `tiny` bench; 1.7 % of the
+/// cycles of the `resnet103` bench went to the kernel formatting that file).
 #[allow(unsafe_code, clippy::disallowed_methods)]
 fn tune_candle_thread_pool() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         // SAFETY: called first thing in `main`, before this process starts any thread (the
         // allocator starts none), so no other thread can read the environment concurrently.
         unsafe { std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", CANDLE_SPIN_LIMIT) };
+    }
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let threads = num_cpus::get_physical().max(1).to_string();
+        // SAFETY: as above, no other thread exists yet.
+        unsafe { std::env::set_var("RAYON_NUM_THREADS", threads) };
     }
 }
 

@@ -46,6 +46,48 @@ fn scale_shift(out: &mut [f32], x: &[f32], scale: f32, shift: f32, relu: bool) {
     }
 }
 
+/// Lanes of the vectorised sums: 16 f32 partial sums (one AVX-512 register, two AVX2 ones).
+const LANES: usize = 16;
+/// Elements summed in f32 lanes before the lanes are added into f64.
+const BLOCK: usize = 4096;
+
+/// `sum f(a[i], b[i], c[i])` over three equal slices, `f` giving two terms summed separately:
+/// 16 independent f32 lanes per block of [`BLOCK`] elements (so the loop vectorises instead of
+/// waiting on one running sum), blocks added in f64.
+fn lane_sums2(
+    a: &[f32],
+    b: &[f32],
+    c: &[f32],
+    f: impl Fn(f32, f32, f32) -> (f32, f32),
+) -> (f64, f64) {
+    let (mut t0, mut t1) = (0f64, 0f64);
+    for ((a, b), c) in a.chunks(BLOCK).zip(b.chunks(BLOCK)).zip(c.chunks(BLOCK)) {
+        let (mut l0, mut l1) = ([0f32; LANES], [0f32; LANES]);
+        let (ia, ib, ic) = (a.chunks_exact(LANES), b.chunks_exact(LANES), c.chunks_exact(LANES));
+        let (ra, rb, rc) = (ia.remainder(), ib.remainder(), ic.remainder());
+        for ((a, b), c) in ia.zip(ib).zip(ic) {
+            for k in 0..LANES {
+                let (u, v) = f(a[k], b[k], c[k]);
+                l0[k] += u;
+                l1[k] += v;
+            }
+        }
+        for ((&a, &b), &c) in ra.iter().zip(rb).zip(rc) {
+            let (u, v) = f(a, b, c);
+            l0[0] += u;
+            l1[0] += v;
+        }
+        t0 += l0.iter().map(|&v| v as f64).sum::<f64>();
+        t1 += l1.iter().map(|&v| v as f64).sum::<f64>();
+    }
+    (t0, t1)
+}
+
+/// `sum f(x[i])` over one slice, vectorised as [`lane_sums2`].
+fn lane_sum(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    lane_sums2(x, x, x, |v, _, _| (f(v), 0.0)).0
+}
+
 /// Per-channel sums of `f(x)` over `[b, c, hw]` data, in parallel over channels.
 fn per_channel(
     x: &[f32],
@@ -79,13 +121,13 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let gamma = contiguous(gs, gl, "batch norm weight")?;
         let beta = contiguous(bs, bl, "batch norm bias")?;
         let n = (b * hw) as f64;
-        let mean: Vec<f64> = per_channel(x, dims, |_, s| s.iter().map(|&v| v as f64).sum())
+        let mean: Vec<f64> = per_channel(x, dims, |_, s| lane_sum(s, |v| v))
             .into_iter()
             .map(|s| s / n)
             .collect();
         let var: Vec<f64> = per_channel(x, dims, |ch, s| {
-            let m = mean[ch];
-            s.iter().map(|&v| (v as f64 - m).powi(2)).sum()
+            let m = mean[ch] as f32;
+            lane_sum(s, |v| (v - m) * (v - m))
         })
         .into_iter()
         .map(|s| s / n)
@@ -176,7 +218,6 @@ impl candle_core::CustomOp3 for BatchNormBackward {
         }
         // The gradient that reaches the normalised output: dy, masked by ReLU where fused.
         let relu = self.relu;
-        let g = |i: usize| if relu && y[i] <= 0.0 { 0.0 } else { dy[i] };
         // dbeta = sum g; dgamma = sum g * xhat, per channel.
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
@@ -184,15 +225,14 @@ impl candle_core::CustomOp3 for BatchNormBackward {
                 let (m, s) = (self.mean[ch], self.inv_std[ch]);
                 let (mut db, mut dg) = (0f64, 0f64);
                 for bi in 0..b {
-                    let o = (bi * c + ch) * hw;
-                    let (mut pb, mut pg) = (0f32, 0f32);
-                    for (i, &xi) in (o..o + hw).zip(&x[o..o + hw]) {
-                        let gi = g(i);
-                        pb += gi;
-                        pg += gi * (xi - m) * s;
-                    }
-                    db += pb as f64;
-                    dg += pg as f64;
+                    let plane = (bi * c + ch) * hw..(bi * c + ch + 1) * hw;
+                    let (x, y, dy) = (&x[plane.clone()], &y[plane.clone()], &dy[plane]);
+                    let (pb, pg) = lane_sums2(x, y, dy, |xi, yi, di| {
+                        let gi = if relu && yi <= 0.0 { 0.0 } else { di };
+                        (gi, gi * (xi - m) * s)
+                    });
+                    db += pb;
+                    dg += pg;
                 }
                 (db, dg)
             })
@@ -205,9 +245,10 @@ impl candle_core::CustomOp3 for BatchNormBackward {
             let (m, s) = (self.mean[ch], self.inv_std[ch]);
             let k = self.gamma[ch] * s / n;
             let (db, dg) = (sums[ch].0 as f32, sums[ch].1 as f32);
-            for (j, d) in out.iter_mut().enumerate() {
-                let xhat = (x[o + j] - m) * s;
-                *d = k * (n * g(o + j) - db - xhat * dg);
+            let (xp, yp, dp) = (&x[o..o + hw], &y[o..o + hw], &dy[o..o + hw]);
+            for (((d, &xi), &yi), &di) in out.iter_mut().zip(xp).zip(yp).zip(dp) {
+                let gi = if relu && yi <= 0.0 { 0.0 } else { di };
+                *d = k * (n * gi - db - (xi - m) * s * dg);
             }
         });
         let mut slot = self.sums.lock().map_err(|_| candle_core::Error::msg("poisoned sums"))?;
