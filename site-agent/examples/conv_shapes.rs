@@ -49,12 +49,14 @@ fn main() -> candle_core::Result<()> {
         let mut best = [f64::MAX; 2];
         for i in 0..=repeat {
             profile::enable(i > 0);
-            let out = batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5, true)?
-                .expect("cpu f32");
+            let out =
+                batch_norm_train(x.as_tensor(), gamma.as_tensor(), beta.as_tensor(), 1e-5, true)?
+                    .expect("cpu f32");
             let _ = (out.y * &proj)?.sum_all()?.backward()?;
             profile::enable(false);
             for op in profile::take() {
-                let pass = ["batchnorm fwd", "batchnorm bwd"].iter().position(|p| op.op.starts_with(p));
+                let pass =
+                    ["batchnorm fwd", "batchnorm bwd"].iter().position(|p| op.op.starts_with(p));
                 if let Some(p) = pass {
                     best[p] = best[p].min(op.seconds);
                 }

@@ -158,9 +158,7 @@ impl Layer {
                 let skip = skips.pop().ok_or_else(|| {
                     ModelError::Mismatch(format!("layer {} has no skip to fuse", self.spec.name))
                 })?;
-                let (h, w) = (skip.dim(2)?, skip.dim(3)?);
-                let up = x.upsample_nearest2d(h, w)?;
-                let cat = Tensor::cat(&[up, skip], 1)?;
+                let cat = super::ops::upsample_cat(&x, &skip)?;
                 State { x: bn_relu(&self.conv.forward(&cat, track)?)?, residual, skips }
             }
             LayerKind::Head { classes, .. } => {
@@ -216,8 +214,7 @@ impl Layer {
             }
             LayerKind::Fuse { .. } => {
                 let Some(skip) = skips.pop() else { return Ok(None) };
-                let (h, w) = (skip.dim(2)?, skip.dim(3)?);
-                let cat = Tensor::cat(&[x.upsample_nearest2d(h, w)?, skip], 1)?;
+                let cat = super::ops::upsample_cat(x, &skip)?;
                 let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
                 let Some(y) = self.conv.forward_folded(&cat, (&sc, &sh), None, true)? else {
                     return Ok(None);

@@ -3,7 +3,7 @@
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use site_agent::model::ops::{batch_norm_train, channel_affine, conv2d};
+use site_agent::model::ops::{batch_norm_train, channel_affine, conv2d, upsample_cat};
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a - b)
@@ -302,4 +302,57 @@ fn fused_adamw_matches_candle() {
     }
     assert_eq!(rel_l2(ours[2].as_tensor(), &init[2]), 0.0);
     assert!(rel_l2(ours[0].as_tensor(), &init[0]) > 0.01, "the parameters moved");
+}
+
+/// A fuse layer's input as one op: values equal candle's upsample + cat at every size (candle's
+/// nearest rule, non-integer factors too); gradients equal candle's where candle has a
+/// backward (integer factors), and pass the adjoint test everywhere.
+#[test]
+fn upsample_cat_matches_candle_in_values_and_gradients() {
+    for (b, cx, cs, hx, wx, h, w) in [
+        (2, 3, 2, 4, 5, 8, 10),
+        (1, 2, 3, 3, 3, 9, 9),
+        (2, 1, 1, 3, 4, 5, 7),
+        (1, 2, 2, 4, 4, 4, 4),
+    ] {
+        let x = Var::from_tensor(&random(&[b, cx, hx, wx], 11)).expect("var");
+        let skip = Var::from_tensor(&random(&[b, cs, h, w], 12)).expect("var");
+        let ours = upsample_cat(x.as_tensor(), skip.as_tensor()).expect("ours");
+        let up = x.as_tensor().upsample_nearest2d(h, w).expect("upsample");
+        let theirs = Tensor::cat(&[&up, skip.as_tensor()], 1).expect("cat");
+        assert_eq!(ours.dims(), theirs.dims());
+        assert_eq!(
+            rel_l2(&ours, &theirs),
+            0.0,
+            "copies are exact: {b}x{cx}+{cs} {hx}x{wx}->{h}x{w}"
+        );
+        let proj = random(ours.dims(), 13);
+        let value = (&ours * &proj).expect("mul").sum_all().expect("sum");
+        let g1 = value.backward().expect("backward");
+        // Linear in (x, skip): <dx, x> + <dskip, skip> = <out, proj>.
+        let v = value.to_scalar::<f32>().expect("s") as f64;
+        let dot = |var: &Var| {
+            let g = g1.get(var.as_tensor()).expect("grad");
+            assert_eq!(g.dims(), var.dims());
+            (g * var.as_tensor())
+                .expect("mul")
+                .sum_all()
+                .expect("sum")
+                .to_scalar::<f32>()
+                .expect("s") as f64
+        };
+        let total = dot(&x) + dot(&skip);
+        assert!((total - v).abs() <= 1e-4 * v.abs().max(1.0), "adjoint {total} vs {v}");
+        if h % hx == 0 && w % wx == 0 && h / hx == w / wx {
+            let g2 =
+                (theirs * &proj).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+            for var in [&x, &skip] {
+                let (a, r) = (
+                    g1.get(var.as_tensor()).expect("grad"),
+                    g2.get(var.as_tensor()).expect("grad"),
+                );
+                assert!(rel_l2(a, r) <= 1e-6, "gradient rel L2 {}", rel_l2(a, r));
+            }
+        }
+    }
 }

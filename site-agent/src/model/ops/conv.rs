@@ -67,7 +67,6 @@ impl Geometry {
     }
 }
 
-
 /// `y = conv2d(x, w)` for `x: [b, ci, h, w]`, `w: [co, ci, k, k]`, no bias.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Conv2d {

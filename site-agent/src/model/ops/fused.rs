@@ -7,8 +7,8 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::conv::Conv2d;
-use super::tiles::{TILE_BYTES, conv_image_then};
 use super::gemm::{Mat, per_image};
+use super::tiles::{TILE_BYTES, conv_image_then};
 use super::{contiguous, dims4};
 
 /// The folded convolution: weights scaled per output channel, then `+ shift`, `+ residual`

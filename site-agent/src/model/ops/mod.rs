@@ -26,6 +26,7 @@
 //! - [`fused`]: inference convolution with batch norm folded in, bias, residual and ReLU in
 //!   the same pass.
 //! - [`residual`]: `relu(a + b)` at the end of a residual block.
+//! - [`upcat`]: a fuse layer's input, nearest upsampling and concatenation with its backward.
 //! - [`profile`]: opt-in time per op and shape (`site-agent bench --profile`).
 
 use candle_core::{CpuStorage, Layout, Result};
@@ -37,11 +38,13 @@ mod norm;
 pub mod profile;
 mod residual;
 mod tiles;
+mod upcat;
 
 pub use conv::{conv2d, tf32_allowed};
 pub use fused::conv2d_folded;
 pub use norm::{BnOutput, BnStats, batch_norm_train, channel_affine};
 pub use residual::add_relu;
+pub use upcat::upsample_cat;
 
 fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
     let data = storage.as_slice::<f32>()?;

@@ -121,10 +121,8 @@ impl candle_core::CustomOp3 for BatchNormTrain {
         let gamma = contiguous(gs, gl, "batch norm weight")?;
         let beta = contiguous(bs, bl, "batch norm bias")?;
         let n = (b * hw) as f64;
-        let mean: Vec<f64> = per_channel(x, dims, |_, s| lane_sum(s, |v| v))
-            .into_iter()
-            .map(|s| s / n)
-            .collect();
+        let mean: Vec<f64> =
+            per_channel(x, dims, |_, s| lane_sum(s, |v| v)).into_iter().map(|s| s / n).collect();
         let var: Vec<f64> = per_channel(x, dims, |ch, s| {
             let m = mean[ch] as f32;
             lane_sum(s, |v| (v - m) * (v - m))
