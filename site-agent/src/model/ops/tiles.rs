@@ -14,7 +14,9 @@ pub(super) const TILE_BYTES: usize = 384 << 10;
 
 /// Output pixels a tile has at least: the GEMM runs poorly on fewer (a 256-channel 32x32 layer
 /// has 295 KB of columns per output row). Measured on a 2-core AVX-512 EPYC with
-/// `examples/conv_shapes`: 256 beat 0 and 512 (512 halved the filter-gradient pass).
+/// `examples/conv_shapes` (bench/RESULTS.md): from 64 to 256 pixels the passes are within the
+/// machine's noise; 1024 gains at most 5 % in the forward pass of the 32- and 64-channel layers
+/// and costs the filter gradient 2.5 times (176 -> 69 GFLOP/s at 32 channels).
 const TILE_MIN_PIXELS: usize = 256;
 
 impl Geometry {
