@@ -6,66 +6,10 @@ use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::gemm::{Mat, batch_parallel, matmul, per_image, with_scratch};
-use super::tiles::{TILE_BYTES, col2im, conv_image, filter_grad_image, flipped_transpose};
+use super::tiles::{
+    Geometry, TILE_BYTES, col2im, conv_image, filter_grad_image, flipped_transpose,
+};
 use super::{contiguous, dims4};
-
-/// Geometry of a 2-D convolution over one `[channels, h, w]` image.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) struct Geometry {
-    pub(super) batch: usize,
-    pub(super) channels: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
-    pub(super) k: usize,
-    pub(super) stride: usize,
-    pub(super) pad: usize,
-}
-
-impl Geometry {
-    pub(super) fn out_h(&self) -> usize {
-        (self.h + 2 * self.pad - self.k) / self.stride + 1
-    }
-    pub(super) fn out_w(&self) -> usize {
-        (self.w + 2 * self.pad - self.k) / self.stride + 1
-    }
-    pub(super) fn cols_len(&self) -> usize {
-        self.out_h() * self.out_w()
-    }
-    /// Rows of one image's im2col matrix: `channels * k * k`.
-    pub(super) fn patch(&self) -> usize {
-        self.channels * self.k * self.k
-    }
-    pub(super) fn image_len(&self) -> usize {
-        self.channels * self.h * self.w
-    }
-    /// The same convolution for cuDNN, with `co` output channels.
-    #[cfg(feature = "cuda")]
-    fn cudnn(&self, co: usize) -> crate::model::cudnn::ConvShape {
-        crate::model::cudnn::ConvShape {
-            batch: self.batch,
-            ci: self.channels,
-            h: self.h,
-            w: self.w,
-            co,
-            k: self.k,
-            stride: self.stride,
-            pad: self.pad,
-        }
-    }
-    /// A 1x1 convolution with stride 1 and no padding: the image is its own im2col matrix.
-    pub(super) fn is_pointwise(&self) -> bool {
-        self.k == 1 && self.stride == 1 && self.pad == 0
-    }
-    /// The output index range `[lo, hi)` along one axis for kernel offset `ki`, where the input
-    /// index `o * stride + ki - pad` is inside `0..n`.
-    pub(super) fn valid(&self, n: usize, n_out: usize, ki: usize) -> (usize, usize) {
-        let s = self.stride;
-        let lo = if ki >= self.pad { 0 } else { (self.pad - ki).div_ceil(s) };
-        // o * s + ki - pad <= n - 1  <=>  o <= (n - 1 + pad - ki) / s
-        let hi = if n + self.pad > ki { ((n - 1 + self.pad - ki) / s + 1).min(n_out) } else { 0 };
-        (lo.min(hi), hi)
-    }
-}
 
 /// `y = conv2d(x, w)` for `x: [b, ci, h, w]`, `w: [co, ci, k, k]`, no bias.
 #[derive(Debug, Clone, Copy)]

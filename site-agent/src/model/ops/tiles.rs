@@ -1,10 +1,68 @@
-//! The convolution's inner loops: im2col over a tile of output rows, its adjoint col2im, and
-//! the per-image passes that run a tile at a time through a per-thread scratch buffer.
+//! The convolution's geometry and inner loops: im2col over a tile of output rows, its adjoint
+//! col2im, and the per-image passes that run a tile at a time through a per-thread scratch
+//! buffer.
 
 use gemm::Parallelism;
 
-use super::conv::Geometry;
 use super::gemm::{Mat, matmul, with_scratch};
+
+/// Geometry of a 2-D convolution over one `[channels, h, w]` image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Geometry {
+    pub(super) batch: usize,
+    pub(super) channels: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) k: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+}
+
+impl Geometry {
+    pub(super) fn out_h(&self) -> usize {
+        (self.h + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub(super) fn out_w(&self) -> usize {
+        (self.w + 2 * self.pad - self.k) / self.stride + 1
+    }
+    pub(super) fn cols_len(&self) -> usize {
+        self.out_h() * self.out_w()
+    }
+    /// Rows of one image's im2col matrix: `channels * k * k`.
+    pub(super) fn patch(&self) -> usize {
+        self.channels * self.k * self.k
+    }
+    pub(super) fn image_len(&self) -> usize {
+        self.channels * self.h * self.w
+    }
+    /// The same convolution for cuDNN, with `co` output channels.
+    #[cfg(feature = "cuda")]
+    fn cudnn(&self, co: usize) -> crate::model::cudnn::ConvShape {
+        crate::model::cudnn::ConvShape {
+            batch: self.batch,
+            ci: self.channels,
+            h: self.h,
+            w: self.w,
+            co,
+            k: self.k,
+            stride: self.stride,
+            pad: self.pad,
+        }
+    }
+    /// A 1x1 convolution with stride 1 and no padding: the image is its own im2col matrix.
+    pub(super) fn is_pointwise(&self) -> bool {
+        self.k == 1 && self.stride == 1 && self.pad == 0
+    }
+    /// The output index range `[lo, hi)` along one axis for kernel offset `ki`, where the input
+    /// index `o * stride + ki - pad` is inside `0..n`.
+    pub(super) fn valid(&self, n: usize, n_out: usize, ki: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if ki >= self.pad { 0 } else { (self.pad - ki).div_ceil(s) };
+        // o * s + ki - pad <= n - 1  <=>  o <= (n - 1 + pad - ki) / s
+        let hi = if n + self.pad > ki { ((n - 1 + self.pad - ki) / s + 1).min(n_out) } else { 0 };
+        (lo.min(hi), hi)
+    }
+}
 
 /// Bytes of im2col columns that one tile of output rows may take: a tile's columns are written
 /// and then read by the GEMM while they are still in the core's L2 cache. Whole-image columns
@@ -127,21 +185,16 @@ pub(super) fn conv_image_then(
     par: Parallelism,
     after: impl Fn(&mut [f32], std::ops::Range<usize>),
 ) {
-    let (oh, ow, l, p) = (g.out_h(), g.out_w(), g.cols_len(), g.patch());
+    let (ow, l, p) = (g.out_w(), g.cols_len(), g.patch());
     if g.is_pointwise() {
         matmul(y, l, w, Mat::row_major(img, g.channels, l), false, par);
         after(y, 0..l);
         return;
     }
-    with_scratch(p * tile_rows.min(oh) * ow, |scratch| {
-        for r0 in (0..oh).step_by(tile_rows) {
-            let rows = r0..(r0 + tile_rows).min(oh);
-            let t = rows.len() * ow;
-            let cols = &mut scratch[..p * t];
-            im2col(g, img, rows.clone(), cols);
-            matmul(&mut y[r0 * ow..], l, w, Mat::row_major(cols, p, t), false, par);
-            after(y, rows.start * ow..rows.end * ow);
-        }
+    each_tile(g, img, tile_rows, |rows, cols| {
+        let t = rows.len() * ow;
+        matmul(&mut y[rows.start * ow..], l, w, Mat::row_major(cols, p, t), false, par);
+        after(y, rows.start * ow..rows.end * ow);
     });
 }
 
@@ -156,20 +209,34 @@ pub(super) fn filter_grad_image(
     tile_rows: usize,
     par: Parallelism,
 ) {
-    let (oh, ow, l, p) = (g.out_h(), g.out_w(), g.cols_len(), g.patch());
+    let (ow, l, p) = (g.out_w(), g.cols_len(), g.patch());
     if g.is_pointwise() {
         let x = Mat::row_major(img, g.channels, l).t();
         matmul(dw, p, Mat::row_major(dy, co, l), x, true, par);
         return;
     }
+    each_tile(g, img, tile_rows, |rows, cols| {
+        let t = rows.len() * ow;
+        let dyt = Mat::rows_apart(&dy[rows.start * ow..], co, t, l);
+        matmul(dw, p, dyt, Mat::row_major(cols, p, t).t(), true, par);
+    });
+}
+
+/// Runs `f(rows, columns)` for each tile of `tile_rows` output rows of one image, with the
+/// tile's im2col columns (`[patch, rows.len() * out_w]`) in this thread's scratch buffer.
+fn each_tile(
+    g: &Geometry,
+    img: &[f32],
+    tile_rows: usize,
+    mut f: impl FnMut(std::ops::Range<usize>, &[f32]),
+) {
+    let (oh, ow, p) = (g.out_h(), g.out_w(), g.patch());
     with_scratch(p * tile_rows.min(oh) * ow, |scratch| {
         for r0 in (0..oh).step_by(tile_rows) {
             let rows = r0..(r0 + tile_rows).min(oh);
-            let t = rows.len() * ow;
-            let cols = &mut scratch[..p * t];
-            im2col(g, img, rows, cols);
-            let dyt = Mat::rows_apart(&dy[r0 * ow..], co, t, l);
-            matmul(dw, p, dyt, Mat::row_major(cols, p, t).t(), true, par);
+            let cols = &mut scratch[..p * rows.len() * ow];
+            im2col(g, img, rows.clone(), cols);
+            f(rows, cols);
         }
     });
 }
