@@ -3,7 +3,9 @@
 
 use candle_core::{Device, Tensor, Var};
 use proptest::prelude::*;
-use site_agent::model::ops::{batch_norm_train, channel_affine, conv2d, upsample_cat};
+use site_agent::model::ops::{
+    batch_norm_train, channel_affine, conv2d, conv2d_folded, upsample_cat,
+};
 
 fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
     let d = (a - b)
@@ -117,6 +119,45 @@ proptest! {
 
 /// Kernels wider than the input, where some taps read only padding (found by the property test:
 /// the column offset of such a tap underflowed).
+/// At the sizes where the CPU convolution switches to Winograd F(2x2, 3x3) (3x3, stride 1,
+/// from 32 channels at 64x64; the shapes above are all below that), the forward pass, both
+/// gradients and the folded inference convolution still match candle's direct convolution.
+/// Odd sizes clip the last row and column of 2x2 output blocks.
+#[test]
+fn winograd_sized_convolutions_match_candle() {
+    for (batch, ci, co, h, w) in [(1, 32, 40, 64, 64), (2, 64, 32, 33, 35)] {
+        let x = Var::from_tensor(&random(&[batch, ci, h, w], 7)).expect("var");
+        let wt = Var::from_tensor(&random(&[co, ci, 3, 3], 8)).expect("var");
+        let ours = conv2d(x.as_tensor(), wt.as_tensor(), 1, 1).expect("ours");
+        let theirs = x.as_tensor().conv2d(wt.as_tensor(), 1, 1, 1, 1).expect("candle");
+        assert!(rel_l2(&ours, &theirs) <= 1e-5, "forward {}", rel_l2(&ours, &theirs));
+        let proj = random(ours.dims(), 9);
+        let g1 = (&ours * &proj).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+        let g2 = (&theirs * &proj).expect("mul").sum_all().expect("sum").backward().expect("bwd");
+        for var in [&x, &wt] {
+            let (a, b) =
+                (g1.get(var.as_tensor()).expect("grad"), g2.get(var.as_tensor()).expect("grad"));
+            assert!(rel_l2(a, b) <= 1e-5, "gradient rel L2 {}", rel_l2(a, b));
+        }
+        // Folded: relu(conv * scale + shift + residual).
+        let scale = random(&[co], 10).affine(0.5, 1.0).expect("scale");
+        let shift = random(&[co], 11);
+        let res = random(ours.dims(), 12);
+        let folded =
+            conv2d_folded(x.as_tensor(), wt.as_tensor(), 1, 1, &scale, &shift, Some(&res), true)
+                .expect("folded")
+                .expect("cpu f32");
+        let per_channel = |t: &Tensor| t.reshape((1, co, 1, 1)).expect("reshape");
+        let reference = theirs
+            .broadcast_mul(&per_channel(&scale))
+            .and_then(|t| t.broadcast_add(&per_channel(&shift)))
+            .and_then(|t| t + &res)
+            .and_then(|t| t.relu())
+            .expect("reference");
+        assert!(rel_l2(&folded, &reference) <= 1e-5, "folded {}", rel_l2(&folded, &reference));
+    }
+}
+
 #[test]
 fn conv2d_with_taps_that_only_read_padding() {
     for (h, w, k, stride, pad) in

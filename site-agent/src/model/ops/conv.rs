@@ -9,7 +9,7 @@ use super::gemm::{Mat, batch_parallel, matmul, per_image, with_scratch};
 use super::tiles::{
     Geometry, TILE_BYTES, col2im, conv_image, filter_grad_image, flipped_transpose,
 };
-use super::{contiguous, dims4};
+use super::{contiguous, dims4, winograd};
 
 /// `y = conv2d(x, w)` for `x: [b, ci, h, w]`, `w: [co, ci, k, k]`, no bias.
 #[derive(Debug, Clone, Copy)]
@@ -63,14 +63,7 @@ impl CustomOp2 for Conv2d {
         let (g, co) = self.geometry(xl, wl)?;
         let _span = super::profile::span(|| Self::key("fwd", &g, co));
         let x = contiguous(xs, xl, "conv2d input")?;
-        let wt = Mat::row_major(contiguous(ws, wl, "conv2d weight")?, co, g.patch());
-        let l = g.cols_len();
-        let tile = g.tile_rows(TILE_BYTES);
-        let mut y = vec![0f32; g.batch * co * l];
-        per_image(&mut y, co * l, g.batch, |b, par, yb| {
-            let img = &x[b * g.image_len()..][..g.image_len()];
-            conv_image(&g, wt, img, yb, tile, par);
-        });
+        let y = convolve(&g, contiguous(ws, wl, "conv2d weight")?, co, x);
         Ok((CpuStorage::F32(y), Shape::from((g.batch, co, g.out_h(), g.out_w()))))
     }
 
@@ -114,6 +107,23 @@ impl CustomOp2 for Conv2d {
     }
 }
 
+/// `conv2d(x, w)` for a batch `x` of geometry `g`, `w: [co, g.patch()]`: Winograd where it
+/// wins ([`winograd::wins`]), im2col + GEMM a tile at a time elsewhere.
+fn convolve(g: &Geometry, w: &[f32], co: usize, x: &[f32]) -> Vec<f32> {
+    let l = g.cols_len();
+    let mut y = vec![0f32; g.batch * co * l];
+    let wino = winograd::wins(g, co).then(|| winograd::weights(w, co, g.channels));
+    let (wm, tile) = (Mat::row_major(w, co, g.patch()), g.tile_rows(TILE_BYTES));
+    per_image(&mut y, co * l, g.batch, |b, par, yb| {
+        let img = &x[b * g.image_len()..][..g.image_len()];
+        match &wino {
+            Some(u) => winograd::conv_image_then(g, u, co, img, yb, par, |_, _| {}),
+            None => conv_image(g, wm, img, yb, tile, par),
+        }
+    });
+    y
+}
+
 /// `dx` from `(dy, w)`: `dx[b] = col2im(W^T @ dy[b])`.
 #[derive(Debug)]
 struct ConvBackwardData {
@@ -142,21 +152,17 @@ impl CustomOp2 for ConvBackwardData {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
         }
         let w = contiguous(ws, wl, "conv2d weight")?;
-        let mut dx = vec![0f32; g.batch * g.image_len()];
         if g.stride == 1 && g.pad < g.k {
             // dx = conv(dy, w turned and transposed, padding k - 1 - pad): the forward path,
             // tiled, instead of a short GEMM into 9x columns and col2im.
             let gd =
                 Geometry { channels: co, h: g.out_h(), w: g.out_w(), pad: g.k - 1 - g.pad, ..g };
             let wf = flipped_transpose(w, co, g.channels, g.k);
-            let wf = Mat::row_major(&wf, g.channels, gd.patch());
-            let tile = gd.tile_rows(TILE_BYTES);
-            per_image(&mut dx, g.image_len(), g.batch, |b, par, dxb| {
-                conv_image(&gd, wf, &dy[b * co * l..][..co * l], dxb, tile, par);
-            });
+            let dx = convolve(&gd, &wf, g.channels, dy);
             return Ok((CpuStorage::F32(dx), self.x.clone()));
         }
         let wt = Mat::row_major(w, co, g.patch()).t();
+        let mut dx = vec![0f32; g.batch * g.image_len()];
         per_image(&mut dx, g.image_len(), g.batch, |b, par, dxb| {
             let dyb = Mat::row_major(&dy[b * co * l..][..co * l], co, l);
             if g.is_pointwise() {
@@ -216,15 +222,23 @@ impl CustomOp2 for ConvBackwardFilter {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not match", gl.dims());
         }
         let tile = g.tile_rows(TILE_BYTES);
+        // Winograd accumulates 16 transformed values per kernel, im2col + GEMM its 9 taps.
+        let wino = winograd::wins(&g, co);
+        let len = if wino { 16 * co * g.channels } else { co * p };
         let add_image = |acc: &mut [f32], b: usize, par: Parallelism| {
             let img = &x[b * g.image_len()..][..g.image_len()];
-            filter_grad_image(&g, &dy[b * co * l..][..co * l], co, img, acc, tile, par);
+            let dyb = &dy[b * co * l..][..co * l];
+            if wino {
+                winograd::filter_grad_image(&g, dyb, co, img, acc, par);
+            } else {
+                filter_grad_image(&g, dyb, co, img, acc, tile, par);
+            }
         };
         let dw = match batch_parallel(g.batch) {
             None => (0..g.batch)
                 .into_par_iter()
                 .fold(
-                    || vec![0f32; co * p],
+                    || vec![0f32; len],
                     |mut acc, b| {
                         add_image(&mut acc, b, Parallelism::None);
                         acc
@@ -234,13 +248,14 @@ impl CustomOp2 for ConvBackwardFilter {
                     a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
                     a
                 })
-                .unwrap_or_else(|| vec![0f32; co * p]),
+                .unwrap_or_else(|| vec![0f32; len]),
             Some(par) => {
-                let mut acc = vec![0f32; co * p];
+                let mut acc = vec![0f32; len];
                 (0..g.batch).for_each(|b| add_image(&mut acc, b, par));
                 acc
             }
         };
+        let dw = if wino { winograd::filter_from(&dw, co, g.channels) } else { dw };
         Ok((CpuStorage::F32(dw), self.w.clone()))
     }
 

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use super::conv::Conv2d;
 use super::gemm::{Mat, per_image};
 use super::tiles::{TILE_BYTES, conv_image_then};
+use super::winograd;
 use super::{contiguous, dims4};
 
 /// The folded convolution: weights scaled per output channel, then `+ shift`, `+ residual`
@@ -31,7 +32,8 @@ impl FusedConv {
         residual: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let (g, co) = self.conv.geometry(xl, wl)?;
-        let _span = super::profile::span(|| Conv2d::key("fused", &g, co));
+        let pass = if winograd::wins(&g, co) { "winograd" } else { "fused" };
+        let _span = super::profile::span(|| Conv2d::key(pass, &g, co));
         if self.scale.len() != co || self.shift.len() != co {
             candle_core::bail!("fused conv: {co} output channels, {} scales", self.scale.len());
         }
@@ -54,12 +56,13 @@ impl FusedConv {
             .flat_map(|(row, &s)| row.iter().map(move |v| v * s))
             .collect();
         let wm = Mat::row_major(&folded, co, p);
+        let wino = winograd::wins(&g, co).then(|| winograd::weights(&folded, co, g.channels));
         let tile = g.tile_rows(TILE_BYTES);
         let mut y = vec![0f32; g.batch * co * l];
         per_image(&mut y, co * l, g.batch, |b, par, yb| {
             let img = &x[b * g.image_len()..][..g.image_len()];
             let rb = res.map(|r| &r[b * co * l..][..co * l]);
-            conv_image_then(&g, wm, img, yb, tile, par, |y, pixels| {
+            let epilogue = |y: &mut [f32], pixels: std::ops::Range<usize>| {
                 for c in 0..co {
                     let (at, shift) = (c * l, self.shift[c]);
                     let span = at + pixels.start..at + pixels.end;
@@ -76,7 +79,11 @@ impl FusedConv {
                         yc.iter_mut().for_each(|v| *v = v.max(0.0));
                     }
                 }
-            });
+            };
+            match &wino {
+                Some(u) => winograd::conv_image_then(&g, u, co, img, yb, par, epilogue),
+                None => conv_image_then(&g, wm, img, yb, tile, par, epilogue),
+            }
         });
         Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))
     }

@@ -39,6 +39,7 @@ pub mod profile;
 mod residual;
 mod tiles;
 mod upcat;
+mod winograd;
 
 pub use conv::{conv2d, tf32_allowed};
 pub use fused::conv2d_folded;
