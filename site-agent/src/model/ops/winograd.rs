@@ -15,8 +15,8 @@
 //! filter gradient stays im2col + GEMM.
 //!
 //! The 4x4 input blocks overlap by two pixels, so each block of tile rows is transformed into
-//! `V: [16][ci][tiles]` in a scratch buffer sized to stay in cache, multiplied into
-//! `M: [16][co][tiles]`, and transformed back into the output rows it covers.
+//! `V: [ci][16][tiles]` in a scratch buffer sized to stay in cache, multiplied into
+//! `M: [co][16][tiles]`, and transformed back into the output rows it covers.
 
 use gemm::Parallelism;
 
@@ -29,6 +29,11 @@ const XI: usize = 16;
 /// Bytes that one block of tiles' transformed input and GEMM output (`16 * (ci + co)` floats a
 /// tile) may take: they are written, multiplied and read back while in the core's cache.
 const BLOCK_BYTES: usize = 1 << 20;
+
+/// Floats between one channel's 16 rows and the next channel's beyond `16 * tiles`: without
+/// them the rows a GEMM reads are a power of two apart (16 KB at 256 tiles) and evict each
+/// other from the same cache sets; the filter gradient ran at half speed.
+const SLAB_PAD: usize = 16;
 
 /// Tiles a block has at least (the GEMMs' long side).
 const BLOCK_MIN_TILES: usize = 64;
@@ -93,17 +98,18 @@ pub(super) fn conv_image_then(
     after: impl Fn(&mut [f32], std::ops::Range<usize>),
 ) {
     let (ci, h, w) = (g.channels, g.h, g.w);
-    each_block(g, co, img, |tiles, t, v, m, rows| {
+    let tw = w.div_ceil(2);
+    each_block(g, co, img, par, |tiles, t, slab, v, m| {
         for xi in 0..XI {
             let ux = Mat::row_major(&u[xi * co * ci..][..co * ci], co, ci);
-            let vx = Mat::row_major(&v[xi * ci * t..][..ci * t], ci, t);
-            matmul(&mut m[xi * co * t..][..co * t], t, ux, vx, false, par);
+            let vx = Mat::rows_apart(&v[xi * t..], ci, t, slab);
+            matmul(&mut m[xi * t..], slab, ux, vx, false, par);
         }
-        for (c, yc) in y.chunks_exact_mut(h * w).enumerate() {
+        over_channels(par, tw, y, h * w, m, slab, |rows, yc, mc| {
             for i in tiles.clone() {
-                rows.output(m, co * t, c * t + (i - tiles.start) * rows.tw, yc, h, w, i);
+                rows.output(mc, t, (i - tiles.start) * tw, yc, h, w, i);
             }
-        }
+        });
         after(y, (2 * tiles.start * w).min(h * w)..(2 * tiles.end * w).min(h * w));
     });
 }
@@ -121,15 +127,16 @@ pub(super) fn filter_grad_image(
     par: Parallelism,
 ) {
     let (ci, h, w) = (g.channels, g.h, g.w);
-    each_block(g, co, img, |tiles, t, v, m, rows| {
-        for (c, dyc) in dy.chunks_exact(h * w).enumerate() {
+    let tw = w.div_ceil(2);
+    each_block(g, co, img, par, |tiles, t, slab, v, m| {
+        over_channels(par, tw, m, slab, dy, h * w, |rows, mc, dyc| {
             for i in tiles.clone() {
-                rows.grad_output(dyc, h, w, i, m, co * t, c * t + (i - tiles.start) * rows.tw);
+                rows.grad_output(dyc, h, w, i, mc, t, (i - tiles.start) * tw);
             }
-        }
+        });
         for xi in 0..XI {
-            let mx = Mat::row_major(&m[xi * co * t..][..co * t], co, t);
-            let vx = Mat::row_major(&v[xi * ci * t..][..ci * t], ci, t).t();
+            let mx = Mat::rows_apart(&m[xi * t..], co, t, slab);
+            let vx = Mat::rows_apart(&v[xi * t..], ci, t, slab).t();
             matmul(&mut du[xi * co * ci..][..co * ci], ci, mx, vx, true, par);
         }
     });
@@ -153,13 +160,18 @@ pub(super) fn filter_from(du: &[f32], co: usize, ci: usize) -> Vec<f32> {
     out
 }
 
-/// Runs `f(tile rows, tiles, V, M, rows)` for each block of tile rows of one image: `V`
-/// (`[16][ci][tiles]`) holds the block's transformed input, `M` room for `[16][co][tiles]`.
+/// Runs `f(tile rows, tiles, slab, V, M)` for each block of tile rows of one image: `V`
+/// (`[ci][16][tiles]`, channels `slab` apart) holds the block's transformed input, `M` room for
+/// `[co][16][tiles]` laid out the same way.
+/// Each channel's 16 rows are contiguous, so the transforms split over channels (on rayon's
+/// threads when the GEMMs are multi-threaded: a batch smaller than the thread count); the
+/// GEMM for position `xi` reads every channel's row `xi`, 16 rows apart.
 fn each_block(
     g: &Geometry,
     co: usize,
     img: &[f32],
-    mut f: impl FnMut(std::ops::Range<usize>, usize, &[f32], &mut [f32], &mut Rows),
+    par: Parallelism,
+    mut f: impl FnMut(std::ops::Range<usize>, usize, usize, &[f32], &mut [f32]),
 ) {
     let (ci, h, w) = (g.channels, g.h, g.w);
     let (th, tw) = (h.div_ceil(2), w.div_ceil(2));
@@ -167,21 +179,47 @@ fn each_block(
     let want = (BLOCK_BYTES / per_tile).max(BLOCK_MIN_TILES);
     let block_rows = want.div_ceil(tw).clamp(1, th);
     let most = block_rows * tw;
-    with_scratch(XI * (ci + co) * most, |scratch| {
-        let (v, m) = scratch.split_at_mut(XI * ci * most);
-        let mut rows = Rows::new(tw);
+    with_scratch((ci + co) * (XI * most + SLAB_PAD), |scratch| {
+        let (v, m) = scratch.split_at_mut(ci * (XI * most + SLAB_PAD));
         for i0 in (0..th).step_by(block_rows) {
             let i1 = (i0 + block_rows).min(th);
             let t = (i1 - i0) * tw;
-            let (v, m) = (&mut v[..XI * ci * t], &mut m[..XI * co * t]);
-            for (c, plane) in img.chunks_exact(h * w).enumerate() {
+            let slab = XI * t + SLAB_PAD;
+            let (v, m) = (&mut v[..ci * slab], &mut m[..co * slab]);
+            over_channels(par, tw, v, slab, img, h * w, |rows, vc, plane| {
                 for i in i0..i1 {
-                    rows.input(plane, h, w, i, v, ci * t, c * t + (i - i0) * tw);
+                    rows.input(plane, h, w, i, vc, t, (i - i0) * tw);
                 }
-            }
-            f(i0..i1, t, v, m, &mut rows);
+            });
+            f(i0..i1, t, slab, v, m);
         }
     });
+}
+
+/// `f(rows, out chunk, in chunk)` for each channel's chunks of `out` and `input`, with row
+/// buffers per thread: on rayon's threads when `par` is multi-threaded, else in turn.
+fn over_channels(
+    par: Parallelism,
+    tw: usize,
+    out: &mut [f32],
+    out_len: usize,
+    input: &[f32],
+    in_len: usize,
+    f: impl Fn(&mut Rows, &mut [f32], &[f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    match par {
+        Parallelism::Rayon(n) if n != 1 => out
+            .par_chunks_mut(out_len)
+            .zip(input.par_chunks(in_len))
+            .for_each_init(|| Rows::new(tw), |rows, (o, i)| f(rows, o, i)),
+        _ => {
+            let mut rows = Rows::new(tw);
+            for (o, i) in out.chunks_mut(out_len).zip(input.chunks(in_len)) {
+                f(&mut rows, o, i);
+            }
+        }
+    }
 }
 
 /// Row buffers for one row of tiles. Every step is a loop over zipped slices (or pairs of
@@ -389,19 +427,22 @@ mod tests {
             let mut direct = vec![0f32; co * h * w];
             let wm = Mat::row_major(&wt, co, ci * 9);
             conv_image(&g, wm, &img, &mut direct, 1, Parallelism::None);
-            let mut wino = vec![f32::NAN; co * h * w];
             let u = weights(&wt, co, ci);
-            let seen = std::cell::RefCell::new(Vec::new());
-            conv_image_then(&g, &u, co, &img, &mut wino, Parallelism::None, |_, px| {
-                seen.borrow_mut().push(px)
-            });
-            let scale = direct.iter().fold(0f32, |s, v| s.max(v.abs()));
-            let diff = direct.iter().zip(&wino).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
-            assert!(scale > 0.01 && diff <= 1e-5 * scale, "{ci}->{co} {h}x{w}: off by {diff}");
-            // The epilogue saw every output pixel once, in order.
-            let seen = seen.into_inner();
-            let covered: Vec<usize> = seen.iter().flat_map(|r| r.clone()).collect();
-            assert_eq!(covered, (0..h * w).collect::<Vec<_>>(), "{ci}->{co} {h}x{w}");
+            // In turn, and with the transforms split over channels on rayon's threads.
+            for par in [Parallelism::None, Parallelism::Rayon(2)] {
+                let mut wino = vec![f32::NAN; co * h * w];
+                let seen = std::cell::RefCell::new(Vec::new());
+                conv_image_then(&g, &u, co, &img, &mut wino, par, |_, px| {
+                    seen.borrow_mut().push(px)
+                });
+                let scale = direct.iter().fold(0f32, |s, v| s.max(v.abs()));
+                let diff = direct.iter().zip(&wino).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
+                assert!(scale > 0.01 && diff <= 1e-5 * scale, "{ci}->{co} {h}x{w}: off by {diff}");
+                // The epilogue saw every output pixel once, in order.
+                let seen = seen.into_inner();
+                let covered: Vec<usize> = seen.iter().flat_map(|r| r.clone()).collect();
+                assert_eq!(covered, (0..h * w).collect::<Vec<_>>(), "{ci}->{co} {h}x{w}");
+            }
         }
     }
 
@@ -412,16 +453,19 @@ mod tests {
         for (ci, co, h, w) in [(1, 1, 1, 1), (3, 5, 7, 9), (8, 4, 2, 33), (16, 24, 40, 6)] {
             let g = Geometry { batch: 1, channels: ci, h, w, k: 3, stride: 1, pad: 1 };
             let mut direct = vec![0f32; co * ci * 9];
-            let mut du = vec![0f32; XI * co * ci];
+            let mut du = [vec![0f32; XI * co * ci], vec![0f32; XI * co * ci]];
             for seed in [3, 4] {
                 let (img, dy) = (pseudo(ci * h * w, seed), pseudo(co * h * w, seed + 10));
                 direct_filter_grad(&g, &dy, co, &img, &mut direct, 1, Parallelism::None);
-                filter_grad_image(&g, &dy, co, &img, &mut du, Parallelism::None);
+                filter_grad_image(&g, &dy, co, &img, &mut du[0], Parallelism::None);
+                filter_grad_image(&g, &dy, co, &img, &mut du[1], Parallelism::Rayon(2));
             }
-            let wino = filter_from(&du, co, ci);
             let scale = direct.iter().fold(0f32, |s, v| s.max(v.abs()));
-            let diff = direct.iter().zip(&wino).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
-            assert!(scale > 0.01 && diff <= 1e-5 * scale, "{ci}->{co} {h}x{w}: off by {diff}");
+            for du in &du {
+                let wino = filter_from(du, co, ci);
+                let diff = direct.iter().zip(&wino).fold(0f32, |s, (a, b)| s.max((a - b).abs()));
+                assert!(scale > 0.01 && diff <= 1e-5 * scale, "{ci}->{co} {h}x{w}: off by {diff}");
+            }
         }
     }
 }
