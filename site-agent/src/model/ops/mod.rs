@@ -1,5 +1,5 @@
-//! Training ops: convolution through im2col + GEMM (cuDNN on CUDA), and a fused batch norm
-//! (+ ReLU) on the CPU.
+//! Training ops: convolution through im2col + GEMM or Winograd (cuDNN on CUDA), and a fused
+//! batch norm (+ ReLU) on the CPU.
 //!
 //! candle 0.11's CPU convolution backward runs a direct `conv_transpose2d` loop for the input
 //! gradient and a convolution with an HxW kernel for the weight gradient, about ten times slower
@@ -27,6 +27,8 @@
 //!   the same pass.
 //! - [`residual`]: `relu(a + b)` at the end of a residual block.
 //! - [`upcat`]: a fuse layer's input, nearest upsampling and concatenation with its backward.
+//! - [`winograd`]: Winograd F(2x2, 3x3) for the 3x3 stride-1 convolutions where it beats
+//!   im2col + GEMM (forward, both gradients, folded inference).
 //! - [`profile`]: opt-in time per op and shape (`site-agent bench --profile`).
 
 use candle_core::{CpuStorage, Layout, Result};
