@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::gemm::{Mat, batch_parallel, matmul, per_image, with_scratch};
 use super::tiles::{
-    Geometry, TILE_BYTES, col2im, conv_image, filter_grad_image, flipped_transpose,
+    Geometry, TILE_BYTES, col2im, conv_image_then, filter_grad_image, flipped_transpose,
 };
 use super::{contiguous, dims4, winograd};
 
@@ -110,15 +110,29 @@ impl CustomOp2 for Conv2d {
 /// `conv2d(x, w)` for a batch `x` of geometry `g`, `w: [co, g.patch()]`: Winograd where it
 /// wins ([`winograd::wins`]), im2col + GEMM a tile at a time elsewhere.
 fn convolve(g: &Geometry, w: &[f32], co: usize, x: &[f32]) -> Vec<f32> {
+    convolve_then(g, w, co, x, |_, _, _| {})
+}
+
+/// [`convolve`], then `after(image, y, pixels)` on each tile's (or block's) output pixels of
+/// one image, every channel's `pixels` range of its output `y`, while they are in cache: the
+/// fused inference epilogue.
+pub(super) fn convolve_then(
+    g: &Geometry,
+    w: &[f32],
+    co: usize,
+    x: &[f32],
+    after: impl Fn(usize, &mut [f32], std::ops::Range<usize>) + Sync,
+) -> Vec<f32> {
     let l = g.cols_len();
     let mut y = vec![0f32; g.batch * co * l];
     let wino = winograd::wins(g, co).then(|| winograd::weights(w, co, g.channels));
     let (wm, tile) = (Mat::row_major(w, co, g.patch()), g.tile_rows(TILE_BYTES));
     per_image(&mut y, co * l, g.batch, |b, par, yb| {
         let img = &x[b * g.image_len()..][..g.image_len()];
+        let after = |y: &mut [f32], pixels| after(b, y, pixels);
         match &wino {
-            Some(u) => winograd::conv_image_then(g, u, co, img, yb, par, |_, _| {}),
-            None => conv_image(g, wm, img, yb, tile, par),
+            Some(u) => winograd::conv_image_then(g, u, co, img, yb, par, after),
+            None => conv_image_then(g, wm, img, yb, tile, par, after),
         }
     });
     y

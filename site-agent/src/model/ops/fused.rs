@@ -6,9 +6,7 @@
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
-use super::conv::Conv2d;
-use super::gemm::{Mat, per_image};
-use super::tiles::{TILE_BYTES, conv_image_then};
+use super::conv::{Conv2d, convolve_then};
 use super::winograd;
 use super::{contiguous, dims4};
 
@@ -55,34 +53,23 @@ impl FusedConv {
             .zip(&self.scale)
             .flat_map(|(row, &s)| row.iter().map(move |v| v * s))
             .collect();
-        let wm = Mat::row_major(&folded, co, p);
-        let wino = winograd::wins(&g, co).then(|| winograd::weights(&folded, co, g.channels));
-        let tile = g.tile_rows(TILE_BYTES);
-        let mut y = vec![0f32; g.batch * co * l];
-        per_image(&mut y, co * l, g.batch, |b, par, yb| {
-            let img = &x[b * g.image_len()..][..g.image_len()];
+        let y = convolve_then(&g, &folded, co, x, |b, y, pixels| {
             let rb = res.map(|r| &r[b * co * l..][..co * l]);
-            let epilogue = |y: &mut [f32], pixels: std::ops::Range<usize>| {
-                for c in 0..co {
-                    let (at, shift) = (c * l, self.shift[c]);
-                    let span = at + pixels.start..at + pixels.end;
-                    let yc = &mut y[span.clone()];
-                    match rb {
-                        Some(r) => {
-                            for (v, r) in yc.iter_mut().zip(&r[span]) {
-                                *v += shift + r;
-                            }
+            for c in 0..co {
+                let (at, shift) = (c * l, self.shift[c]);
+                let span = at + pixels.start..at + pixels.end;
+                let yc = &mut y[span.clone()];
+                match rb {
+                    Some(r) => {
+                        for (v, r) in yc.iter_mut().zip(&r[span]) {
+                            *v += shift + r;
                         }
-                        None => yc.iter_mut().for_each(|v| *v += shift),
                     }
-                    if self.relu {
-                        yc.iter_mut().for_each(|v| *v = v.max(0.0));
-                    }
+                    None => yc.iter_mut().for_each(|v| *v += shift),
                 }
-            };
-            match &wino {
-                Some(u) => winograd::conv_image_then(&g, u, co, img, yb, par, epilogue),
-                None => conv_image_then(&g, wm, img, yb, tile, par, epilogue),
+                if self.relu {
+                    yc.iter_mut().for_each(|v| *v = v.max(0.0));
+                }
             }
         });
         Ok((CpuStorage::F32(y), Shape::from(out.to_vec())))

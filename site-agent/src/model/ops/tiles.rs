@@ -162,20 +162,9 @@ pub(super) fn col2im(g: &Geometry, cols: &[f32], img: &mut [f32]) {
 
 /// One image's convolution `y[co, oh*ow] = w[co, patch] @ im2col(img)`, a tile of `tile_rows`
 /// output rows at a time through this thread's scratch columns (a 1x1 convolution with stride
-/// 1 reads the image as its own columns).
-pub(super) fn conv_image(
-    g: &Geometry,
-    w: Mat<'_>,
-    img: &[f32],
-    y: &mut [f32],
-    tile_rows: usize,
-    par: Parallelism,
-) {
-    conv_image_then(g, w, img, y, tile_rows, par, |_, _| {});
-}
-
-/// [`conv_image`], then `after(y, pixels)` on each tile's output pixels (every channel's
-/// `pixels` range of `y`) while they are still in cache: the fused inference epilogue.
+/// 1 reads the image as its own columns), then `after(y, pixels)` on each tile's output pixels
+/// (every channel's `pixels` range of `y`) while they are still in cache: the fused inference
+/// epilogue.
 pub(super) fn conv_image_then(
     g: &Geometry,
     w: Mat<'_>,

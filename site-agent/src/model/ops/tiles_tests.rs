@@ -45,13 +45,13 @@ fn tiles_of_any_height_give_the_whole_image_result() {
         let w = Mat::row_major(&wt, co, g.patch());
         let l = g.cols_len();
         let mut whole = vec![0f32; co * l];
-        conv_image(&g, w, &img, &mut whole, g.out_h(), Parallelism::None);
+        conv_image_then(&g, w, &img, &mut whole, g.out_h(), Parallelism::None, |_, _| {});
         let dy = random(co * l, seed as u64 ^ 9);
         let mut dw_whole = vec![0f32; co * g.patch()];
         filter_grad_image(&g, &dy, co, &img, &mut dw_whole, g.out_h(), Parallelism::None);
         for rows in 1..g.out_h() {
             let mut y = vec![f32::NAN; co * l];
-            conv_image(&g, w, &img, &mut y, rows, Parallelism::None);
+            conv_image_then(&g, w, &img, &mut y, rows, Parallelism::None, |_, _| {});
             assert!(close(&y, &whole), "forward, {g:?}, tiles of {rows} rows");
             let mut dw = vec![0f32; co * g.patch()];
             filter_grad_image(&g, &dy, co, &img, &mut dw, rows, Parallelism::None);

@@ -410,7 +410,9 @@ impl Rows {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::ops::tiles::{conv_image, filter_grad_image as direct_filter_grad};
+    use crate::model::ops::tiles::{
+        conv_image_then as im2col_conv, filter_grad_image as direct_filter_grad,
+    };
 
     fn pseudo(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + seed * 104729) % 2003) as f32 / 1001.0) - 1.0).collect()
@@ -426,7 +428,7 @@ mod tests {
             let (img, wt) = (pseudo(ci * h * w, 1), pseudo(co * ci * 9, 2));
             let mut direct = vec![0f32; co * h * w];
             let wm = Mat::row_major(&wt, co, ci * 9);
-            conv_image(&g, wm, &img, &mut direct, 1, Parallelism::None);
+            im2col_conv(&g, wm, &img, &mut direct, 1, Parallelism::None, |_, _| {});
             let u = weights(&wt, co, ci);
             // In turn, and with the transforms split over channels on rayon's threads.
             for par in [Parallelism::None, Parallelism::Rayon(2)] {
