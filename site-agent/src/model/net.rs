@@ -177,14 +177,16 @@ impl Layer {
     /// fused op does not run (then the caller runs the separate ops on the state, untouched).
     fn forward_folded(&self, s: &State) -> ModelResult<Option<State>> {
         let fold = |bn: &BatchNorm| bn.folded(false);
+        // This layer's own convolution with its batch norm folded in, then ReLU.
+        let own = |input: &Tensor, shortcut: Option<&Tensor>| {
+            let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
+            self.conv.forward_folded(input, (&sc, &sh), shortcut, true)
+        };
         let State { x, residual, skips } = s;
         let (residual, mut skips) = (residual.clone(), skips.clone());
         let y = match self.spec.kind {
             LayerKind::Stem { .. } | LayerKind::BlockIn { .. } => {
-                let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
-                let Some(y) = self.conv.forward_folded(x, (&sc, &sh), None, true)? else {
-                    return Ok(None);
-                };
+                let Some(y) = own(x, None)? else { return Ok(None) };
                 if let LayerKind::BlockIn { push_skip, .. } = self.spec.kind {
                     if push_skip {
                         skips.push(x.clone());
@@ -205,18 +207,12 @@ impl Layer {
                     }
                     None => input,
                 };
-                let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
-                let Some(y) = self.conv.forward_folded(x, (&sc, &sh), Some(&shortcut), true)?
-                else {
-                    return Ok(None);
-                };
+                let Some(y) = own(x, Some(&shortcut))? else { return Ok(None) };
                 return Ok(Some(State { x: y, residual: None, skips }));
             }
             LayerKind::Fuse { .. } => {
                 let Some(skip) = skips.pop() else { return Ok(None) };
-                let cat = super::ops::upsample_cat(x, &skip)?;
-                let (sc, sh) = fold(self.bn.as_ref().expect("conv layers have a norm"))?;
-                let Some(y) = self.conv.forward_folded(&cat, (&sc, &sh), None, true)? else {
+                let Some(y) = own(&super::ops::upsample_cat(x, &skip)?, None)? else {
                     return Ok(None);
                 };
                 y
